@@ -12,7 +12,6 @@ $(PY):
 
 # Re-install only when requirements.txt changes.
 $(STAMP): requirements.txt | $(PY)
-	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
