@@ -1,0 +1,21 @@
+"""Native, transformers-5 implementation of Phi-3.5-vision-instruct (no trust_remote_code).
+
+Importing this package registers the classes with the Auto factories under the official
+model_type "phi3_v", so official-format directories load with the usual calls:
+
+    import phi3v
+    from transformers import AutoModelForCausalLM, AutoProcessor
+    model = AutoModelForCausalLM.from_pretrained(path)   # no trust_remote_code
+    processor = AutoProcessor.from_pretrained(path)
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_phi3v import Phi3VConfig
+from .modeling_phi3v import Phi3VForCausalLM, Phi3VModel, Phi3VPreTrainedModel
+
+__all__ = ["Phi3VConfig", "Phi3VForCausalLM", "Phi3VModel", "Phi3VPreTrainedModel"]
+
+AutoConfig.register(Phi3VConfig.model_type, Phi3VConfig, exist_ok=True)
+AutoModel.register(Phi3VConfig, Phi3VModel, exist_ok=True)
+AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)
