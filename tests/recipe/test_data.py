@@ -1,0 +1,287 @@
+"""Conversations -> tokens -> labels -> batches, and validation of bad data."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from phi3v.image_processing_phi3v import Phi3VImageProcessor
+from phi3v.processing_phi3v import Phi3VProcessor
+from phi3v.tokenization import build_tokenizer
+from recipe.data import (
+    IGNORE_INDEX,
+    Collator,
+    Conversation,
+    ConversationDataset,
+    DataError,
+    Turn,
+    from_cauldron,
+    from_docvqa,
+    read_jsonl,
+    resolve_image_path,
+    tokenize_conversation,
+    validate,
+)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return Phi3VProcessor(image_processor=Phi3VImageProcessor(num_crops=4), tokenizer=build_tokenizer())
+
+
+def image(w, h, color=(200, 30, 30)):
+    return Image.new("RGB", (w, h), color)
+
+
+def official_ids(processor, conversation, for_generation=False):
+    """What the official processor gives for the whole rendered conversation."""
+    from recipe.data import build_messages
+
+    messages = build_messages(conversation, for_generation)
+    text = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=for_generation)
+    images = conversation.images
+    out = processor(text, images or None, return_tensors="pt")
+    return out["input_ids"][0].tolist(), out
+
+
+def encode(processor, conversation, for_generation=False):
+    counts = processor.image_processor.calc_num_image_tokens(conversation.images) if conversation.images else []
+    return tokenize_conversation(conversation, processor.tokenizer, counts, for_generation)
+
+
+def labelled_text(processor, encoded):
+    ids = [i for i, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+    assert all(i == label for i, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX)
+    return processor.tokenizer.decode(ids)
+
+
+def label_runs(encoded):
+    runs, current = [], []
+    for i, label in zip(encoded.input_ids, encoded.labels):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+                current = []
+        else:
+            current.append(i)
+    return runs + ([current] if current else [])
+
+
+def test_single_turn_ids_equal_the_official_processor_and_labels_cover_answer_and_end(processor):
+    conv = Conversation("a", [Turn("What is the total?", "42 dollars", [image(500, 300)])])
+    encoded = encode(processor, conv)
+    ids, _ = official_ids(processor, conv)
+    assert encoded.input_ids == ids
+    end_id = processor.tokenizer.convert_tokens_to_ids("<|end|>")
+    runs = label_runs(encoded)
+    assert len(runs) == 1 and runs[0][-1] == end_id
+    answer_ids = processor.tokenizer("42 dollars", add_special_tokens=False)["input_ids"]
+    assert runs[0] == answer_ids + [end_id]
+    # Everything else, images included, is ignored.
+    n_image = processor.image_processor.calc_num_image_tokens([image(500, 300)])[0]
+    assert encoded.input_ids.count(-1) == n_image
+    assert sum(label != IGNORE_INDEX for label in encoded.labels) == len(answer_ids) + 1
+
+
+def test_multi_turn_multi_image_and_text_only_turns(processor):
+    conv = Conversation(
+        "b",
+        [
+            Turn("Compare these.", "The left one is red.", [image(336, 336), image(700, 300, (0, 0, 255))]),
+            Turn("And now?", "Still red.", []),
+            Turn("<|image_3|>\nThis one?", "Green.", [image(300, 700, (0, 255, 0))]),
+        ],
+    )
+    encoded = encode(processor, conv)
+    ids, _ = official_ids(processor, conv)
+    assert encoded.input_ids == ids
+    assert sorted(set(i for i in ids if i < 0)) == [-3, -2, -1]
+    end_id = processor.tokenizer.convert_tokens_to_ids("<|end|>")
+    runs = label_runs(encoded)
+    assert len(runs) == 3
+    for run, answer in zip(runs, ["The left one is red.", "Still red.", "Green."]):
+        assert run[-1] == end_id
+        assert processor.tokenizer.decode(run[:-1]) == answer
+    # BOS (official quirk) after each image block, never labelled.
+    for k in (1, 2, 3):
+        last = max(i for i, t in enumerate(ids) if t == -k)
+        assert ids[last + 1] == processor.tokenizer.bos_token_id
+
+
+def test_no_image_conversation(processor):
+    conv = Conversation("c", [Turn("Say hi.", "Hi!", [])])
+    encoded = encode(processor, conv)
+    ids, _ = official_ids(processor, conv)
+    assert encoded.input_ids == ids and min(ids) >= 0
+    assert labelled_text(processor, encoded).replace(" ", "") == "Hi!<|end|>"
+
+
+def test_generation_prompt_ends_with_assistant_tag(processor):
+    conv = Conversation("d", [Turn("What is it?", "A cat.", [image(400, 400)])])
+    encoded = encode(processor, conv, for_generation=True)
+    ids, _ = official_ids(processor, conv, for_generation=True)
+    assert encoded.input_ids == ids
+    assert ids[-1] == processor.tokenizer.convert_tokens_to_ids("<|assistant|>")
+    assert all(label == IGNORE_INDEX for label in encoded.labels)
+
+
+def test_wrong_tags_in_user_text_are_rejected(processor):
+    conv = Conversation("e", [Turn("<|image_2|> what?", "x", [image(336, 336)])])
+    with pytest.raises(ValueError, match="expected <\\|image_1\\|>"):
+        encode(processor, conv)
+
+
+def test_hub_row_adapters():
+    img = image(336, 336)
+    cauldron = from_cauldron({"images": [img], "texts": [{"user": "q1", "assistant": "a1", "source": "x"},
+                                                         {"user": "q2", "assistant": "a2", "source": "x"}]}, 3)
+    assert [t.images for t in cauldron.turns] == [[img], []] and cauldron.answer == "a2"
+    docvqa = from_docvqa({"image": img, "query": {"en": "Total?"}, "answers": ["12", "twelve"]}, 0)
+    assert docvqa.turns[0].user == "Total?" and docvqa.answer == "12" and docvqa.references == ["12", "twelve"]
+
+
+# -- jsonl and validation -------------------------------------------------------------------
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def good_record(i, images):
+    return {"id": f"ex{i}", "source": "test",
+            "conversations": [{"images": images, "user": "What colour?", "assistant": "red"}]}
+
+
+def test_read_jsonl_reports_each_bad_line_with_file_and_line(tmp_path):
+    (tmp_path / "img").mkdir()
+    image(336, 336).save(tmp_path / "img" / "a.png")
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        good_record(0, ["a.png"]),
+        "{not json",
+        {"id": "x"},
+        {"conversations": [{"user": 3, "assistant": "a"}]},
+        {"conversations": [{"user": "u", "asistant": "a"}]},
+        {"conversations": [{"images": ["/etc/passwd"], "user": "u", "assistant": "a"}]},
+        {"conversations": [{"images": ["../secret.png"], "user": "u", "assistant": "a"}]},
+        {"conversations": [{"images": "a.png", "user": "u", "assistant": "a"}]},
+    ])
+    conversations, problems = read_jsonl(data, tmp_path / "img")
+    assert [c.id for c in conversations] == ["ex0"]
+    by_line = {}
+    for p in problems:
+        line = int(p.where.rsplit(":", 1)[1])
+        by_line[line] = by_line.get(line, "") + p.message + "; "
+    assert set(by_line) == {2, 3, 4, 5, 6, 7, 8}
+    assert "invalid JSON" in by_line[2]
+    assert "conversations" in by_line[3]
+    assert "user must be a string" in by_line[4]
+    assert "asistant" in by_line[5]
+    assert "absolute" in by_line[6]
+    assert "escapes" in by_line[7]
+    assert "list of path strings" in by_line[8]
+    assert all(str(data) in p.where for p in problems)
+
+
+def test_path_traversal_refused():
+    for bad in ["../x.png", "a/../../x.png", "/abs.png", ""]:
+        with pytest.raises(ValueError):
+            resolve_image_path(bad, "/data/images")
+    assert str(resolve_image_path("a/./b/../c.png", "/data/images")) == "/data/images/a/c.png"
+
+
+def test_validate_lists_every_problem_then_skip_mode_counts_them(tmp_path, processor):
+    img_dir = tmp_path / "img"
+    img_dir.mkdir()
+    image(336, 336).save(img_dir / "ok.png")
+    (img_dir / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 3)
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        good_record(0, ["ok.png"]),
+        good_record(1, ["missing.png"]),
+        good_record(2, ["corrupt.jpg"]),
+        {"id": "ex3", "conversations": [{"images": ["ok.png"], "user": "<|image_2|>", "assistant": "a"}]},
+        {"id": "ex4", "conversations": [{"images": [], "user": "long " * 400, "assistant": "a"}]},
+        good_record(0, ["ok.png"]),  # duplicate id
+        {"id": "ex6", "conversations": [{"images": [], "user": "q", "assistant": "  "}]},
+    ])
+    conversations, problems = read_jsonl(data, img_dir)
+    assert not problems
+    with pytest.raises(DataError) as err:
+        validate(conversations, processor.tokenizer, num_crops=1, max_length=600, what=str(data))
+    message = str(err.value)
+    assert message.startswith("6 problem(s)"), message
+    for line, needle in [(2, "missing.png does not exist"), (3, "corrupt.jpg is unreadable"), (4, "<|image_2|>"),
+                         (5, "> --max_length 600"), (6, "duplicate id 'ex0'"), (7, "empty assistant")]:
+        assert f"d.jsonl:{line}: " in message and needle in message, needle
+    assert "--skip_bad_examples" in message
+
+    logged = []
+    kept = validate(conversations, processor.tokenizer, num_crops=1, max_length=600, skip_bad=True,
+                    log=logged.append)
+    assert [c.id for c in kept] == ["ex0"]
+    assert "skipped 6 of 7" in logged[0] and "too long" in logged[0] and "bad image" in logged[0]
+
+
+def test_truncated_image_is_caught_when_decoding(tmp_path, processor):
+    path = tmp_path / "t.jpg"
+    image(800, 600).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:400])
+    conv = Conversation("t", [Turn("q", "a", [path])], where="t.jsonl:1")
+    with pytest.raises(DataError, match="t.jsonl:1: image .*t.jpg is unreadable"):
+        validate([conv], processor.tokenizer, num_crops=4, decode_images=True)
+
+
+# -- dataset and collator -----------------------------------------------------------------
+
+
+def make_dataset(processor, tmp_path, counts):
+    convs = []
+    for i, n in enumerate(counts):
+        paths = []
+        for j in range(n):
+            p = tmp_path / f"{i}_{j}.png"
+            image(300 + 100 * j, 336 + 50 * i).save(p)
+            paths.append(p)
+        convs.append(Conversation(f"r{i}", [Turn(f"question {i}", "answer " * (i + 1), paths)]))
+    return ConversationDataset(convs, processor)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 4])
+def test_collator_shapes_for_mixed_image_counts(processor, tmp_path, batch_size):
+    dataset = make_dataset(processor, tmp_path, [1, 0, 2, 1][:batch_size])
+    items = [dataset[i] for i in range(batch_size)]
+    assert [len(item["input_ids"]) for item in items] == dataset.lengths  # header-based lengths are exact
+    pad = processor.tokenizer.pad_token_id
+    batch = Collator(pad_token_id=pad)(items)
+    length = max(len(item["input_ids"]) for item in items)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (batch_size, length)
+    n_images = sum(item.get("pixel_values", torch.empty(0)).shape[0] if "pixel_values" in item else 0 for item in items)
+    if n_images:
+        assert batch["pixel_values"].shape == (n_images, 5, 3, 336, 336)
+        assert batch["image_sizes"].shape == (n_images, 2)
+    else:
+        assert "pixel_values" not in batch
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        assert torch.equal(batch["input_ids"][row, :n], item["input_ids"])
+        assert (batch["input_ids"][row, n:] == pad).all() and (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        assert batch["attention_mask"][row].sum() == n
+    # Images concatenated in row order: the model consumes them in that order.
+    expected_sizes = [s for item in items if "image_sizes" in item for s in item["image_sizes"].tolist()]
+    if expected_sizes:
+        assert batch["image_sizes"].tolist() == expected_sizes
+
+
+def test_left_padding_for_generation_and_crop_padding(processor, tmp_path):
+    dataset = make_dataset(processor, tmp_path, [1, 0])
+    gen = ConversationDataset(dataset.conversations, processor, for_generation=True)
+    items = [gen[0], gen[1]]
+    assert "labels" not in items[0]
+    items[0]["pixel_values"] = items[0]["pixel_values"][:, :3]  # fewer crops than another row would have
+    other = dataset[0]
+    batch = Collator(pad_token_id=0, padding_side="left")(items + [other])
+    n1 = len(items[1]["input_ids"])
+    assert torch.equal(batch["input_ids"][1, -n1:], items[1]["input_ids"])
+    assert batch["attention_mask"][1, : batch["input_ids"].shape[1] - n1].sum() == 0
+    assert batch["pixel_values"].shape[1] == 5 and batch["pixel_values"][0, 3:].abs().sum() == 0
