@@ -9,13 +9,26 @@ model_type "phi3_v", so official-format directories load with the usual calls:
     processor = AutoProcessor.from_pretrained(path)
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from .configuration_phi3v import Phi3VConfig
+from .image_processing_phi3v import Phi3VImageProcessor
 from .modeling_phi3v import Phi3VForCausalLM, Phi3VModel, Phi3VPreTrainedModel
+from .processing_phi3v import Phi3VProcessor
 
-__all__ = ["Phi3VConfig", "Phi3VForCausalLM", "Phi3VModel", "Phi3VPreTrainedModel"]
+__all__ = [
+    "Phi3VConfig",
+    "Phi3VForCausalLM",
+    "Phi3VImageProcessor",
+    "Phi3VModel",
+    "Phi3VPreTrainedModel",
+    "Phi3VProcessor",
+]
 
 AutoConfig.register(Phi3VConfig.model_type, Phi3VConfig, exist_ok=True)
 AutoModel.register(Phi3VConfig, Phi3VModel, exist_ok=True)
 AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)
+AutoImageProcessor.register(Phi3VConfig, image_processor_classes={"pil": Phi3VImageProcessor}, exist_ok=True)
+AutoProcessor.register(Phi3VConfig, Phi3VProcessor, exist_ok=True)
+# No AutoTokenizer entry: transformers already maps "phi3_v" to the tokenizer.json-backed class,
+# which keeps the released normalizer (its LlamaTokenizer would rebuild a different pipeline).

@@ -1,0 +1,321 @@
+"""Processor for Phi-3.5-vision-instruct: prompt expansion (spec: /work/shared/PHI3V_SPEC.md, §4).
+
+A prompt refers to its images with the tags `<|image_1|>`, `<|image_2|>`, ... The processor
+runs the image processor on the images and replaces tag k by as many copies of the id -k as
+image k has feature vectors; the model later overwrites those positions with the image
+features. Same call as the official processor (text first):
+
+    >>> inputs = processor("<|user|>\\n<|image_1|>\\nWhat is this?<|end|>\\n<|assistant|>\\n",
+    ...                    [image], return_tensors="pt")
+    >>> sorted(inputs.keys())
+    ['attention_mask', 'image_sizes', 'input_ids', 'pixel_values']
+
+Ids are those of the official code, quirks included: the text between tags is tokenized
+chunk by chunk with the normal tokenizer call, so every chunk starts with BOS (`<s>` = 1) and
+its own "▁" -- a BOS follows every image block, and a prompt ending with a tag ends with BOS.
+
+Deliberate difference: the official code accepts any tag numbers that cover 1..M and expands
+a repeated tag twice, while the model consumes image features in order of appearance, so
+repeated or out-of-order tags crash the model or silently give positions the features of
+another image. Here the tags must be exactly `<|image_1|>` .. `<|image_M|>`, each once, in
+increasing order, with M == len(images); anything else raises a ValueError saying what was
+found and what is expected (`check_image_tags`, usable to validate data before training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from typing import Any
+
+import torch
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+from transformers.utils import IMAGE_PROCESSOR_NAME, TensorType, logging
+
+from .image_processing_phi3v import Phi3VImageProcessor
+
+__all__ = [
+    "IMAGE_TAG_PATTERN",
+    "IMAGE_TAG_RE",
+    "Phi3VProcessor",
+    "check_image_tags",
+    "image_tag",
+]
+
+logger = logging.get_logger(__name__)
+
+# The official split pattern. Any number is matched so that wrong numbers are reported, not
+# left in the text as literal characters.
+IMAGE_TAG_PATTERN = r"<\|image_\d+\|>"
+# Same, capturing the number.
+IMAGE_TAG_RE = re.compile(r"<\|image_(\d+)\|>")
+_SPLIT_RE = re.compile(IMAGE_TAG_PATTERN)
+
+
+# As in the released preprocessor_config.json.
+OFFICIAL_PROCESSOR_AUTO_MAP = {
+    "AutoImageProcessor": "processing_phi3_v.Phi3VImageProcessor",
+    "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
+}
+
+
+def _write_official_tokenizer_config(save_directory: str | os.PathLike, tokenizer: Any) -> None:
+    """Makes tokenizer_config.json readable by the tools that read the released checkpoint.
+
+    transformers 5 records its own class name ("TokenizersBackend"), which transformers 4.x
+    (the hub code, vLLM builds pinned to 4.x) cannot resolve, and moves the chat template to
+    chat_template.jinja, which older versions do not read. The released file names
+    LlamaTokenizer (4.x loads tokenizer.json as is through LlamaTokenizerFast; transformers 5
+    maps model_type "phi3_v" to the tokenizer.json-backed class) and carries the template and
+    the BOS/EOS flags itself.
+    """
+    path = os.path.join(save_directory, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config.update(
+        tokenizer_class="LlamaTokenizer",
+        add_bos_token=True,
+        add_eos_token=False,
+        legacy=False,
+    )
+    if tokenizer.chat_template is not None:
+        config["chat_template"] = tokenizer.chat_template
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def image_tag(k: int) -> str:
+    """The tag for image k (1-based): `<|image_k|>`."""
+    return f"<|image_{k}|>"
+
+
+def _tags(numbers: list[int]) -> str:
+    return ", ".join(image_tag(k) for k in numbers) if numbers else "none"
+
+
+def check_image_tags(text: str, num_images: int, where: str = "the prompt") -> None:
+    """Raise a ValueError unless `text` has exactly the tags <|image_1|> .. <|image_N|> in order.
+
+    N = `num_images`; each tag must appear once and tag k must come before tag k+1, because the
+    model fills image positions with the images' features in order of appearance. `where` names
+    the text in the message (e.g. "text[3]" or a data file and line).
+    """
+    found = [int(number) for number in IMAGE_TAG_RE.findall(text)]
+    expected = list(range(1, num_images + 1))
+    if found == expected:
+        return
+    shown = f"{text[:200]!r}{'...' if len(text) > 200 else ''}"
+    if num_images == 0:
+        raise ValueError(
+            f"Phi3VProcessor: {where} has the image tags [{_tags(found)}] but no images were "
+            f"given; pass the images (in tag order) or remove the tags. Text: {shown}"
+        )
+    counts = Counter(found)
+    problems = []
+    repeated = sorted(k for k, n in counts.items() if n > 1)
+    if repeated:
+        problems.append("repeated: " + ", ".join(f"{image_tag(k)} x{counts[k]}" for k in repeated))
+    extra = sorted(k for k in counts if not 1 <= k <= num_images)
+    if extra:
+        problems.append(f"no image for {_tags(extra)} ({num_images} image(s) given)")
+    missing = [k for k in expected if k not in counts]
+    if missing:
+        problems.append(f"missing {_tags(missing)}")
+    if not problems:
+        problems.append(
+            "out of order (tag k must be the k-th tag: images are used in order of appearance)"
+        )
+    raise ValueError(
+        f"Phi3VProcessor: {where} has the image tags [{_tags(found)}] for {num_images} "
+        f"image(s), expected [{_tags(expected)}], each exactly once and in this order: "
+        f"{'; '.join(problems)}. Text: {shown}"
+    )
+
+
+class Phi3VProcessor(ProcessorMixin):
+    r"""Phi-3.5-vision processor: `Phi3VImageProcessor` + the Phi-3.5 tokenizer.
+
+    Args:
+        image_processor (`Phi3VImageProcessor`): turns images into crops and token counts.
+        tokenizer (`TokenizersBackend`): the Phi-3.5 tokenizer (`phi3v.tokenization.build_tokenizer`
+            builds a tiny one).
+        chat_template (`str`, *optional*): overrides the tokenizer's chat template in
+            `apply_chat_template`.
+
+    Saving writes the transformers 5 files (`processor_config.json`, `tokenizer.json`,
+    `tokenizer_config.json`, `chat_template.jinja`) and also, as the released checkpoint has it,
+    `preprocessor_config.json` (the image processor's settings with
+    `"processor_class": "Phi3VProcessor"`), so that tools reading the official layout find it.
+    """
+
+    def __init__(
+        self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None
+    ):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        images: Any = None,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        return_tensors: str | TensorType | None = TensorType.PYTORCH,
+    ) -> BatchFeature:
+        """Tokenize a prompt, expanding `<|image_k|>` tags into image positions.
+
+        Without images: the plain tokenizer call on `text` (a string or a list of strings;
+        padding, truncation and max_length apply). The text must then contain no image tag.
+
+        With images (one image or a list, in tag order): `text` must be one prompt string with
+        the tags `<|image_1|>` .. `<|image_M|>`. Returns `input_ids` and `attention_mask` as
+        int64 tensors of shape (1, L) and the image processor's `pixel_values` and
+        `image_sizes`. As in the official code, padding, truncation and max_length do not apply
+        to such a prompt (truncating could cut an image block); batching is the collator's job.
+        """
+        if text is None:
+            raise ValueError(
+                "Phi3VProcessor: `text` is required (the prompt, with <|image_k|> tags for images)"
+            )
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            # A text-only row: `images=[]` is accepted like None so callers need no special case.
+            if isinstance(text, str):
+                check_image_tags(text, 0)
+            else:
+                for i, prompt in enumerate(text):
+                    if isinstance(prompt, str):
+                        check_image_tags(prompt, 0, where=f"text[{i}]")
+            encoded = self.tokenizer(
+                text,
+                padding=padding,
+                truncation=truncation,
+                max_length=max_length,
+                return_tensors=return_tensors,
+            )
+            return BatchFeature(data=dict(encoded))
+
+        if not isinstance(text, str):
+            raise ValueError(
+                "Phi3VProcessor: with images, `text` must be a single prompt string (got "
+                f"{type(text).__name__}); call the processor once per prompt and let the "
+                "collator pad the batch"
+            )
+        if return_tensors not in (None, "pt", TensorType.PYTORCH):
+            raise ValueError(
+                'Phi3VProcessor: with images only return_tensors="pt" is supported, got '
+                f"{return_tensors!r}"
+            )
+        if truncation or max_length is not None:
+            logger.warning_once(
+                "Phi3VProcessor: truncation and max_length are ignored for a prompt with images "
+                "(as in the official processor): truncating could cut an image block; shorten "
+                "the text instead."
+            )
+        # Validate before the (slow) image processing: fail fast on bad data.
+        check_image_tags(text, len(images))
+        image_inputs = self.image_processor(list(images), return_tensors="pt")
+        counts = [int(n) for n in image_inputs["num_img_tokens"]]
+
+        # Quirk kept from the official code: each chunk, empty ones included, is a separate normal
+        # tokenizer call, so it starts with BOS and gets its own leading "▁".
+        chunks = _SPLIT_RE.split(text)
+        chunk_ids = self.tokenizer(chunks, padding=False, truncation=False)["input_ids"]
+        pieces = []
+        for k, ids in enumerate(chunk_ids):
+            pieces.append(torch.tensor(ids, dtype=torch.long))
+            if k < len(counts):
+                # The k-th tag is <|image_{k+1}|> (checked above): id -(k+1), once per feature.
+                pieces.append(torch.full((counts[k],), -(k + 1), dtype=torch.long))
+        input_ids = torch.cat(pieces).unsqueeze(0)
+        return BatchFeature(
+            data={
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "pixel_values": image_inputs["pixel_values"],
+                "image_sizes": image_inputs["image_sizes"],
+            }
+        )
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, str]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """The prompt for a conversation: `<|role|>\\n` + content + `<|end|>\\n` per message.
+
+        Messages carry their `<|image_k|>` tags in the content. Only the string is produced; pass
+        it with the images to `processor(prompt, images)`, which expands the tags (tokenizing
+        here would leave the tags as text).
+        """
+        if tokenize:
+            raise ValueError(
+                "Phi3VProcessor.apply_chat_template returns the prompt string only; tokenize it "
+                "with processor(prompt, images), which expands the <|image_k|> tags"
+            )
+        if chat_template is None:
+            chat_template = self.chat_template
+        if isinstance(chat_template, dict):
+            chat_template = chat_template.get("default")
+        return self.tokenizer.apply_chat_template(
+            conversation,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **kwargs,
+        )
+
+    @property
+    def model_input_names(self) -> list[str]:
+        # ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
+        names = [*self.tokenizer.model_input_names, *self.image_processor.model_input_names]
+        return list(dict.fromkeys(names))
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any
+    ) -> list[str]:
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        # transformers 5 keeps the image processor only inside processor_config.json; the released
+        # checkpoint (and the tools reading it) has it in preprocessor_config.json, together with
+        # the processor class that AutoProcessor looks up.
+        legacy = self.image_processor.to_dict()
+        legacy["processor_class"] = type(self).__name__
+        legacy["auto_map"] = dict(OFFICIAL_PROCESSOR_AUTO_MAP)
+        path = os.path.join(save_directory, IMAGE_PROCESSOR_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(legacy, indent=2, sort_keys=True) + "\n")
+        _write_official_tokenizer_config(save_directory, self.tokenizer)
+        return [*files, path]
+
+    @classmethod
+    def _get_arguments_from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        processor_dict: dict | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
+        # The base class resolves the sub-processors through AutoImageProcessor/AutoTokenizer,
+        # which only know these classes after registration and which, for a directory whose
+        # tokenizer_config.json says "LlamaTokenizer" (the released one), rebuild the tokenizer
+        # pipeline and change the ids (see phi3v/tokenization.py). The classes are fixed for this
+        # model, so load them directly: the image processor from processor_config.json (or the
+        # released preprocessor_config.json), the tokenizer from tokenizer.json as is.
+        # Overrides such as `from_pretrained(path, num_crops=16)` go to the image processor only
+        # (the tokenizer would store them in its init kwargs and save them); hub arguments and
+        # the rest go to both, as in the base class (the image processor ignores unknown keys).
+        image_keys = set(getattr(Phi3VImageProcessor.valid_kwargs, "__annotations__", {}))
+        tokenizer_kwargs = {key: value for key, value in kwargs.items() if key not in image_keys}
+        path = pretrained_model_name_or_path
+        image_processor = Phi3VImageProcessor.from_pretrained(path, **kwargs)
+        tokenizer = TokenizersBackend.from_pretrained(path, **tokenizer_kwargs)
+        return [image_processor, tokenizer]
