@@ -157,6 +157,15 @@ class Phi3VImageEmbedding(nn.Module):
         self.img_projection = nn.Sequential(
             nn.Linear(dim, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
         )
+        # Never run, so never trained: marking them frozen keeps optimizers from holding state
+        # for them and DDP from waiting for their gradients.
+        for module in self.unused_modules():
+            module.requires_grad_(False)
+
+    def unused_modules(self) -> list[nn.Module]:
+        """CLIP layers after the one whose output is used, and the post-layernorm."""
+        vision = self.img_processor.vision_model
+        return [*vision.encoder.layers[self.num_layers :], vision.post_layernorm]
 
     def num_tokens(self, image_sizes: torch.Tensor) -> torch.Tensor:
         """Image tokens each image occupies in input_ids (the processor's `num_img_tokens`)."""
@@ -195,7 +204,12 @@ class Phi3VImageEmbedding(nn.Module):
             )
         # Deliberate: only real crops reach CLIP. Selecting with a mask keeps image-major order.
         keep = torch.arange(max_crops, device=counts.device)[None, :] < counts[:, None]
-        merged = self.encode_crops(pixel_values[keep.to(pixel_values.device)])
+        # A frozen tower (--freeze_vision_model) runs without autograd: no activations kept.
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        with torch.set_grad_enabled(needs_grad):
+            return self._assemble(self.encode_crops(pixel_values[keep.to(pixel_values.device)]), image_sizes, counts)
+
+    def _assemble(self, merged: torch.Tensor, image_sizes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         dtype = self.glb_GN.dtype  # projector dtype (its weights may be 4-bit packed)
         merged = merged.to(dtype)
 

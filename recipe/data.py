@@ -47,6 +47,7 @@ __all__ = [
     "Problem",
     "DataError",
     "read_jsonl",
+    "load_jsonl",
     "from_cauldron",
     "from_docvqa",
     "validate",
@@ -217,6 +218,22 @@ def read_jsonl(path: str | Path, image_dir: str | Path) -> tuple[list[Conversati
             if conversation is not None:
                 conversations.append(conversation)
     return conversations, problems
+
+
+def load_jsonl(
+    path: str | Path, image_dir: str | Path, skip_bad: bool = False, log=print
+) -> list[Conversation]:
+    """`read_jsonl` that stops on bad lines (one DataError listing them all) or, with
+    `skip_bad`, drops them and logs how many and why."""
+    conversations, problems = read_jsonl(path, image_dir)
+    if problems and not skip_bad:
+        raise DataError(problems, str(path))
+    if problems:
+        bad_lines = len({p.where for p in problems})
+        reasons = Counter(p.reason for p in problems)
+        summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+        log(f"skipped {bad_lines} malformed line(s) in {path} ({summary}); first: {problems[0]}")
+    return conversations
 
 
 def from_cauldron(row: dict, index: int, split: str = "train", source: str = "the_cauldron") -> Conversation:

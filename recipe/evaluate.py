@@ -1,0 +1,136 @@
+"""Batched generation on every rank, gathered and scored once.
+
+Each rank takes every world_size-th example, sorts its share by length (batches of similar
+length, little left padding), generates greedily until `<|end|>`/`<|endoftext|>`, and all
+predictions are gathered to every rank in the original order. Rank 0 writes
+`{"metric": ..., "<metric name>": value, "num_examples": n, "predictions": [{"id",
+"prediction", "references"}]}` to the output file. Ranks run the same number of generate
+calls, so DeepSpeed ZeRO-3 (which needs every rank in each forward) works too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .data import Collator, Conversation, ConversationDataset
+
+__all__ = ["generate_predictions", "evaluate", "write_json_atomic", "end_token_ids"]
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def end_token_ids(tokenizer) -> list[int]:
+    """Generation stops at <|end|> (end of an answer) and <|endoftext|>."""
+    ids = [tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    return [i for i in dict.fromkeys(ids) if i is not None and i != tokenizer.unk_token_id]
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def generate_predictions(
+    model,
+    processor,
+    conversations: Sequence[Conversation],
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    synced_gpus: bool = False,
+) -> list[str]:
+    """Greedy answers for all conversations (last answer left out), on every rank, in order."""
+    rank, world = _rank_world()
+    mine = list(range(rank, len(conversations), world))
+    dataset = ConversationDataset([conversations[i] for i in mine], processor, for_generation=True)
+    order = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    # Equal number of generate calls on every rank (ZeRO-3 runs forwards in lockstep).
+    n_batches = len(batches)
+    if world > 1:
+        counts = [None] * world
+        dist.all_gather_object(counts, n_batches)
+        n_batches = max(counts)
+    tokenizer = processor.tokenizer
+    collate = Collator(pad_token_id=tokenizer.pad_token_id, padding_side="left")
+    device = device or next(model.parameters()).device
+    end_ids = end_token_ids(tokenizer)
+    was_training = model.training
+    model.eval()
+    local: dict[int, str] = {}
+    autocast = (
+        torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
+        if autocast_dtype is not None else nullcontext()
+    )
+    with torch.no_grad(), autocast:
+        for b in range(n_batches):
+            indices = batches[b] if b < len(batches) else (batches[-1] if batches else None)
+            if indices is None:  # this rank has no examples at all: run a dummy to stay in step
+                indices, dummy_set = [0], ConversationDataset(conversations[:1], processor, for_generation=True)
+                items = [dummy_set[0]]
+            else:
+                items = [dataset[i] for i in indices]
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(items).items()}
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=end_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+                synced_gpus=synced_gpus,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1]:]
+            if b < len(batches):
+                for i, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                    local[mine[i]] = text.strip()
+    if was_training:
+        model.train()
+    if world > 1:
+        gathered: list[dict[int, str]] = [None] * world
+        dist.all_gather_object(gathered, local)
+        for part in gathered:
+            local.update(part)
+    return [local[i] for i in range(len(conversations))]
+
+
+def evaluate(
+    model,
+    processor,
+    conversations: Sequence[Conversation],
+    score: Callable[[list[str], list[list[str]]], float],
+    metric_name: str,
+    output_file: str | Path | None,
+    **generation_kwargs,
+) -> dict:
+    """Generates, scores and (rank 0) writes per-example predictions and the metric."""
+    predictions = generate_predictions(model, processor, conversations, **generation_kwargs)
+    references = [list(c.references) if c.references else [c.answer] for c in conversations]
+    value = score(predictions, references) if conversations else math.nan
+    result = {
+        "metric": metric_name,
+        metric_name: value,
+        "num_examples": len(conversations),
+        "predictions": [
+            {"id": c.id, "prediction": p, "references": r} for c, p, r in zip(conversations, predictions, references)
+        ],
+    }
+    rank, _ = _rank_world()
+    if output_file is not None and rank == 0:
+        write_json_atomic(output_file, result)
+    return result

@@ -1,0 +1,136 @@
+"""Model setup as one function of the flags: full, frozen-vision, LoRA and QLoRA.
+
+| mode | weights loaded as | trained |
+|---|---|---|
+| full (default, DeepSpeed ZeRO-2) | fp32 (DeepSpeed/AMP cast for bf16/fp16) | everything used |
+| --freeze_vision_model | same | language model only; the image side runs without autograd |
+| --use_lora | bf16/fp16 with those flags, else fp32 | LoRA adapters (fp32) |
+| --use_qlora | 4-bit NF4, compute in bf16/fp16/fp32 | LoRA adapters (fp32) |
+
+LoRA targets the original recipe's modules: the language model's qkv_proj, o_proj,
+gate_up_proj, down_proj and lm_head, plus, unless the vision side is frozen, CLIP's q/k/v/out
+projections and MLP and the image projector -- only in CLIP layers that actually run (layers
+after the feature layer never get gradients). Adapters start with gaussian init.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import phi3v  # noqa: F401  (registers the native classes with the Auto factories)
+from phi3v.modeling_phi3v import Phi3VForCausalLM
+
+from .args import ModelArguments, RecipeTrainingArguments
+
+__all__ = ["load_model", "lora_target_modules", "freeze_vision", "parameter_groups", "count_parameters"]
+
+LANGUAGE_LORA_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+VISION_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+PROJECTOR_LORA_MODULES = ("img_projection.0", "img_projection.2")
+
+
+def _dtype(training_args: RecipeTrainingArguments, full_precision: bool) -> torch.dtype:
+    if full_precision:
+        return torch.float32
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def load_model(model_args: ModelArguments, training_args: RecipeTrainingArguments) -> nn.Module:
+    """The model ready for the Trainer (a PeftModel with LoRA/QLoRA)."""
+    quantization_config = None
+    if model_args.use_qlora:
+        from transformers import BitsAndBytesConfig
+
+        quantization_config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_dtype(training_args, full_precision=False),
+            # The image side stays in full precision (small, and CLIP is sensitive to it).
+            llm_int8_skip_modules=["lm_head", "vision_embed_tokens"],
+        )
+    # Full finetuning keeps fp32 weights (AMP or DeepSpeed does the mixed precision); adapters
+    # training can hold the frozen base in half precision.
+    full_precision = not model_args.use_lora and not model_args.use_flash_attention
+    model = Phi3VForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        dtype=_dtype(training_args, full_precision),
+        attn_implementation="flash_attention_2" if model_args.use_flash_attention else "sdpa",
+        quantization_config=quantization_config,
+        device_map={"": torch.cuda.current_device()} if quantization_config and torch.cuda.is_available() else None,
+    )
+    model.config.use_cache = False  # training; evaluation turns it back on for generate
+    if model_args.freeze_vision_model:
+        freeze_vision(model)
+    if model_args.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=model_args.lora_rank,
+            lora_alpha=round(model_args.lora_rank * model_args.lora_alpha_ratio),
+            lora_dropout=model_args.lora_dropout,
+            target_modules=lora_target_modules(model, include_vision=not model_args.freeze_vision_model),
+            init_lora_weights="gaussian",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def freeze_vision(model: nn.Module) -> None:
+    """No gradients for the image encoder, separators and projector (as the original recipe)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.model.vision_embed_tokens.requires_grad_(False)
+
+
+def lora_target_modules(model: nn.Module, include_vision: bool) -> list[str]:
+    """Full names of the Linear modules LoRA wraps (explicit names: no accidental matches)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vision = base.model.vision_embed_tokens
+    unused = {id(m) for u in (vision.unused_modules() if vision is not None else []) for m in u.modules()}
+    names = []
+    for name, module in base.named_modules():
+        if not isinstance(module, nn.Linear) and type(module).__name__ not in ("Linear4bit", "Linear8bitLt"):
+            continue
+        in_vision = ".vision_embed_tokens." in f".{name}."
+        if in_vision:
+            if not include_vision or id(module) in unused:
+                continue
+            if name.rsplit(".", 1)[-1] in VISION_LORA_MODULES or name.endswith(PROJECTOR_LORA_MODULES):
+                names.append(name)
+        elif name.rsplit(".", 1)[-1] in LANGUAGE_LORA_MODULES:
+            names.append(name)
+    return names
+
+
+def parameter_groups(model: nn.Module, model_args: ModelArguments, learning_rate: float, weight_decay: float):
+    """Optimizer groups: separate learning rates for the CLIP tower and the projector when asked.
+
+    Biases, norms and the separators get no weight decay, as usual for transformers.
+    """
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr = learning_rate
+        if ".img_processor." in name and model_args.vision_learning_rate is not None:
+            lr = model_args.vision_learning_rate
+        elif (".img_projection." in name or name.endswith(("glb_GN", "sub_GN"))) and (
+            model_args.projector_learning_rate is not None
+        ):
+            lr = model_args.projector_learning_rate
+        no_decay = param.ndim < 2 or name.endswith(("glb_GN", "sub_GN")) or "norm" in name
+        groups.setdefault((lr, 0.0 if no_decay else weight_decay), []).append(param)
+    return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
