@@ -27,6 +27,7 @@ must use exactly the numbers of its images, in order.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -53,6 +54,8 @@ __all__ = [
     "validate",
     "resolve_image_path",
     "load_image",
+    "DatasetImage",
+    "lazy_images",
     "image_size",
     "build_messages",
     "tokenize_conversation",
@@ -236,24 +239,35 @@ def load_jsonl(
     return conversations
 
 
-def from_cauldron(row: dict, index: int, split: str = "train", source: str = "the_cauldron") -> Conversation:
-    """A the_cauldron row (`images` + `texts[{user, assistant}]`): the images go with the first turn."""
+def from_cauldron(
+    row: dict, index: int, split: str = "train", source: str = "the_cauldron", images: list | None = None
+) -> Conversation:
+    """A the_cauldron row (`images` + `texts[{user, assistant}]`): the images go with the first turn.
+
+    `images` overrides row["images"] (e.g. lazy `DatasetImage` references).
+    """
     texts = row["texts"]
     turns = [Turn(user=t["user"], assistant=t["assistant"]) for t in texts]
     if turns:
-        turns[0].images = list(row.get("images") or [])
+        turns[0].images = list(images if images is not None else row.get("images") or [])
     return Conversation(id=f"{split}-{index}", turns=turns, source=source, where=f"{split} row {index}")
 
 
-def from_docvqa(row: dict, index: int, split: str = "train", answer_index: int = 0) -> Conversation:
-    """A docvqa_1200_examples row (`image`, `query.en`, `answers`); all answers kept as references."""
+def from_docvqa(
+    row: dict, index: int, split: str = "train", answer_index: int = 0, image: Any = None
+) -> Conversation:
+    """A docvqa_1200_examples row (`image`, `query.en`, `answers`); all answers kept as references.
+
+    `image` overrides row["image"] (e.g. a lazy `DatasetImage`).
+    """
     query = row["query"]
     question = query["en"] if isinstance(query, dict) else query
     answers = list(row["answers"])
     record_id = row.get("id", f"{split}-{index}")
     return Conversation(
         id=str(record_id),
-        turns=[Turn(user=question, assistant=answers[answer_index] if answers else "", images=[row["image"]])],
+        turns=[Turn(user=question, assistant=answers[answer_index] if answers else "",
+                    images=[image if image is not None else row["image"]])],
         source="docvqa",
         where=f"{split} row {index}",
         references=answers,
@@ -263,12 +277,57 @@ def from_docvqa(row: dict, index: int, split: str = "train", answer_index: int =
 # -- images --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DatasetImage:
+    """An image inside a `datasets.Dataset` (memory-mapped Arrow), decoded only when used.
+
+    Building conversations from hub rows this way keeps a 39k-document DocVQA in the Arrow
+    file instead of in RAM. `dataset` must have the column cast to `Image(decode=False)`
+    (see `lazy_images`).
+    """
+
+    dataset: Any
+    row: int
+    column: str
+    position: int | None = None  # index within a list-of-images column
+
+    def open(self) -> Image.Image:
+        value = self.dataset[self.row][self.column]
+        if self.position is not None:
+            value = value[self.position]
+        if value.get("bytes"):
+            return Image.open(io.BytesIO(value["bytes"]))
+        return Image.open(value["path"])
+
+    def __str__(self) -> str:
+        where = f"{self.column}[{self.position}]" if self.position is not None else self.column
+        return f"{where} of row {self.row}"
+
+
+def lazy_images(dataset, column: str) -> list[list[DatasetImage]]:
+    """Per row, references to the images of `column` (one image or a list), decoding nothing."""
+    import datasets
+    import pyarrow.compute as pc
+
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.Image):
+        undecoded = dataset.cast_column(column, datasets.Image(decode=False))
+        return [[DatasetImage(undecoded, i, column)] for i in range(len(dataset))]
+    undecoded = dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    arrow = undecoded.with_format("arrow")
+    counts: list[int] = []
+    for start in range(0, len(undecoded), 10_000):  # list lengths from Arrow offsets, no image bytes read
+        counts += pc.list_value_length(arrow[start : start + 10_000][column]).fill_null(0).to_pylist()
+    return [[DatasetImage(undecoded, i, column, k) for k in range(n)] for i, n in enumerate(counts)]
+
+
+
 def load_image(image: Any) -> Image.Image:
     """A decoded PIL image from a PIL image or a path (errors name the file)."""
     if isinstance(image, Image.Image):
         return image
     try:
-        with Image.open(image) as opened:
+        with (image.open() if isinstance(image, DatasetImage) else Image.open(image)) as opened:
             opened.load()
             return opened.copy() if opened.mode != "P" else opened.convert("RGBA")
     except FileNotFoundError:
@@ -281,12 +340,18 @@ def image_size(image: Any) -> tuple[int, int]:
     """(width, height) from the header only: no pixel decoding."""
     if isinstance(image, Image.Image):
         return image.size
-    with Image.open(image) as opened:
+    with (image.open() if isinstance(image, DatasetImage) else Image.open(image)) as opened:
         return opened.size
 
 
 def _check_image(image: Any, decode: bool) -> str | None:
     if isinstance(image, Image.Image):
+        return None
+    if isinstance(image, DatasetImage):
+        try:
+            load_image(image) if decode else image_size(image)
+        except Exception as err:  # noqa: BLE001 - any decoder error means the image is unusable
+            return f"image {image} is unreadable: {err}"
         return None
     path = Path(image)
     if not path.is_file():
