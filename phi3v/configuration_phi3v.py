@@ -201,7 +201,7 @@ class Phi3VConfig(Phi3Config):
         else:
             out["rope_scaling"] = None
         out.pop("partial_rotary_factor", None)
-        if "dtype" in out:  # the released files (and older loaders) say torch_dtype
+        if diff and "dtype" in out:  # config.json: the released files (and older loaders) say torch_dtype
             out["torch_dtype"] = out.pop("dtype")
         vision = self.vision_config
         if vision is None or all(getattr(vision, k) == v for k, v in CLIP_L_336_VISION_CONFIG.items()):
