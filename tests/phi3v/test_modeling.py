@@ -482,3 +482,16 @@ def test_bitsandbytes_4bit_load_and_lora_train_step_on_cpu(model, tmp_path):
     lora_grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
     assert lora_grads and all(g is not None for g in lora_grads)
     assert any(g.abs().sum() > 0 for g in lora_grads)
+
+
+def test_generation_runs_the_vision_tower_only_on_the_first_step(model, monkeypatch):
+    emb = model.model.vision_embed_tokens
+    calls = []
+    original = emb.encode_crops
+    monkeypatch.setattr(emb, "encode_crops", lambda crops: calls.append(crops.shape[0]) or original(crops))
+    sizes = torch.tensor([[336, 672]])
+    ids = torch.tensor([prompt_ids(tokens_per_image(336, 672))])
+    with torch.no_grad():
+        out = _generate(model, ids, torch.ones_like(ids), random_pixels(sizes.tolist(), 4), sizes, True, n=5)
+    assert out.shape[1] == ids.shape[1] + 5
+    assert calls == [3]  # one prefill, 1 global + 2 local crops; decoding steps reuse the cache
