@@ -94,7 +94,9 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N examples."})
     eval_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of generation in evaluation."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length limit in evaluation."})
-    eval_only: bool = field(default=False, metadata={"help": "Only evaluate the model; no training."})
+    eval_only: bool = field(
+        default=False, metadata={"help": "Only evaluate the model, once (eval_after.json); no training."}
+    )
     skip_eval_before: bool = field(default=False, metadata={"help": "Do not evaluate before training."})
 
 
@@ -125,9 +127,10 @@ class RecipeTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns (required)."})
 
     def __post_init__(self):
-        if self.gradient_checkpointing_kwargs is None:
+        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
             # Non-reentrant checkpointing works with frozen parts and LoRA without extra hooks.
-            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+            # (`gradient_checkpointing_kwargs` is transformers' deprecated name for it.)
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
         # The original's names win: they are what users of the recipe type.
         self.per_device_train_batch_size = self.batch_size_per_gpu
         self.weight_decay = self.wd
@@ -143,8 +146,11 @@ class RecipeTrainingArguments(TrainingArguments):
         # Checked here, before TrainingArguments sets up devices and DeepSpeed.
         if self.fp16 and self.bf16:
             raise FlagError("--fp16 and --bf16 are exclusive; pick one")
-        if self.fp16 and not torch.cuda.is_available():
-            raise FlagError("--fp16 needs a CUDA GPU; on CPU use --bf16 or neither")
+        if not torch.accelerator.is_available():
+            # On a machine without GPUs accelerate only sets up a distributed CPU (gloo) job when
+            # told so: otherwise every torchrun rank trains alone on all the data and reports a
+            # world size of 1, and TrainingArguments refuses --bf16.
+            self.use_cpu = True
         if self.deepspeed in ("none", ""):
             self.deepspeed = None
         elif self.deepspeed:
@@ -168,9 +174,10 @@ def parse_args(data_args_class=DataArguments, argv: list[str] | None = None, def
     argv = list(sys.argv[1:] if argv is None else argv)
     defaults = dict(defaults or {})
     # Full finetuning runs under DeepSpeed ZeRO-2 unless --deepspeed says otherwise. That default
-    # depends on --use_lora/--use_qlora and must be known before TrainingArguments is built.
-    early, _ = HfArgumentParser(ModelArguments).parse_known_args(argv)
-    if not (early.use_lora or early.use_qlora):
+    # depends on --use_lora/--use_qlora/--eval_only and must be known before TrainingArguments is
+    # built. (No --help here: it must list every flag, not only these.)
+    early, _ = HfArgumentParser((ModelArguments, data_args_class), add_help=False).parse_known_args(argv)
+    if not (early.use_lora or early.use_qlora or early.eval_only):
         defaults.setdefault("deepspeed", DEFAULT_DEEPSPEED_CONFIG)
     # No experiment tracker unless asked for (--report_to tensorboard, wandb, ...).
     defaults.setdefault("report_to", "none")
@@ -208,11 +215,15 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
             )
         if not torch.cuda.is_available():
             raise FlagError("--use_flash_attention needs a CUDA GPU; none is visible. Drop the flag to use SDPA")
+    if training_args.fp16 and not torch.cuda.is_available():
+        raise FlagError("--fp16 needs a CUDA GPU; on CPU use --bf16 or neither")
     if model_args.use_qlora and importlib.util.find_spec("bitsandbytes") is None:
         raise FlagError("--use_qlora needs bitsandbytes: `pip install -r requirements.txt`")
     if model_args.use_qlora and training_args.deepspeed:
         raise FlagError("--use_qlora does not run under DeepSpeed here; drop --deepspeed (QLoRA fits one GPU)")
-    if model_args.freeze_vision_model and (model_args.vision_learning_rate or model_args.projector_learning_rate):
+    if model_args.freeze_vision_model and (
+        model_args.vision_learning_rate is not None or model_args.projector_learning_rate is not None
+    ):
         raise FlagError("--vision_learning_rate/--projector_learning_rate make no sense with --freeze_vision_model")
     if model_args.merge_lora and not model_args.use_lora:
         raise FlagError("--merge_lora needs --use_lora or --use_qlora")

@@ -51,8 +51,9 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=_dtype(training_args, full_precision=False),
-            # The image side stays in full precision (small, and CLIP is sensitive to it).
-            llm_int8_skip_modules=["lm_head", "vision_embed_tokens"],
+            # The image side stays in full precision (small, and CLIP is sensitive to it). Patterns
+            # match from the start of a module's full name (or as its suffix).
+            llm_int8_skip_modules=["lm_head", "model.vision_embed_tokens"],
         )
     # Full finetuning keeps fp32 weights (AMP or DeepSpeed does the mixed precision); adapters
     # training can hold the frozen base in half precision.

@@ -4,7 +4,7 @@ A task script describes only what is task-specific (where data comes from, how a
 conversation, how predictions are scored) in a `Task` and calls `run(task)`.
 
 Outputs in --output_dir (rank 0 writes them):
-    eval_before.json, eval_after.json   metric + per-example predictions
+    eval_before.json, eval_after.json   metric + per-example predictions (--eval_only: eval_after.json)
     checkpoint-N/                        every --save_steps (resume with --resume_from_checkpoint)
     the final model (full) or adapter (LoRA/QLoRA) + processor, in the official format
     merged/                              --merge_lora: the merged full model + processor
@@ -14,6 +14,7 @@ Outputs in --output_dir (rank 0 writes them):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, set_seed
 from transformers.trainer_pt_utils import get_length_grouped_indices
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -99,7 +101,9 @@ class RecipeTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         margs = self.model_args
-        if self.optimizer is None and margs and (margs.vision_learning_rate or margs.projector_learning_rate):
+        if self.optimizer is None and margs and (
+            margs.vision_learning_rate is not None or margs.projector_learning_rate is not None
+        ):
             optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             groups = parameter_groups(self.model, margs, self.args.learning_rate, self.args.weight_decay)
             self.optimizer = optimizer_cls(groups, **kwargs)
@@ -117,11 +121,27 @@ def _setup_logging(training_args: RecipeTrainingArguments) -> None:
     logger.setLevel(level)
 
 
+def _last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint-N that was completely written: the Trainer writes trainer_state.json
+    last, so a run killed while saving leaves a directory without it (older ones are kept until
+    the new one is done)."""
+    steps = sorted(
+        (int(path.name.split("-")[1]), path) for path in output_dir.glob("checkpoint-*")
+        if path.is_dir() and path.name.split("-")[1].isdigit()
+    )
+    for _, path in reversed(steps):
+        if (path / TRAINER_STATE_NAME).is_file():
+            return str(path)
+        logger.warning("%s is incomplete (no %s; killed while saving?): not resuming from it", path,
+                       TRAINER_STATE_NAME)
+    return None
+
+
 def _resolve_resume(training_args: RecipeTrainingArguments) -> str | None:
     resume = training_args.resume_from_checkpoint
     output_dir = Path(training_args.output_dir)
     if resume == "auto":
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        last = _last_complete_checkpoint(output_dir)
         if last is None:
             logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting from scratch", output_dir)
         return last
@@ -206,10 +226,11 @@ def run(task: Task, argv: list[str] | None = None) -> dict:
         return out[task.metric]
 
     before_file = output_dir / "eval_before.json"
-    if data_args.skip_eval_before:
-        pass
+    if data_args.skip_eval_before or data_args.eval_only:
+        pass  # (--eval_only: the one evaluation below, of the same model, is eval_after.json)
     elif resume and before_file.exists():
         logger.info("resuming: keeping %s", before_file)
+        results["eval_before"] = json.loads(before_file.read_text(encoding="utf-8"))[task.metric]
     else:
         results["eval_before"] = run_eval("eval_before", model)
 
