@@ -41,6 +41,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/vision_crops.py
 	$(PY) bench/attention.py
+	$(PY) bench/padding.py
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,115 @@
+"""Smoke tests of the CPU benchmarks in bench/: each `main()` runs with `--quick` (a few seconds)
+and returns a well-formed result. No timing thresholds: the numbers are only checked to be
+positive and finite, and the sanity checks the benchmarks assert themselves must pass."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def positive_finite(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def vision_crops():
+    return load("vision_crops")
+
+
+@pytest.fixture(scope="module")
+def attention():
+    return load("attention")
+
+
+def test_vision_crops_quick(vision_crops, capsys):
+    result = vision_crops.main(["--quick"])
+    out = capsys.readouterr().out
+    for line in ("sanity: loss", "model fwd+bwd", "vision fwd+bwd", "analytic FLOP estimate", "real Phi-3.5-vision"):
+        assert line in out
+
+    layout = result["layout"]
+    assert layout["slots"] == 9 and layout["real_crops"] == 5 and layout["total_crops"] == 9
+    sanity = result["sanity"]
+    assert sanity["loss_all"] == sanity["loss_real"] and sanity["loss_abs_diff"] == 0.0
+    assert (sanity["crops_all"], sanity["crops_real"]) == (9, 5)
+
+    for part in ("step", "vision"):
+        for clock in ("wall", "cpu"):
+            r = result[part][clock]
+            for key in ("all_s", "real_s", "ratio", "paired_ratio"):
+                assert positive_finite(r[key]), (part, clock, key, r[key])
+            assert all(len(r["times"][mode]) == 2 for mode in ("all", "real"))
+
+    for name in ("bench", "real_model"):
+        est = result["estimate"][name]
+        assert est["vision_only"] == pytest.approx(9 / 5)
+        assert 1.0 < est["frozen_clip"] < est["train"] < est["vision_only"]
+        assert 0.0 < est["vision_share_real"] < est["vision_share_all"] < 1.0
+
+
+def test_all_crops_emulation_encodes_every_slot_and_restores(vision_crops):
+    import torch
+
+    from phi3v.tiny import build_tiny_model, tiny_config
+
+    model = build_tiny_model(tiny_config(vocab_size=128, pad_token_id=100), seed=0)
+    embedding = model.model.vision_embed_tokens
+    batch = vision_crops.make_batch([(672, 336), (336, 336)], 4, 100, 2, 3)
+    seen = []
+    hook = embedding.img_processor.vision_model.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    with torch.no_grad():
+        with vision_crops.encode_all_crops(embedding):
+            emulated = embedding(batch["pixel_values"], batch["image_sizes"])
+        native = embedding(batch["pixel_values"], batch["image_sizes"])
+    hook.remove()
+    assert seen == [10, 5]  # 2 images x 5 slots, then 3 + 2 real crops
+    assert torch.equal(emulated, native)
+    assert "forward" not in vars(embedding) and "encode_crops" not in vars(embedding)
+
+
+def test_attention_quick(attention, capsys):
+    result = attention.main(["--quick"])
+    out = capsys.readouterr().out
+    for line in ("agreement:", "backend check", "eager:", "sdpa:", "eager / sdpa:"):
+        assert line in out
+
+    assert result["config"]["seq_len"] == 512 and result["config"]["backward"]
+    assert result["ops"]["eager"]["sdpa"] == 0 and result["ops"]["eager"]["softmax"] >= 1
+    assert result["ops"]["sdpa"]["softmax"] == 0 and result["ops"]["sdpa"]["sdpa"] >= 1
+    for mode in ("eager", "sdpa"):
+        r = result[mode]
+        for key in ("time_s", "cpu_s", "peak_mb"):
+            assert positive_finite(r[key]), (mode, key, r[key])
+        assert len(r["times"]) == 2 and all(positive_finite(t) for t in r["times"])
+    for key in ("time_ratio", "paired_time_ratio", "cpu_ratio", "peak_ratio"):
+        assert positive_finite(result[key]), (key, result[key])
+    agreement = result["agreement"]
+    assert math.isfinite(agreement["logits_max_abs_diff"]) and agreement["logits_max_abs_diff"] < 1e-3
+    assert math.isfinite(agreement["grad_max_rel_diff"]) and agreement["grad_max_rel_diff"] < 1e-3
+
+
+def test_peak_memory_meter(attention):
+    import torch
+
+    attention.check_peak_memory()  # raises if the meter is off on a known pattern
+
+    def step():
+        a = torch.ones(3 * attention.MB, dtype=torch.uint8)
+        b = torch.ones(5 * attention.MB, dtype=torch.uint8)
+        del a, b
+
+    peak, end, _ = attention.peak_memory(step)
+    assert (peak, end) == (8 * attention.MB, 0)
