@@ -15,6 +15,8 @@ after the feature layer never get gradients). Adapters start with gaussian init.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -80,6 +82,9 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
+        # lm_head is a LoRA target; PEFT would then also store the (unchanged) base lm_head in
+        # every adapter and checkpoint (~200 MB at full size). The base model has it already.
+        model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
     return model
 
 

@@ -340,6 +340,12 @@ def test_run_writes_its_outputs(lora_run, ucf101_data):
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert Phi3VProcessor.from_pretrained(out).tokenizer.pad_token_id is not None
+    # Adapters only: no copy of the frozen base lm_head (a LoRA target) in the adapter file.
+    from safetensors import safe_open
+
+    for adapter in (out / "adapter_model.safetensors", out / "checkpoint-2" / "adapter_model.safetensors"):
+        with safe_open(adapter, "pt") as f:
+            assert f.keys() and all(".lora_" in key for key in f.keys()), adapter
 
 
 def test_tensorboard_logs_the_loss(lora_run):
