@@ -94,7 +94,12 @@ class Phi3VRotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, key_length: int):
         use_long = self.rope_type == "longrope" and key_length > self.original_max_position_embeddings
-        inv_freq = (self.long_inv_freq if use_long else self.short_inv_freq).to(x.device, torch.float32)
+        inv_freq = self.long_inv_freq if use_long else self.short_inv_freq
+        if inv_freq.dtype != torch.float32:
+            # model.to(bf16)/.half() rounded the buffers; official code always has fp32 frequencies.
+            short, long, _ = self.compute_inv_freqs(self.config, x.device)
+            inv_freq = long if use_long else short
+        inv_freq = inv_freq.to(x.device)
         with torch.autocast(device_type=x.device.type, enabled=False):
             freqs = position_ids[..., None].float() * inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
@@ -195,6 +200,9 @@ class Phi3VImageEmbedding(nn.Module):
                 f"image_sizes must be ({pixel_values.shape[0]}, 2) for {pixel_values.shape[0]} images, "
                 f"got {tuple(image_sizes.shape)}"
             )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values holds no images, but input_ids have image positions")
+        image_sizes = image_sizes.to(torch.long)
         counts = real_crop_counts(image_sizes, self.crop_size)
         max_crops = pixel_values.shape[1]
         if int(counts.max()) > max_crops:
@@ -241,8 +249,6 @@ class Phi3VPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": Phi3DecoderLayer, "attentions": Phi3Attention}
-    # bitsandbytes keeps these in full precision (the projector input is cast to glb_GN's dtype).
-    _keep_in_fp32_modules = []
 
     def __init__(self, config: Phi3VConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -268,6 +274,18 @@ class Phi3VPreTrainedModel(PreTrainedModel):
             # distinguishable in the tiny random model.
             init.normal_(module.glb_GN, mean=0.0, std=std)
             init.normal_(module.sub_GN, mean=0.0, std=std)
+
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # Loading replaces the parameters (and their requires_grad); keep the never-run CLIP
+        # layers frozen so optimizers and DDP do not wait for their gradients.
+        for module in model.modules():
+            if isinstance(module, Phi3VImageEmbedding):
+                for unused in module.unused_modules():
+                    unused.requires_grad_(False)
+        return model
 
 
 class Phi3VModel(Phi3VPreTrainedModel):
@@ -394,6 +412,15 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        # Deliberate (spec): generation stops at <|end|> and <|endoftext|> by default, not at the
+        # config's eos 2. In the released vocabulary (and the tiny one) <|end|> sits 7 ids after
+        # <|endoftext|> (= pad). A generation_config.json in a checkpoint still takes precedence.
+        pad = config.pad_token_id
+        if pad is not None and pad + 7 < config.vocab_size and self.generation_config.eos_token_id in (
+            None, config.eos_token_id, [config.eos_token_id]
+        ):
+            self.generation_config.eos_token_id = [pad + 7, pad]
+            self.generation_config.pad_token_id = pad
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

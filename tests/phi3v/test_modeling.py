@@ -495,3 +495,29 @@ def test_generation_runs_the_vision_tower_only_on_the_first_step(model, monkeypa
         out = _generate(model, ids, torch.ones_like(ids), random_pixels(sizes.tolist(), 4), sizes, True, n=5)
     assert out.shape[1] == ids.shape[1] + 5
     assert calls == [3]  # one prefill, 1 global + 2 local crops; decoding steps reuse the cache
+
+
+def test_never_run_clip_layers_stay_frozen_after_loading(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    for loaded in (Phi3VForCausalLM.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
+        frozen = {n for n, p in loaded.named_parameters() if not p.requires_grad}
+        assert frozen and all(".encoder.layers.2." in n or "post_layernorm" in n for n in frozen)
+        assert not any(p.requires_grad for p in loaded.model.vision_embed_tokens.img_processor.vision_model
+                       .encoder.layers[-1].parameters())
+
+
+def test_rotary_frequencies_stay_fp32_after_a_dtype_cast():
+    config = tiny_config(vocab_size=128, pad_token_id=100)
+    rope = Phi3VRotaryEmbedding(config)
+    x = torch.zeros(1)
+    pos = torch.arange(4000)[None]
+    reference, _ = rope(x, pos, key_length=4000)
+    rope.to(torch.bfloat16)
+    cast, _ = rope(x, pos, key_length=4000)
+    torch.testing.assert_close(cast, reference)
+
+
+def test_generation_stops_at_end_and_endoftext_by_default():
+    m = build_tiny_model(tiny_config(vocab_size=1152, pad_token_id=1024))
+    assert m.generation_config.eos_token_id == [1031, 1024]  # <|end|>, <|endoftext|>
+    assert m.generation_config.pad_token_id == 1024
