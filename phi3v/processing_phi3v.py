@@ -71,13 +71,21 @@ def _write_official_tokenizer_config(save_directory: str | os.PathLike, tokenize
     chat_template.jinja, which older versions do not read. The released file names
     LlamaTokenizer (4.x loads tokenizer.json as is through LlamaTokenizerFast; transformers 5
     maps model_type "phi3_v" to the tokenizer.json-backed class) and carries the template and
-    the BOS/EOS flags itself.
+    the BOS/EOS flags itself. Save the model first (its config.json decides the class name).
     """
     path = os.path.join(save_directory, "tokenizer_config.json")
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
+    # transformers 5 honours "LlamaTokenizer" correctly only next to a config.json saying
+    # model_type "phi3_v"; without one (a LoRA adapter directory) it would rebuild a different
+    # pipeline, so those directories name the tokenizer.json-backed class instead.
+    model_config = os.path.join(save_directory, "config.json")
+    official = False
+    if os.path.isfile(model_config):
+        with open(model_config, encoding="utf-8") as f:
+            official = json.load(f).get("model_type") == "phi3_v"
     config.update(
-        tokenizer_class="LlamaTokenizer",
+        tokenizer_class="LlamaTokenizer" if official else "TokenizersBackend",
         add_bos_token=True,
         add_eos_token=False,
         legacy=False,

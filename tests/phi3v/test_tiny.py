@@ -84,3 +84,13 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
 def test_module_runs_as_a_script(tmp_path):
     subprocess.run([sys.executable, "-m", "phi3v.tiny", "--output_dir", str(tmp_path / "t")], cwd=ROOT, check=True)
     assert (tmp_path / "t" / "model.safetensors").exists()
+
+
+def test_processor_alone_saves_a_tokenizer_that_auto_tokenizer_reads_right(tiny_dir, tmp_path):
+    """A directory without a model config.json (e.g. a LoRA adapter) must not say LlamaTokenizer,
+    which transformers 5 would rebuild with a different pipeline."""
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    processor.save_pretrained(tmp_path)
+    text = "<|user|>\nHi there<|end|>\n<|assistant|>\n"
+    assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
