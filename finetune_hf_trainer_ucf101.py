@@ -46,8 +46,9 @@ def load_data(data_args: Ucf101Arguments, model_args):
             f"--data_dir {data_dir} does not exist; create it with "
             f"`python convert_ucf101.py --out_dir {data_dir}` (or --synthetic for a quick try)"
         )
+    # Bad lines are reported together with the other problems validation finds (file:line each).
     read = lambda split: load_jsonl(data_dir / f"ucf101_{split}.jsonl", image_dir,  # noqa: E731
-                                    skip_bad=data_args.skip_bad_examples, log=logger.info)
+                                    skip_bad=data_args.skip_bad_examples, log=logger.info, defer_errors=True)
     train = None if data_args.eval_only else read("train")
     return train, read(data_args.eval_split)
 

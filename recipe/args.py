@@ -131,7 +131,15 @@ class RecipeTrainingArguments(TrainingArguments):
             # Non-reentrant checkpointing works with frozen parts and LoRA without extra hooks.
             # (`gradient_checkpointing_kwargs` is transformers' deprecated name for it.)
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
-        # The original's names win: they are what users of the recipe type.
+        # The original's names win: they are what users of the recipe type. transformers' own
+        # names for the same things would be overwritten silently, so they are refused instead.
+        for theirs, ours, default in (
+            ("per_device_train_batch_size", "--batch_size_per_gpu", 8),
+            ("weight_decay", "--wd", 0.0),
+            ("gradient_accumulation_steps", "--batch_size (global; accumulation follows from it)", 1),
+        ):
+            if getattr(self, theirs) != default:
+                raise FlagError(f"--{theirs} is not used by these recipes; use {ours}")
         self.per_device_train_batch_size = self.batch_size_per_gpu
         self.weight_decay = self.wd
         self.disable_tqdm = self.no_tqdm or self.disable_tqdm
@@ -208,6 +216,8 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
                 "--use_flash_attention cannot be combined with --fp16: FlashAttention-2 runs on Ampere or newer "
                 "GPUs, use --bf16 there; on V100 use --fp16 without --use_flash_attention"
             )
+        if not training_args.bf16:
+            raise FlagError("--use_flash_attention needs --bf16 (FlashAttention-2 runs in half precision)")
         if importlib.util.find_spec("flash_attn") is None:
             raise FlagError(
                 "--use_flash_attention needs the flash-attn package, which is not installed: "
@@ -232,6 +242,11 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
         raise FlagError(
             f"--output_dir {output_dir} holds a finished run ({RUN_COMPLETE_FILE}); choose another --output_dir "
             "or pass --overwrite_output_dir"
+        )
+    if data_args.eval_only and (output_dir / "eval_after.json").exists() and not training_args.overwrite_output_dir:
+        raise FlagError(
+            f"--output_dir {output_dir} already holds eval_after.json; choose another --output_dir for "
+            "--eval_only or pass --overwrite_output_dir"
         )
     resume = training_args.resume_from_checkpoint
     if resume and resume != "auto" and not Path(resume).is_dir():

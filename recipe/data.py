@@ -49,6 +49,7 @@ __all__ = [
     "DataError",
     "read_jsonl",
     "load_jsonl",
+    "Conversations",
     "from_cauldron",
     "from_docvqa",
     "validate",
@@ -223,12 +224,27 @@ def read_jsonl(path: str | Path, image_dir: str | Path) -> tuple[list[Conversati
     return conversations, problems
 
 
+class Conversations(list):
+    """Conversations read from a file, with the `problems` of the lines that could not be read.
+
+    `validate` reports these together with its own findings, so every problem of a dataset
+    shows in one error.
+    """
+
+    def __init__(self, items=(), problems: Sequence[Problem] = ()):
+        super().__init__(items)
+        self.problems = list(problems)
+
+
 def load_jsonl(
-    path: str | Path, image_dir: str | Path, skip_bad: bool = False, log=print
-) -> list[Conversation]:
+    path: str | Path, image_dir: str | Path, skip_bad: bool = False, log=print, defer_errors: bool = False
+) -> Conversations:
     """`read_jsonl` that stops on bad lines (one DataError listing them all) or, with
-    `skip_bad`, drops them and logs how many and why."""
+    `skip_bad`, drops them and logs how many and why. With `defer_errors` the problems travel
+    on the returned list instead, for `validate` to report along with everything else."""
     conversations, problems = read_jsonl(path, image_dir)
+    if problems and defer_errors and not skip_bad:
+        return Conversations(conversations, problems)
     if problems and not skip_bad:
         raise DataError(problems, str(path))
     if problems:
@@ -236,7 +252,7 @@ def load_jsonl(
         reasons = Counter(p.reason for p in problems)
         summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
         log(f"skipped {bad_lines} malformed line(s) in {path} ({summary}); first: {problems[0]}")
-    return conversations
+    return Conversations(conversations)
 
 
 def from_cauldron(
@@ -492,7 +508,8 @@ def validate(
     `DataError` listing them all with file:line; with `skip_bad=True` bad examples are
     dropped and a summary by reason is logged.
     """
-    problems: list[Problem] = []
+    problems: list[Problem] = list(getattr(conversations, "problems", []))  # lines that could not be read
+    unreadable = len({p.where for p in problems})
     good: list[Conversation] = []
     seen_ids: dict[str, str] = {}
     for conversation in conversations:
@@ -528,9 +545,9 @@ def validate(
         raise DataError(problems, what)
     if problems:
         reasons = Counter(p.reason for p in problems)
-        bad_count = len(conversations) - len(good)
+        total = len(conversations) + unreadable
         summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
-        log(f"skipped {bad_count} of {len(conversations)} examples in {what} ({summary}); first: {problems[0]}")
+        log(f"skipped {total - len(good)} of {total} examples in {what} ({summary}); first: {problems[0]}")
     return good
 
 

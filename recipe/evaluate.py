@@ -11,7 +11,6 @@ calls, so DeepSpeed ZeRO-3 (which needs every rank in each forward) works too.
 from __future__ import annotations
 
 import json
-import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -121,7 +120,7 @@ def evaluate(
     """Generates, scores and (rank 0) writes per-example predictions and the metric."""
     predictions = generate_predictions(model, processor, conversations, **generation_kwargs)
     references = [list(c.references) if c.references else [c.answer] for c in conversations]
-    value = score(predictions, references) if conversations else math.nan
+    value = score(predictions, references) if conversations else None  # (no NaN: not valid JSON)
     result = {
         "metric": metric_name,
         metric_name: value,

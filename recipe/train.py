@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
@@ -41,8 +42,9 @@ from .args import (
     RecipeTrainingArguments,
     check_args,
     parse_args,
+    world_size,
 )
-from .data import Collator, Conversation, ConversationDataset, validate
+from .data import Collator, Conversation, ConversationDataset, Conversations, validate
 from .evaluate import end_token_ids, evaluate, write_json_atomic
 from .model import count_parameters, load_model, parameter_groups
 
@@ -175,14 +177,46 @@ def _prepare(task: Task, model_args, data_args, training_args, processor):
     tokenizer = processor.tokenizer
     common = dict(tokenizer=tokenizer, num_crops=num_crops, decode_images=data_args.decode_images,
                   skip_bad=data_args.skip_bad_examples, log=logger.info)
+    def limit(conversations, n):
+        # Keep the problems of unreadable lines (see recipe.data.Conversations) for validate.
+        return Conversations(list(conversations)[:n], getattr(conversations, "problems", []))
+
     if train is not None and not data_args.eval_only:
-        train = list(train)[: data_args.max_train_samples]
+        train = limit(train, data_args.max_train_samples)
         train = validate(train, max_length=data_args.max_length, what=f"{task.name} training data", **common)
         if not train:
             raise FlagError(f"no usable {task.name} training examples")
-    eval_ = list(eval_)[: data_args.max_eval_samples]
+    eval_ = limit(eval_, data_args.max_eval_samples)
     eval_ = validate(eval_, max_length=None, what=f"{task.name} evaluation data", **common)
+    if not eval_:
+        raise FlagError(f"no usable {task.name} evaluation examples")
     return train, eval_
+
+
+def _start_over(output_dir: Path) -> None:
+    """--overwrite_output_dir without resuming: the earlier run's checkpoints and results go, so
+    they can neither be resumed by mistake nor mixed with (or rotated instead of) the new ones."""
+    if not _is_main() or not output_dir.is_dir():
+        return
+    old = [p for p in output_dir.glob("checkpoint-*") if p.is_dir()]
+    old += [output_dir / n for n in (RUN_COMPLETE_FILE, "eval_before.json", "eval_after.json", "training_curves.png")
+            if (output_dir / n).exists()]
+    for path in old:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if old:
+        logger.info("--overwrite_output_dir: removed the earlier run's %s", ", ".join(sorted(p.name for p in old)))
+
+
+class _EvalAtTrainBegin(TrainerCallback):
+    """Under ZeRO-3 the weights are partitioned from loading on, and only the DeepSpeed engine
+    can run them: the evaluation before training runs once the engine exists."""
+
+    def __init__(self, run_eval):
+        self.run_eval, self.result = run_eval, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.result is None:
+            self.result = self.run_eval("eval_before", model)
 
 
 def run(task: Task, argv: list[str] | None = None) -> dict:
@@ -193,6 +227,10 @@ def run(task: Task, argv: list[str] | None = None) -> dict:
     resume = None if data_args.eval_only else _resolve_resume(training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
+    if training_args.overwrite_output_dir and not resume and not data_args.eval_only:
+        _start_over(output_dir)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
     if _is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -226,15 +264,27 @@ def run(task: Task, argv: list[str] | None = None) -> dict:
         return out[task.metric]
 
     before_file = output_dir / "eval_before.json"
+    eval_at_train_begin = None
     if data_args.skip_eval_before or data_args.eval_only:
         pass  # (--eval_only: the one evaluation below, of the same model, is eval_after.json)
     elif resume and before_file.exists():
         logger.info("resuming: keeping %s", before_file)
         results["eval_before"] = json.loads(before_file.read_text(encoding="utf-8"))[task.metric]
+    elif resume:
+        logger.info("resuming without %s: the model before training is gone, no evaluation before", before_file)
+    elif is_deepspeed_zero3_enabled():
+        eval_at_train_begin = _EvalAtTrainBegin(run_eval)
     else:
         results["eval_before"] = run_eval("eval_before", model)
 
     if not data_args.eval_only:
+        if (
+            world_size() > 1 and not training_args.deepspeed and not model_args.use_lora
+            and not model_args.freeze_vision_model and any(not c.images for c in train)
+        ):
+            # A rank whose batch has no image gives the image side no gradient; DDP must know.
+            training_args.ddp_find_unused_parameters = True
+            logger.info("text-only examples with a trainable image side: DDP finds unused parameters")
         train_dataset = ConversationDataset(train, processor)
         trainer = RecipeTrainer(
             model=model,
@@ -243,10 +293,14 @@ def run(task: Task, argv: list[str] | None = None) -> dict:
             data_collator=Collator(pad_token_id=processor.tokenizer.pad_token_id),
             processing_class=processor,
             model_args=model_args,
+            callbacks=[eval_at_train_begin] if eval_at_train_begin else None,
         )
         train_output = trainer.train(resume_from_checkpoint=resume)
+        if eval_at_train_begin is not None:
+            results["eval_before"] = eval_at_train_begin.result
         results["train_loss"] = train_output.training_loss
         results["global_step"] = train_output.global_step
+        generation_model.config.use_cache = True  # off for training only; saved as released
         trainer.save_model(str(output_dir))
         if trainer.is_world_process_zero():
             processor.save_pretrained(output_dir)

@@ -285,3 +285,24 @@ def test_left_padding_for_generation_and_crop_padding(processor, tmp_path):
     assert torch.equal(batch["input_ids"][1, -n1:], items[1]["input_ids"])
     assert batch["attention_mask"][1, : batch["input_ids"].shape[1] - n1].sum() == 0
     assert batch["pixel_values"].shape[1] == 5 and batch["pixel_values"][0, 3:].abs().sum() == 0
+
+
+def test_unreadable_lines_and_bad_examples_are_reported_together(tmp_path, processor):
+    from recipe.data import load_jsonl
+
+    (tmp_path / "img").mkdir()
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        "{broken", good_record(0, ["missing.png"]), {"conversations": "nope"}, good_record(3, []),
+    ])
+    conversations = load_jsonl(data, tmp_path / "img", defer_errors=True)
+    assert [c.id for c in conversations] == ["ex0", "ex3"] and len(conversations.problems) == 2
+    with pytest.raises(DataError) as err:
+        validate(conversations, processor.tokenizer, num_crops=1)
+    message = str(err.value)
+    assert message.startswith("3 problem(s)")
+    assert all(f"d.jsonl:{line}: " in message for line in (1, 2, 3))
+    logged = []
+    kept = validate(conversations, processor.tokenizer, num_crops=1, skip_bad=True, log=logged.append)
+    assert [c.id for c in kept] == ["ex3"] and "skipped 3 of 4" in logged[0]
+    with pytest.raises(DataError, match="d.jsonl:1: invalid JSON"):
+        load_jsonl(data, tmp_path / "img")  # without defer_errors: stops right away

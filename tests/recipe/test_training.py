@@ -246,7 +246,18 @@ def unfinished_run(out):
     (out / "checkpoint-2").mkdir(parents=True)
 
 
+def evaluated(out):
+    out.mkdir()
+    (out / "eval_after.json").write_text("{}")
+
+
 CONFLICTS = {
+    "flash attention without bf16": (["--use_flash_attention"], None, r"--use_flash_attention needs --bf16"),
+    "transformers' batch flag": (["--per_device_train_batch_size", 4], None,
+                                 r"--per_device_train_batch_size is not used.*use --batch_size_per_gpu"),
+    "transformers' weight decay": (["--weight_decay", "0.1"], None, r"--weight_decay is not used.*use --wd"),
+    "transformers' accumulation": (["--gradient_accumulation_steps", 2], None, r"use --batch_size \(global"),
+    "eval_only over earlier results": (["--eval_only"], evaluated, r"already holds eval_after.json"),
     "fp16 with flash attention": (["--fp16", "--use_flash_attention"], None, r"cannot be combined with --fp16.*--bf16"),
     "flash attention not installed": (["--bf16", "--use_flash_attention"], "flash_attn",
                                       r"needs the flash-attn package.*pip install -r requirements-gpu.txt"),
@@ -453,6 +464,22 @@ def test_deepspeed_zero2_trains_and_saves_official_format(tiny_checkpoint, ucf10
     assert_same_tensors({k: v for k, v in reloaded.state_dict().items() if k in saved}, saved)
 
 
+def test_deepspeed_zero3_evaluates_trains_and_saves(tiny_checkpoint, ucf101_data, tmp_path):
+    """ZeRO-3 partitions the weights at load time: the evaluation before training has to run
+    through the DeepSpeed engine (generate with synced ranks), and saving gathers them back."""
+    out = tmp_path / "out"
+    zero3 = Path(ucf.__file__).parent / "ds_configs" / "zero3.json"
+    launch(flags(tiny_checkpoint, ucf101_data, out, "--deepspeed", zero3, "--max_steps", 2,
+                 "--batch_size", 2, "--batch_size_per_gpu", 2, "--learning_rate", "1e-3", "--save_steps", 2,
+                 "--max_eval_samples", 2), torchrun_procs=1)
+    before, after = read_json(out / "eval_before.json"), read_json(out / "eval_after.json")
+    assert before["num_examples"] == after["num_examples"] == 2
+    saved, initial = load_file(out / "model.safetensors"), load_file(tiny_checkpoint / "model.safetensors")
+    assert saved.keys() == initial.keys()
+    assert all(saved[k].shape == initial[k].shape for k in saved)  # gathered, not partitioned shards
+    assert any(not torch.equal(saved[k], initial[k]) for k in saved)
+
+
 # -- 3 and 7. two processes: data parallel training, identical evaluation, rank 0 writes -----
 
 
@@ -513,3 +540,17 @@ def test_only_rank_zero_writes_shared_files(two_rank_run):
     for event, path in rank1:
         assert path.parts[0].startswith("checkpoint-"), (event, path)
         assert (event, path.parts[1:]) in {("os.mkdir", ()), ("open", ("rng_state_1.pth",))}, (event, path)
+
+
+def test_overwrite_output_dir_starts_over(tiny_checkpoint, ucf101_data, tmp_path):
+    """Checkpoints of an earlier run must not survive --overwrite_output_dir: they could be
+    resumed by mistake, or rotated away instead of the new ones."""
+    out = tmp_path / "out"
+    (out / "checkpoint-900").mkdir(parents=True)
+    (out / "checkpoint-900" / "trainer_state.json").write_text("{}")
+    (out / RUN_COMPLETE_FILE).write_text("{}")
+    run(ucf.TASK, [str(a) for a in flags(tiny_checkpoint, ucf101_data, out, "--deepspeed", "none",
+                                         "--overwrite_output_dir", "--max_steps", 1, "--batch_size", 1,
+                                         "--save_steps", 1, "--max_eval_samples", 1, "--skip_eval_before")])
+    assert not (out / "checkpoint-900").exists() and (out / "checkpoint-1" / "trainer_state.json").is_file()
+    assert read_json(out / RUN_COMPLETE_FILE)["results"]["global_step"] == 1
