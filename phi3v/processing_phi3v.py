@@ -303,6 +303,16 @@ class Phi3VProcessor(ProcessorMixin):
         with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps(legacy, indent=2, sort_keys=True) + "\n")
         _write_official_tokenizer_config(save_directory, self.tokenizer)
+        # One source of truth: transformers 5 would read the nested copy in processor_config.json
+        # before preprocessor_config.json, so an edit of the released file would be ignored here
+        # while other tools obey it.
+        processor_config = os.path.join(save_directory, "processor_config.json")
+        if os.path.isfile(processor_config):
+            with open(processor_config, encoding="utf-8") as f:
+                nested = json.load(f)
+            if nested.pop("image_processor", None) is not None:
+                with open(processor_config, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(nested, indent=2, sort_keys=True) + "\n")
         return [*files, path]
 
     @classmethod

@@ -94,3 +94,13 @@ def test_processor_alone_saves_a_tokenizer_that_auto_tokenizer_reads_right(tiny_
     text = "<|user|>\nHi there<|end|>\n<|assistant|>\n"
     assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+
+
+def test_preprocessor_config_is_the_one_source_of_image_settings(tiny_dir, tmp_path):
+    AutoProcessor.from_pretrained(tiny_dir).save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    config = json.loads(path.read_text())
+    config["num_crops"] = 16  # as a user editing the released file would
+    path.write_text(json.dumps(config))
+    assert AutoProcessor.from_pretrained(tmp_path).image_processor.num_crops == 16
+    assert AutoImageProcessor.from_pretrained(tmp_path).num_crops == 16
