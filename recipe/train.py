@@ -227,15 +227,15 @@ def run(task: Task, argv: list[str] | None = None) -> dict:
     resume = None if data_args.eval_only else _resolve_resume(training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
+    processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
+    train, eval_conversations = _prepare(task, model_args, data_args, training_args, processor)
+    # Only once the data is known to be good does an explicit overwrite discard the earlier run.
     if training_args.overwrite_output_dir and not resume and not data_args.eval_only:
         _start_over(output_dir)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
     if _is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
-
-    processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
-    train, eval_conversations = _prepare(task, model_args, data_args, training_args, processor)
     logger.info("%s: %s training / %d evaluation examples", task.name,
                 len(train) if train is not None else 0, len(eval_conversations))
 
