@@ -29,7 +29,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import PreTrainedModel
-from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPEncoderLayer, CLIPVisionEmbeddings
+from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 from transformers.models.phi3.modeling_phi3 import Phi3Attention, Phi3DecoderLayer, Phi3RMSNorm
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs

@@ -338,14 +338,19 @@ def lazy_images(dataset, column: str) -> list[list[DatasetImage]]:
 
 
 
+def _open(image: Any) -> Image.Image:
+    """A lazily opened PIL image (header read only) from a path or a DatasetImage."""
+    return image.open() if isinstance(image, DatasetImage) else Image.open(image)
+
+
 def load_image(image: Any) -> Image.Image:
-    """A decoded PIL image from a PIL image or a path (errors name the file)."""
+    """A decoded PIL image from a PIL image, a path or a DatasetImage (errors name the file)."""
     if isinstance(image, Image.Image):
         return image
     try:
-        with (image.open() if isinstance(image, DatasetImage) else Image.open(image)) as opened:
+        with _open(image) as opened:
             opened.load()
-            return opened.copy() if opened.mode != "P" else opened.convert("RGBA")
+            return opened.copy()
     except FileNotFoundError:
         raise FileNotFoundError(f"image {image} does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
@@ -356,30 +361,24 @@ def image_size(image: Any) -> tuple[int, int]:
     """(width, height) from the header only: no pixel decoding."""
     if isinstance(image, Image.Image):
         return image.size
-    with (image.open() if isinstance(image, DatasetImage) else Image.open(image)) as opened:
+    with _open(image) as opened:
         return opened.size
 
 
 def _check_image(image: Any, decode: bool) -> str | None:
+    """None if the image is usable, else the reason (reported with the example's file:line)."""
     if isinstance(image, Image.Image):
         return None
-    if isinstance(image, DatasetImage):
-        try:
-            load_image(image) if decode else image_size(image)
-        except Exception as err:  # noqa: BLE001 - any decoder error means the image is unusable
-            return f"image {image} is unreadable: {err}"
-        return None
-    path = Path(image)
-    if not path.is_file():
-        return f"image {path} does not exist"
+    if not isinstance(image, DatasetImage) and not Path(image).is_file():
+        return f"image {image} does not exist"
     try:
         if decode:
-            load_image(path)
+            load_image(image)
         else:
-            with Image.open(path) as opened:
+            with _open(image) as opened:
                 opened.verify()  # structure check without a full decode
-    except Exception as err:  # noqa: BLE001 - any decoder error means the file is unusable
-        return f"image {path} is unreadable: {err}"
+    except Exception as err:  # noqa: BLE001 - any decoder error means the image is unusable
+        return f"image {image} is unreadable: {err}"
     return None
 
 
@@ -469,15 +468,14 @@ def tokenize_conversation(
     input_ids: list[int] = []
     labels: list[int] = []
     chunk_start = 0
-    boundaries = [(s, e) for s, e in spans]
     for chunk_end, next_start, k in [*tags, (len(text), len(text), None)]:
         # Within one chunk (text between tags): BOS once at its start, answer pieces labelled.
-        cuts = sorted({chunk_start, chunk_end, *[p for s, e in boundaries for p in (s, e)
+        cuts = sorted({chunk_start, chunk_end, *[p for s, e in spans for p in (s, e)
                                                  if chunk_start < p < chunk_end]})
         for i, (a, b) in enumerate(zip(cuts, cuts[1:] or [chunk_end])):
             piece = text[a:b]
             ids = tokenizer(piece, add_special_tokens=(i == 0))["input_ids"] if (piece or i == 0) else []
-            is_answer = any(s <= a and b <= e for s, e in boundaries) and a < b
+            is_answer = any(s <= a and b <= e for s, e in spans) and a < b
             input_ids += ids
             labels += ids if is_answer else [IGNORE_INDEX] * len(ids)
         if k is not None:

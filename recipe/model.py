@@ -101,7 +101,7 @@ def lora_target_modules(model: nn.Module, include_vision: bool) -> list[str]:
     unused = {id(m) for u in (vision.unused_modules() if vision is not None else []) for m in u.modules()}
     names = []
     for name, module in base.named_modules():
-        if not isinstance(module, nn.Linear) and type(module).__name__ not in ("Linear4bit", "Linear8bitLt"):
+        if not isinstance(module, nn.Linear):  # (bitsandbytes' 4/8-bit layers are nn.Linear too)
             continue
         in_vision = ".vision_embed_tokens." in f".{name}."
         if in_vision:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
