@@ -21,6 +21,7 @@ differs (and cannot change results on valid input) is marked "deliberate":
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -217,6 +218,13 @@ class Phi3VImageEmbedding(nn.Module):
         with torch.set_grad_enabled(needs_grad):
             return self._assemble(self.encode_crops(pixel_values[keep.to(pixel_values.device)]), image_sizes, counts)
 
+    def dummy_features(self, device: torch.device) -> torch.Tensor:
+        """The image side run on one all-zero 336x336 image (global + one local crop): every
+        parameter that a real image uses takes part, for `Phi3VModel._dummy_image_needed`.
+        (`device` is given: under ZeRO-3 reading a parameter outside a forward gathers it.)"""
+        size = self.crop_size
+        return self(torch.zeros(1, 2, 3, size, size, device=device), torch.tensor([[size, size]], device=device))
+
     def _assemble(self, merged: torch.Tensor, image_sizes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         dtype = self.glb_GN.dtype  # projector dtype (its weights may be 4-bit packed)
         merged = merged.to(dtype)
@@ -304,6 +312,8 @@ class Phi3VModel(Phi3VPreTrainedModel):
         self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Phi3VRotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # Set for generation under DeepSpeed ZeRO-3: see `_dummy_image_needed`.
+        self.vision_lockstep = False
         self.post_init()
 
     def get_input_embeddings(self):
@@ -327,12 +337,18 @@ class Phi3VModel(Phi3VPreTrainedModel):
         """Token embeddings with image features written at the image positions (ids < 0).
 
         Official: the k in <|image_k|> (id -k) is ignored; images fill the negative positions in
-        row-major order of the batch. Without negative ids, the vision tower does not run.
+        row-major order of the batch. Without negative ids, the vision tower does not run --
+        except in a distributed job, where it may run on a dummy image (see `_dummy_image_needed`).
         """
         image_mask = input_ids < 0
         # Out of place, so the caller's input_ids keep their negative ids (official for 3.5).
         embeds = self.embed_tokens(input_ids.masked_fill(image_mask, 0))
         num_positions = int(image_mask.sum())
+        if self.vision_embed_tokens is not None and self._dummy_image_needed(num_positions > 0, embeds.device):
+            # Every element times zero (not the sum times zero, which could overflow to inf in
+            # fp16 and give NaN): the loss and every gradient are exactly those without it.
+            features = self.vision_embed_tokens.dummy_features(embeds.device)
+            embeds = embeds + (features * 0).sum().to(embeds.dtype)
         if num_positions:
             if pixel_values is None or image_sizes is None:
                 raise ValueError(
@@ -348,6 +364,31 @@ class Phi3VModel(Phi3VPreTrainedModel):
                 )
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
         return self.embed_dropout(embeds)
+
+    def _dummy_image_needed(self, has_images: bool, device: torch.device) -> bool:
+        """Whether this forward must run the image side on a dummy image because it has no image.
+
+        In a distributed job every rank must make the same collective calls. A rank whose batch
+        has no image would skip the vision tower while the others run it: DDP and DeepSpeed
+        ZeRO-2 would then reduce different gradient sets (a collective mismatch: a crash with
+        gloo, a hang with NCCL), and ZeRO-3 would all-gather different parameters (a deadlock).
+        - In training (grad enabled, more than one rank), an image-less forward always runs the
+          image side on a dummy image whose result is multiplied by zero: every trainable
+          parameter is used in every step on every rank, with zero gradient from the dummy.
+        - With `vision_lockstep` set (the recipe sets it for generation under ZeRO-3, where
+          ranks generate in lockstep and parameters are gathered per forward), the ranks agree
+          in each forward: if any rank has an image, the others run the dummy. This costs one
+          scalar all-reduce per forward and no vision work in decoding steps without images.
+        No parameter is touched here: under ZeRO-3 reading one outside a forward gathers it,
+        a collective call of its own on this rank only.
+        """
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+        if self.vision_lockstep:
+            flag = torch.tensor([int(has_images)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item()) and not has_images
+        return not has_images and self.training and torch.is_grad_enabled()
 
     @merge_with_config_defaults
     @capture_outputs

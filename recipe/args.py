@@ -170,6 +170,14 @@ class RecipeTrainingArguments(TrainingArguments):
                     "(also for one GPU), or pass --deepspeed none"
                 )
         super().__post_init__()
+        if self.deepspeed and self.use_cpu and world > 1:
+            # On GPUs accelerate initialises DeepSpeed's communication layer together with
+            # torch.distributed; on CPU (use_cpu) it only sets up torch.distributed (gloo). ZeRO-3
+            # builds the model inside deepspeed.zero.Init before the engine exists, and there
+            # DeepSpeed would see a world of one. Its backend wraps the existing process group.
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo")
 
 
 def world_size() -> int:

@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from phi3v.modeling_phi3v import Phi3VModel
+
 from .data import Collator, Conversation, ConversationDataset
 
 __all__ = ["generate_predictions", "evaluate", "write_json_atomic", "end_token_ids"]
@@ -71,6 +73,10 @@ def generate_predictions(
     end_ids = end_token_ids(tokenizer)
     was_training = model.training
     model.eval()
+    # Under ZeRO-3 ranks generate in lockstep; their forwards must agree on running the image side.
+    lockstep = [m for m in model.modules() if isinstance(m, Phi3VModel)] if synced_gpus else []
+    for module in lockstep:
+        module.vision_lockstep = True
     local: dict[int, str] = {}
     autocast = (
         torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
@@ -98,6 +104,8 @@ def generate_predictions(
             if b < len(batches):
                 for i, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                     local[mine[i]] = text.strip()
+    for module in lockstep:
+        module.vision_lockstep = False
     if was_training:
         model.train()
     if world > 1:
