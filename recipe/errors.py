@@ -1,0 +1,48 @@
+"""User errors and how a script ends on them.
+
+A user error is something the person running the script can fix (a flag, a data file, a path,
+a missing package, an unreachable hub). It ends the run with one line on stderr,
+`error: <what, where, what to do>`, and exit status 2, without a traceback; anything else is a
+bug and raises normally.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+__all__ = ["UserError", "FlagError", "DataError", "cli"]
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message (one line) says what, where and what to do.
+
+    `details` are further lines shown above it (e.g. every problem found in a data file).
+    """
+
+    def __init__(self, message: str, details: list[str] | tuple[str, ...] = ()):
+        super().__init__(message)
+        self.details = list(details)
+
+
+class FlagError(UserError, ValueError):
+    """A flag or combination of flags that cannot work; the message says what to do."""
+
+
+class DataError(UserError, ValueError):
+    """Data that cannot be used (file:line and what to change)."""
+
+
+def cli(main: Callable[[], object]) -> int:
+    """Runs `main()`; a user error ends with one `error:` line on stderr (its details above it;
+    the first process only prints) and exit status 2. Use: `sys.exit(cli(main))`."""
+    try:
+        main()
+    except UserError as err:
+        if os.environ.get("RANK", "0") == "0":
+            for line in err.details:
+                print(f"  {line}", file=sys.stderr)
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        return 2
+    return 0
