@@ -14,9 +14,11 @@ test split. Without network, pass local copies in the same schema (see recipe/hu
 ANLS before and after finetuning is printed and written to OUTPUT_DIR/eval_{before,after}.json.
 """
 
+import sys
 from dataclasses import dataclass, field
 
 from recipe.args import DataArguments
+from recipe.errors import cli
 from recipe.hub import cauldron_conversations, docvqa_conversations, load_source, split_for_eval
 from recipe.metrics import anls
 from recipe.train import Task, run
@@ -76,4 +78,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -11,9 +11,11 @@ same schema (columns images, texts[{user, assistant}]; see recipe/hub.py):
 Accuracy before and after finetuning is printed and written to OUTPUT_DIR/eval_{before,after}.json.
 """
 
+import sys
 from dataclasses import dataclass, field
 
 from recipe.args import DataArguments
+from recipe.errors import cli
 from recipe.hub import cauldron_conversations, load_source, split_for_eval
 from recipe.metrics import accuracy
 from recipe.train import Task, run
@@ -61,4 +63,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -12,9 +12,11 @@ images go in front of the statement as <|image_1|> and <|image_2|>:
 Accuracy before and after finetuning is printed and written to OUTPUT_DIR/eval_{before,after}.json.
 """
 
+import sys
 from dataclasses import dataclass, field
 
 from recipe.args import DataArguments
+from recipe.errors import cli
 from recipe.hub import cauldron_conversations, load_source, split_for_eval
 from recipe.metrics import accuracy
 from recipe.train import Task, run
@@ -62,4 +64,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

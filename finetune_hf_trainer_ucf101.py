@@ -17,10 +17,12 @@ Every shared flag is described by `--help`. To train on another dataset in this 
 --data_dir at it; to build a new task, copy this file and change the three parts below.
 """
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipe.args import DataArguments
+from recipe.errors import cli
 from recipe.data import load_jsonl
 from recipe.metrics import accuracy
 from recipe.train import Task, run, logger
@@ -75,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -1,21 +1,31 @@
 """Command-line flags shared by every recipe, and the checks run before any model is loaded.
 
 All of the original recipe's flags keep their meaning (`--batch_size` is the global batch,
-`--batch_size_per_gpu` the per-device one, `--wd`, `--no-tqdm`, `--lora_*`, ...), and any
-`transformers.TrainingArguments` flag can be passed as well (`--save_steps`, `--max_steps`,
-`--report_to`, `--seed`, `--gradient_checkpointing`, `--deepspeed`, ...).
+`--batch_size_per_gpu` the per-device one, `--wd`, `--no-tqdm`, `--lora_*`, ...), and the
+transformers `TrainingArguments` flags work as well (`--save_steps`, `--max_steps`, `--report_to`,
+`--seed`, `--deepspeed`, ...), with the original recipe's optimisation settings as defaults.
+transformers' own names for what the original names differently (`--weight_decay`,
+`--per_device_train_batch_size`, ...) are refused with the name to use.
+
+Flags are matched exactly: no abbreviations (argparse would otherwise take `--learning_rat 5` as
+the learning rate). Every problem ends in one `error:` line (recipe.errors).
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import importlib.util
+import logging
 import os
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+
+from .errors import FlagError
 
 __all__ = [
     "ModelArguments",
@@ -29,12 +39,22 @@ __all__ = [
     "DEFAULT_DEEPSPEED_CONFIG",
 ]
 
+logger = logging.getLogger("recipe")
+
 RUN_COMPLETE_FILE = "run_complete.json"
-DEFAULT_DEEPSPEED_CONFIG = str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json")
+REPOSITORY = Path(__file__).resolve().parents[1]
+DEFAULT_DEEPSPEED_CONFIG = str(REPOSITORY / "ds_configs" / "zero2.json")
 
-
-class FlagError(ValueError):
-    """A flag or combination of flags that cannot work; the message says what to do."""
+# transformers' names for what the original recipe calls differently: refused (and hidden from
+# --help) rather than silently overwritten by the original's flag.
+REFUSED = {
+    "per_device_train_batch_size": "--batch_size_per_gpu",
+    "weight_decay": "--wd",
+    "gradient_accumulation_steps": "--batch_size (global; accumulation follows from it)",
+    "per_device_eval_batch_size": "--eval_batch_size",
+    "gradient_checkpointing": "--activation_checkpointing",
+    "gradient_checkpointing_kwargs": "--activation_checkpointing_kwargs",
+}
 
 
 @dataclass
@@ -102,75 +122,91 @@ class DataArguments:
 
 @dataclass
 class RecipeTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments with the original recipe's flags and defaults.
+
+    The defaults of the optimisation block are the settings the original recipe hard-codes and
+    published its tables with (AdamW betas (0.9, 0.95), eps 1e-7, linear schedule with 50 warmup
+    steps, gradient clipping at 1.0, activation checkpointing, 4 data workers prefetching 2
+    batches each, weight decay 0.01).
+    """
+
     output_dir: str | None = field(default="./output", metadata={"help": "Where checkpoints and results go."})
     batch_size: int = field(
         default=64, metadata={"help": "Global batch size (all GPUs, all nodes); gradient accumulation fills the gap."}
     )
     batch_size_per_gpu: int = field(default=1, metadata={"help": "Per-device micro-batch size."})
-    wd: float = field(default=0.01, metadata={"help": "Weight decay (same as --weight_decay)."})
+    wd: float = field(default=0.01, metadata={"help": "Weight decay (AdamW; biases, norms and separators get none)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-7, metadata={"help": "AdamW epsilon."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "Learning-rate schedule after warmup."})
+    warmup_steps: float = field(default=50, metadata={"help": "Linear warmup steps (a value < 1: ratio of all steps)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    activation_checkpointing: bool | None = field(
+        default=True,
+        metadata={"help": "Recompute activations in the backward pass (less memory, ~20%% slower). "
+                          "--activation_checkpointing False (or --no_activation_checkpointing) turns it off."},
+    )
+    dataloader_num_workers: int = field(
+        default=4, metadata={"help": "Data loader worker processes per device (images decoded off the training step)."}
+    )
+    dataloader_prefetch_factor: int | None = field(
+        default=2, metadata={"help": "Batches each worker loads ahead (ignored with --dataloader_num_workers 0)."}
+    )
     no_tqdm: bool = field(default=False, metadata={"aliases": ["--no-tqdm"], "help": "No progress bars."})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow an output_dir that already holds a finished run."}
+        default=False, metadata={"help": "Allow an output_dir that already holds a finished run; it is replaced."}
     )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint directory, or 'auto' for the latest one in output_dir."}
     )
+    deepspeed: str | None = field(
+        default="auto",
+        metadata={"help": "DeepSpeed config file, or 'none'. auto = ds_configs/zero2.json for full finetuning, "
+                          "none for LoRA, QLoRA and --eval_only. ZeRO-3: ds_configs/zero3.json."},
+    )
     train_sampling_strategy: str = field(
         default="group_by_length",
-        metadata={"help": "'group_by_length' (default: batches of similar length, little padding), 'random', "
-                          "'sequential'.",
+        metadata={"help": "'group_by_length' (batches of similar length, little padding; used when a device gets "
+                          "more than one example per step), 'random', 'sequential'.",
                   "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]},
+    )
+    metric_for_best_model: str | None = field(
+        default=None, metadata={"help": "Metric that picks the best checkpoint with --load_best_model_at_end "
+                                        "(default: the task's metric, computed by generation)."}
+    )
+    save_dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "dtype of the saved full model and merged/ (the release's is bfloat16).",
+                  "choices": ["bfloat16", "float32"]},
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=500, metadata={"help": "Checkpoint every N optimizer steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
+    report_to: None | str | list[str] = field(
+        default="none", metadata={"help": "Experiment trackers to log to (tensorboard, wandb, ...); the task metric "
+                                          "goes there too."}
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns (required)."})
 
     def __post_init__(self):
-        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
+        # Derived values only; every check is in check_args, which ran before this.
+        if self.activation_checkpointing_kwargs is None:
             # Non-reentrant checkpointing works with frozen parts and LoRA without extra hooks.
-            # (`gradient_checkpointing_kwargs` is transformers' deprecated name for it.)
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
-        # The original's names win: they are what users of the recipe type. transformers' own
-        # names for the same things would be overwritten silently, so they are refused instead.
-        for theirs, ours, default in (
-            ("per_device_train_batch_size", "--batch_size_per_gpu", 8),
-            ("weight_decay", "--wd", 0.0),
-            ("gradient_accumulation_steps", "--batch_size (global; accumulation follows from it)", 1),
-        ):
-            if getattr(self, theirs) != default:
-                raise FlagError(f"--{theirs} is not used by these recipes; use {ours}")
         self.per_device_train_batch_size = self.batch_size_per_gpu
         self.weight_decay = self.wd
-        self.disable_tqdm = self.no_tqdm or self.disable_tqdm
-        world = world_size()
-        if self.batch_size % (world * self.batch_size_per_gpu):
-            raise FlagError(
-                f"--batch_size {self.batch_size} (global) is not divisible by {world} process(es) x "
-                f"--batch_size_per_gpu {self.batch_size_per_gpu}; pick a multiple of "
-                f"{world * self.batch_size_per_gpu}"
-            )
-        self.gradient_accumulation_steps = self.batch_size // (world * self.batch_size_per_gpu)
-        # Checked here, before TrainingArguments sets up devices and DeepSpeed.
-        if self.fp16 and self.bf16:
-            raise FlagError("--fp16 and --bf16 are exclusive; pick one")
+        self.disable_tqdm = self.no_tqdm or bool(self.disable_tqdm)
+        self.gradient_accumulation_steps = self.batch_size // (world_size() * self.batch_size_per_gpu)
+        if self.dataloader_num_workers == 0:
+            self.dataloader_prefetch_factor = None  # transformers refuses it without workers
         if not torch.accelerator.is_available():
             # On a machine without GPUs accelerate only sets up a distributed CPU (gloo) job when
             # told so: otherwise every torchrun rank trains alone on all the data and reports a
             # world size of 1, and TrainingArguments refuses --bf16.
             self.use_cpu = True
-        if self.deepspeed in ("none", ""):
-            self.deepspeed = None
-        elif self.deepspeed:
-            if not Path(self.deepspeed).is_file():
-                raise FlagError(f"--deepspeed {self.deepspeed}: no such file (or 'none' to train without DeepSpeed)")
-            if "LOCAL_RANK" not in os.environ:
-                raise FlagError(
-                    "DeepSpeed needs a launcher: run with `torchrun --nproc_per_node=N script.py ...` "
-                    "(also for one GPU), or pass --deepspeed none"
-                )
         super().__post_init__()
-        if self.deepspeed and self.use_cpu and world > 1:
+        if self.deepspeed and self.use_cpu and world_size() > 1:
             # On GPUs accelerate initialises DeepSpeed's communication layer together with
             # torch.distributed; on CPU (use_cpu) it only sets up torch.distributed (gloo). ZeRO-3
             # builds the model inside deepspeed.zero.Init before the engine exists, and there
@@ -185,46 +221,215 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def parse_args(data_args_class=DataArguments, argv: list[str] | None = None, defaults: dict | None = None):
-    """(model_args, data_args, training_args) from argv; `defaults` are the task's own defaults."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    defaults = dict(defaults or {})
-    # Full finetuning runs under DeepSpeed ZeRO-2 unless --deepspeed says otherwise. That default
-    # depends on --use_lora/--use_qlora/--eval_only and must be known before TrainingArguments is
-    # built. (No --help here: it must list every flag, not only these.)
-    early, _ = HfArgumentParser((ModelArguments, data_args_class), add_help=False).parse_known_args(argv)
-    if not (early.use_lora or early.use_qlora or early.eval_only):
-        defaults.setdefault("deepspeed", DEFAULT_DEEPSPEED_CONFIG)
-    # No experiment tracker unless asked for (--report_to tensorboard, wandb, ...).
-    defaults.setdefault("report_to", "none")
-    parser = HfArgumentParser((ModelArguments, data_args_class, RecipeTrainingArguments))
-    if defaults:
-        known = {action.dest for action in parser._actions}
-        unknown = set(defaults) - known
+# -- parsing -----------------------------------------------------------------------------------
+
+GROUPS = ("task data", "model and method", "training", "evaluation", "other transformers flags")
+# Flags shown under "training" / "evaluation" besides the recipe's own dataclass fields.
+TRAINING_FLAGS = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "batch_size", "batch_size_per_gpu",
+    "learning_rate", "num_train_epochs", "max_steps", "wd", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "lr_scheduler_type", "warmup_steps", "max_grad_norm", "activation_checkpointing", "bf16", "fp16",
+    "deepspeed", "seed", "save_strategy", "save_steps", "save_total_limit", "save_dtype", "logging_steps",
+    "report_to", "train_sampling_strategy", "dataloader_num_workers", "dataloader_prefetch_factor", "no_tqdm",
+    "log_level", "log_level_replica",
+}
+EVALUATION_FLAGS = {
+    "eval_strategy", "eval_steps", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag under its name with underscores only (the dashed spelling works too)."""
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings or action.nargs == 0:
+            return action.option_strings[0] if action.option_strings else super()._format_action_invocation(action)
+        return f"{action.option_strings[0]} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+
+class RecipeArgumentParser(HfArgumentParser):
+    """HfArgumentParser with exact flag names, one-line errors and a grouped --help."""
+
+    def __init__(self, data_args_class, defaults: dict):
+        super().__init__((ModelArguments, data_args_class, RecipeTrainingArguments), allow_abbrev=False,
+                         formatter_class=_HelpFormatter,
+                         usage="%(prog)s [--flag VALUE ...]   (torchrun --nproc_per_node=N %(prog)s ... on GPUs)")
+        unknown = set(defaults) - {action.dest for action in self._actions}
         if unknown:
             raise FlagError(f"task defaults name unknown flags: {sorted(unknown)}")
-        parser.set_defaults(**defaults)
-    model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True
-    )
+        self.set_defaults(**defaults)
+        self._group_help(data_args_class)
+
+    def _group_help(self, data_args_class) -> None:
+        """Moves every flag into one of GROUPS; refused transformers names are not shown."""
+        groups = {title: self.add_argument_group(title) for title in GROUPS}
+        ours = {f.name for f in fields(RecipeTrainingArguments) if f.name in RecipeTrainingArguments.__dict__}
+        data = {f.name for f in fields(data_args_class)}
+        model = {f.name for f in fields(ModelArguments)}
+        for action in list(self._optionals._group_actions):
+            dest = action.dest
+            if dest == "help":
+                continue
+            if dest in REFUSED or action.option_strings[0].startswith("--no_"):
+                action.help = argparse.SUPPRESS
+            elif dest in EVALUATION_FLAGS or (dest in data and ("eval" in dest or dest == "max_new_tokens")):
+                title = "evaluation"
+            elif dest in data:
+                title = "task data"
+            elif dest in model:
+                title = "model and method"
+            elif dest in TRAINING_FLAGS or dest in ours:
+                title = "training"
+            else:
+                title = "other transformers flags"
+                if action.help and action.help is not argparse.SUPPRESS:
+                    action.help = action.help.split(". ")[0].rstrip(".") + "."  # the first sentence
+            self._optionals._group_actions.remove(action)
+            groups[title]._group_actions.append(action)
+
+    def error(self, message: str):
+        """argparse's own errors (bad value, missing value): one line instead of usage + message."""
+        raise FlagError(f"{message} (see --help)")
+
+    def unknown_flags(self, rest: list[str]) -> FlagError:
+        """One error for what argparse left over: each unknown flag with the closest real ones."""
+        known = [f"--{action.dest}" for action in self._actions
+                 if action.option_strings and action.help is not argparse.SUPPRESS]
+        problems = []
+        for token in rest:
+            if token.startswith("-"):
+                flag = token.split("=", 1)[0]
+                close = difflib.get_close_matches(flag.replace("-", "_").replace("__", "--", 1), known, n=3, cutoff=0.6)
+                problems.append(f"unknown flag {flag}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+            elif not problems:  # (values after an unknown flag belong to it)
+                problems.append(f"unexpected value {token!r}")
+        return FlagError("; ".join(problems) + "; flags are matched exactly, see --help")
+
+
+def _given(argv: list[str]) -> set[str]:
+    """The flag names (dest form) written on the command line."""
+    return {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
+
+
+def _build(dtype, namespace: argparse.Namespace):
+    values = {f.name: getattr(namespace, f.name) for f in fields(dtype) if f.init and hasattr(namespace, f.name)}
+    try:
+        return dtype(**values)
+    except FlagError:
+        raise
+    except ValueError as err:  # transformers' own flag validation
+        raise FlagError(" ".join(str(err).split())) from None
+
+
+def parse_args(data_args_class=DataArguments, argv: list[str] | None = None, defaults: dict | None = None):
+    """(model_args, data_args, training_args) from argv; `defaults` are the task's own defaults.
+
+    Every check (check_args) runs before TrainingArguments sets up devices, distributed or
+    DeepSpeed, so a wrong flag costs nothing.
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for name in sorted(_given(argv) & REFUSED.keys()):
+        raise FlagError(f"--{name} is not used by these recipes; use {REFUSED[name]}")
+    parser = RecipeArgumentParser(data_args_class, dict(defaults or {}))
+    namespace, rest = parser.parse_known_args(argv)
     if rest:
-        raise FlagError(f"unknown arguments: {' '.join(rest)} (see --help)")
+        raise parser.unknown_flags(rest)
+    model_args = _build(ModelArguments, namespace)
+    data_args = _build(data_args_class, namespace)
+    if model_args.use_qlora:
+        model_args.use_lora = True
+    if namespace.deepspeed == "auto":
+        full = not (model_args.use_lora or data_args.eval_only)
+        namespace.deepspeed = DEFAULT_DEEPSPEED_CONFIG if full else None
+    elif namespace.deepspeed in ("none", ""):
+        namespace.deepspeed = None
+    check_args(model_args, data_args, namespace)
+    training_args = _build(RecipeTrainingArguments, namespace)
+    training_args.resume_from_checkpoint = namespace.resume_from_checkpoint  # resolved by check_args
     return model_args, data_args, training_args
 
 
-def check_args(model_args: ModelArguments, data_args: DataArguments, training_args: RecipeTrainingArguments) -> None:
-    """Every flag conflict, before any model is loaded or data is read. Fills a few derived values."""
+# -- checks ------------------------------------------------------------------------------------
+
+
+def _last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint-N that was completely written: the Trainer writes trainer_state.json
+    last, so a run killed while saving leaves a directory without it (older ones are kept until
+    the new one is done)."""
+    steps = sorted(
+        (int(path.name.split("-")[1]), path) for path in output_dir.glob("checkpoint-*")
+        if path.is_dir() and path.name.split("-")[1].isdigit()
+    )
+    for _, path in reversed(steps):
+        if (path / TRAINER_STATE_NAME).is_file():
+            return str(path)
+        logger.warning("%s is incomplete (no %s; killed while saving?): not resuming from it", path,
+                       TRAINER_STATE_NAME)
+    return None
+
+
+def _check_resume(data_args, training_args) -> None:
+    """Resolves --resume_from_checkpoint (auto -> the newest complete checkpoint or None)."""
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if data_args.eval_only:
+        training_args.resume_from_checkpoint = None
+        return
+    if resume == "auto":
+        resume = _last_complete_checkpoint(output_dir)
+        if resume is None:
+            logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting from scratch", output_dir)
+    elif resume is not None and not Path(resume).is_dir():
+        raise FlagError(f"--resume_from_checkpoint {resume}: no such checkpoint directory (or use 'auto')")
+    elif resume is None and not training_args.overwrite_output_dir and any(
+        p.is_dir() for p in output_dir.glob("checkpoint-*")
+    ):
+        raise FlagError(
+            f"--output_dir {output_dir} holds checkpoints of an unfinished run: pass --resume_from_checkpoint auto "
+            "to continue it, or --overwrite_output_dir to start over"
+        )
+    training_args.resume_from_checkpoint = resume
+
+
+def check_args(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+    """Every flag conflict, before any model is loaded, data is read or a device is set up.
+
+    `training_args` is the parsed namespace (or, when called again, the TrainingArguments).
+    """
+    t = training_args
     if model_args.use_qlora:
         model_args.use_lora = True
+    world = world_size()
+    if t.batch_size < 1 or t.batch_size_per_gpu < 1:
+        raise FlagError("--batch_size and --batch_size_per_gpu must be >= 1")
+    if t.batch_size % (world * t.batch_size_per_gpu):
+        raise FlagError(
+            f"--batch_size {t.batch_size} (global) is not divisible by {world} process(es) x "
+            f"--batch_size_per_gpu {t.batch_size_per_gpu}; pick a multiple of {world * t.batch_size_per_gpu}"
+        )
+    if t.fp16 and t.bf16:
+        raise FlagError("--fp16 and --bf16 are exclusive; pick one")
+    if model_args.use_qlora and t.deepspeed:
+        raise FlagError("--use_qlora does not run under DeepSpeed here; drop --deepspeed (QLoRA fits one GPU)")
+    if t.deepspeed:
+        if not Path(t.deepspeed).is_file():
+            raise FlagError(f"--deepspeed {t.deepspeed}: no such file (or 'none' to train without DeepSpeed)")
+        if "LOCAL_RANK" not in os.environ:
+            raise FlagError(
+                "DeepSpeed needs a launcher: run with `torchrun --nproc_per_node=N script.py ...` "
+                "(also for one GPU), or pass --deepspeed none"
+            )
     if not 1 <= model_args.num_crops <= 16:
         raise FlagError(f"--num_crops {model_args.num_crops} is outside 1..16 (4 suits multi-frame, 16 single images)")
     if model_args.use_flash_attention:
-        if training_args.fp16:
+        if t.fp16:
             raise FlagError(
                 "--use_flash_attention cannot be combined with --fp16: FlashAttention-2 runs on Ampere or newer "
                 "GPUs, use --bf16 there; on V100 use --fp16 without --use_flash_attention"
             )
-        if not training_args.bf16:
+        if not t.bf16:
             raise FlagError("--use_flash_attention needs --bf16 (FlashAttention-2 runs in half precision)")
         if importlib.util.find_spec("flash_attn") is None:
             raise FlagError(
@@ -233,32 +438,31 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
             )
         if not torch.cuda.is_available():
             raise FlagError("--use_flash_attention needs a CUDA GPU; none is visible. Drop the flag to use SDPA")
-    if training_args.fp16 and not torch.cuda.is_available():
+    if t.fp16 and not torch.cuda.is_available():
         raise FlagError("--fp16 needs a CUDA GPU; on CPU use --bf16 or neither")
     if model_args.use_qlora and importlib.util.find_spec("bitsandbytes") is None:
         raise FlagError("--use_qlora needs bitsandbytes: `pip install -r requirements.txt`")
-    if model_args.use_qlora and training_args.deepspeed:
-        raise FlagError("--use_qlora does not run under DeepSpeed here; drop --deepspeed (QLoRA fits one GPU)")
     if model_args.freeze_vision_model and (
         model_args.vision_learning_rate is not None or model_args.projector_learning_rate is not None
     ):
         raise FlagError("--vision_learning_rate/--projector_learning_rate make no sense with --freeze_vision_model")
     if model_args.merge_lora and not model_args.use_lora:
         raise FlagError("--merge_lora needs --use_lora or --use_qlora")
-    output_dir = Path(training_args.output_dir)
-    if (output_dir / RUN_COMPLETE_FILE).exists() and not training_args.overwrite_output_dir and not data_args.eval_only:
+    output_dir = Path(t.output_dir)
+    if (output_dir / RUN_COMPLETE_FILE).exists() and not t.overwrite_output_dir and not data_args.eval_only:
         raise FlagError(
             f"--output_dir {output_dir} holds a finished run ({RUN_COMPLETE_FILE}); choose another --output_dir "
             "or pass --overwrite_output_dir"
         )
-    if data_args.eval_only and (output_dir / "eval_after.json").exists() and not training_args.overwrite_output_dir:
+    if data_args.eval_only and (output_dir / "eval_after.json").exists() and not t.overwrite_output_dir:
         raise FlagError(
             f"--output_dir {output_dir} already holds eval_after.json; choose another --output_dir for "
             "--eval_only or pass --overwrite_output_dir"
         )
-    resume = training_args.resume_from_checkpoint
-    if resume and resume != "auto" and not Path(resume).is_dir():
-        raise FlagError(f"--resume_from_checkpoint {resume}: no such checkpoint directory (or use 'auto')")
     if data_args.eval_batch_size < 1:
         raise FlagError("--eval_batch_size must be >= 1")
-
+    if getattr(t, "load_best_model_at_end", False) and str(getattr(t, "eval_strategy", "no")) in ("no", "IntervalStrategy.NO"):
+        raise FlagError("--load_best_model_at_end needs --eval_strategy steps (or epoch) and a matching --save_strategy")
+    if hasattr(data_args, "check"):
+        data_args.check()  # the task's own data flags
+    _check_resume(data_args, t)

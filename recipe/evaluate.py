@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from phi3v.modeling_phi3v import Phi3VModel
 
@@ -54,6 +55,7 @@ def generate_predictions(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     synced_gpus: bool = False,
+    disable_tqdm: bool = True,
 ) -> list[str]:
     """Greedy answers for all conversations (last answer left out), on every rank, in order."""
     rank, world = _rank_world()
@@ -82,6 +84,7 @@ def generate_predictions(
         torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
         if autocast_dtype is not None else nullcontext()
     )
+    progress = tqdm(total=len(conversations), desc="generating", unit="example", disable=disable_tqdm or rank != 0)
     with torch.no_grad(), autocast:
         for b in range(n_batches):
             indices = batches[b] if b < len(batches) else (batches[-1] if batches else None)
@@ -104,6 +107,8 @@ def generate_predictions(
             if b < len(batches):
                 for i, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                     local[mine[i]] = text.strip()
+                progress.update(min(len(indices) * world, progress.total - progress.n))  # rank 0: its share x ranks
+    progress.close()
     for module in lockstep:
         module.vision_lockstep = False
     if was_training:

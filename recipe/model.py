@@ -25,11 +25,12 @@ from phi3v.modeling_phi3v import Phi3VForCausalLM
 
 from .args import ModelArguments, RecipeTrainingArguments
 
-__all__ = ["load_model", "lora_target_modules", "freeze_vision", "parameter_groups", "count_parameters"]
+__all__ = ["load_model", "lora_target_modules", "freeze_vision", "parameter_groups", "count_parameters", "SEPARATORS"]
 
 LANGUAGE_LORA_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 VISION_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 PROJECTOR_LORA_MODULES = ("img_projection.0", "img_projection.2")
+SEPARATORS = ("glb_GN", "sub_GN")  # learned image separator embeddings
 
 
 def _dtype(training_args: RecipeTrainingArguments, full_precision: bool) -> torch.dtype:
@@ -114,10 +115,12 @@ def lora_target_modules(model: nn.Module, include_vision: bool) -> list[str]:
     return names
 
 
-def parameter_groups(model: nn.Module, model_args: ModelArguments, learning_rate: float, weight_decay: float):
+def parameter_groups(model: nn.Module, model_args: ModelArguments, learning_rate: float, weight_decay: float,
+                     decay: set[str]):
     """Optimizer groups: separate learning rates for the CLIP tower and the projector when asked.
 
-    Biases, norms and the separators get no weight decay, as usual for transformers.
+    `decay`: the names that get weight decay (RecipeTrainer.get_decay_parameter_names, the same
+    rule as without separate learning rates).
     """
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -126,12 +129,11 @@ def parameter_groups(model: nn.Module, model_args: ModelArguments, learning_rate
         lr = learning_rate
         if ".img_processor." in name and model_args.vision_learning_rate is not None:
             lr = model_args.vision_learning_rate
-        elif (".img_projection." in name or name.endswith(("glb_GN", "sub_GN"))) and (
+        elif (".img_projection." in name or name.endswith(SEPARATORS)) and (
             model_args.projector_learning_rate is not None
         ):
             lr = model_args.projector_learning_rate
-        no_decay = param.ndim < 2 or name.endswith(("glb_GN", "sub_GN")) or "norm" in name
-        groups.setdefault((lr, 0.0 if no_decay else weight_decay), []).append(param)
+        groups.setdefault((lr, weight_decay if name in decay else 0.0), []).append(param)
     return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
 
 

@@ -1,15 +1,20 @@
-"""The shared runner every task script calls: flags -> data -> model -> eval -> train -> eval.
+"""The shared runner every task script calls, in named phases:
+
+    parse_and_check -> setup_data -> setup_output_dir -> setup_model -> (evaluate before) ->
+    train -> save -> evaluate after -> merge -> report
 
 A task script describes only what is task-specific (where data comes from, how a row becomes a
 conversation, how predictions are scored) in a `Task` and calls `run(task)`.
 
 Outputs in --output_dir (rank 0 writes them):
     eval_before.json, eval_after.json   metric + per-example predictions (--eval_only: eval_after.json)
+    eval_step<N>.json                    --eval_strategy steps: the task metric during training
     checkpoint-N/                        every --save_steps (resume with --resume_from_checkpoint)
     the final model (full) or adapter (LoRA/QLoRA) + processor, in the official format
     merged/                              --merge_lora: the merged full model + processor
-    training_curves.png                  loss, learning rate, metric before/after
-    run_complete.json                    the flags and results of the finished run
+    README.md                            model card: what was trained, how, with what result
+    training_curves.png                  loss, learning rate, task metric
+    run_complete.json                    flags, results, throughput and versions of the finished run
 """
 
 from __future__ import annotations
@@ -18,33 +23,26 @@ import json
 import logging
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import datasets
 import torch
 import torch.distributed as dist
+import transformers
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_pt_utils import get_length_grouped_indices
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from phi3v.processing_phi3v import Phi3VProcessor
 
-from .args import (
-    RUN_COMPLETE_FILE,
-    DataArguments,
-    FlagError,
-    ModelArguments,
-    RecipeTrainingArguments,
-    check_args,
-    parse_args,
-    world_size,
-)
+from .args import RUN_COMPLETE_FILE, DataArguments, ModelArguments, RecipeTrainingArguments, parse_args, world_size
 from .data import Collator, Conversation, ConversationDataset, Conversations, validate
-from .evaluate import end_token_ids, evaluate, write_json_atomic
-from .model import count_parameters, load_model, parameter_groups
+from .errors import DataError
+from .evaluate import end_token_ids, evaluate
+from .model import SEPARATORS, count_parameters, load_model, parameter_groups
+from .report import Throughput, write_report
 
 __all__ = ["Task", "run", "RecipeTrainer", "GroupedByLengthSampler", "merge_adapter"]
 
@@ -85,16 +83,58 @@ class GroupedByLengthSampler(torch.utils.data.Sampler):
         return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=generator))
 
 
-class RecipeTrainer(Trainer):
-    """Trainer with header-only length grouping and optional per-part learning rates."""
+class TaskEvaluator:
+    """The task's generation metric on the evaluation set, for any model and moment of the run.
 
-    def __init__(self, *args, model_args: ModelArguments | None = None, **kwargs):
-        self.model_args = model_args
+    Each call writes `<name>.json` (predictions and metric), logs one line and, given a trainer,
+    logs `eval_<metric>` through it, so every --report_to integration (tensorboard, ...) and the
+    training curves get the metric like the loss.
+    """
+
+    def __init__(self, task: Task, processor, conversations, data_args, training_args):
+        self.task, self.processor, self.conversations = task, processor, conversations
+        self.output_dir = Path(training_args.output_dir)
+        self.skip_before = data_args.skip_eval_before
+        self.device = training_args.device
+        self.kwargs = dict(
+            batch_size=data_args.eval_batch_size,
+            max_new_tokens=data_args.max_new_tokens,
+            autocast_dtype=torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None),
+            disable_tqdm=training_args.disable_tqdm,
+        )
+
+    @property
+    def metric(self) -> str:
+        return self.task.metric
+
+    def __call__(self, model, name: str, trainer: Trainer | None = None) -> float:
+        if not getattr(model, "is_loaded_in_4bit", False) and next(model.parameters()).device != self.device:
+            model.to(self.device)
+        out = evaluate(model, self.processor, self.conversations, self.task.score, self.metric,
+                       self.output_dir / f"{name}.json", device=self.device, synced_gpus=is_deepspeed_zero3_enabled(),
+                       **self.kwargs)
+        value = out[self.metric]
+        logger.info("%s %s = %.4f on %d examples", name, self.metric, value, out["num_examples"])
+        if trainer is not None:
+            trainer.log({f"eval_{self.metric}": value})
+        return value
+
+
+class RecipeTrainer(Trainer):
+    """Trainer with header-only length grouping, optional per-part learning rates, the task's
+    generation metric as its evaluation, and counts of what it trained on (images, crops, tokens)."""
+
+    def __init__(self, *args, model_args: ModelArguments | None = None, task_eval: TaskEvaluator | None = None,
+                 **kwargs):
+        self.model_args, self.task_eval = model_args, task_eval
+        self.throughput = Throughput()
         super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+        # Grouping by length saves padding only when a device gets more than one example per step.
+        if (self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths")
+                and self.args.train_batch_size > 1):
             group = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return GroupedByLengthSampler(dataset.lengths, group, self.args.seed)
         return super()._get_train_sampler(train_dataset)
@@ -105,54 +145,229 @@ class RecipeTrainer(Trainer):
             margs.vision_learning_rate is not None or margs.projector_learning_rate is not None
         ):
             optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            groups = parameter_groups(self.model, margs, self.args.learning_rate, self.args.weight_decay)
+            groups = parameter_groups(self.model, margs, self.args.learning_rate, self.args.weight_decay,
+                                      set(self.get_decay_parameter_names(self.model)))
             self.optimizer = optimizer_cls(groups, **kwargs)
             return self.optimizer
         return super().create_optimizer(model)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """transformers' rule (no decay for biases and norms), and none for other vectors (CLIP's
+        class embedding) or the image separators, which are embeddings; the same rule with or
+        without per-part learning rates."""
+        vectors = {name for name, param in model.named_parameters() if len(getattr(param, "ds_shape", param.shape)) < 2}
+        return [n for n in super().get_decay_parameter_names(model) if not n.endswith(SEPARATORS) and n not in vectors]
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if model.training:
+            self.throughput.count(inputs)
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The task's generation metric (--eval_strategy steps|epoch), not a loss."""
+        value = self.task_eval(self.model, f"eval_step{self.state.global_step}")
+        metrics = {f"{metric_key_prefix}_{self.task_eval.metric}": value}
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class _LogAtSaveAndEnd(TrainerCallback):
+    """Logs the loss at every checkpoint and at the last step, so the logged intervals cover every
+    step and a resumed run's mean loss over the whole run can be computed from the log history."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
+class _EvalAtTrainBegin(TrainerCallback):
+    """The evaluation before training, once the Trainer exists: logged through it (tensorboard),
+    and under ZeRO-3, where only the DeepSpeed engine can run the partitioned weights, possible
+    only from here."""
+
+    def __init__(self, evaluator: TaskEvaluator):
+        self.evaluator, self.trainer, self.result = evaluator, None, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.result is None:
+            self.result = self.evaluator(model, "eval_before", self.trainer)
 
 
 def _is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# -- phases ------------------------------------------------------------------------------------
+
+
+def parse_and_check(task: Task, argv: list[str] | None):
+    """Flags (every check runs here, before anything loads) and process log levels."""
+    defaults = {"metric_for_best_model": task.metric, **task.defaults}
+    model_args, data_args, training_args = parse_args(task.data_args_class, argv, defaults)
+    _setup_logging(training_args)
+    set_seed(training_args.seed)
+    if training_args.resume_from_checkpoint:
+        logger.info("resuming from %s", training_args.resume_from_checkpoint)
+    return model_args, data_args, training_args
+
+
 def _setup_logging(training_args: RecipeTrainingArguments) -> None:
-    level = logging.INFO if _is_main() else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
-    logger.setLevel(level)
+    """As transformers' examples: --log_level (main process) and --log_level_replica (others) set
+    the level of the recipe's, transformers' and datasets' logs; by default the recipe logs INFO
+    on the main process and WARNING elsewhere, the libraries WARNING."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    explicit = (training_args.log_level if training_args.should_log else training_args.log_level_replica) != "passive"
+    level = training_args.get_process_log_level()
+    if explicit:
+        transformers.utils.logging.set_verbosity(level)
+        datasets.utils.logging.set_verbosity(level)
+    logger.setLevel(level if explicit else (logging.INFO if training_args.should_log else logging.WARNING))
 
 
-def _last_complete_checkpoint(output_dir: Path) -> str | None:
-    """The newest checkpoint-N that was completely written: the Trainer writes trainer_state.json
-    last, so a run killed while saving leaves a directory without it (older ones are kept until
-    the new one is done)."""
-    steps = sorted(
-        (int(path.name.split("-")[1]), path) for path in output_dir.glob("checkpoint-*")
-        if path.is_dir() and path.name.split("-")[1].isdigit()
-    )
-    for _, path in reversed(steps):
-        if (path / TRAINER_STATE_NAME).is_file():
-            return str(path)
-        logger.warning("%s is incomplete (no %s; killed while saving?): not resuming from it", path,
-                       TRAINER_STATE_NAME)
-    return None
+def setup_data(task: Task, model_args, data_args, training_args, processor):
+    """The task's conversations, validated (and measured) once."""
+    train, eval_ = task.load_data(data_args, model_args)
+    tokenizer = processor.tokenizer
+    common = dict(tokenizer=tokenizer, num_crops=model_args.num_crops, decode_images=data_args.decode_images,
+                  skip_bad=data_args.skip_bad_examples, log=logger.info)
+
+    def limit(conversations, n):
+        # Keep the problems of unreadable lines (see recipe.data.Conversations) for validate.
+        return Conversations(list(conversations)[:n], getattr(conversations, "problems", []))
+
+    if train is not None and not data_args.eval_only:
+        train = limit(train, data_args.max_train_samples)
+        train = validate(train, max_length=data_args.max_length, what=f"{task.name} training data", **common)
+        if not train:
+            raise DataError(f"no usable {task.name} training examples")
+    eval_ = limit(eval_, data_args.max_eval_samples)
+    eval_ = validate(eval_, max_length=None, what=f"{task.name} evaluation data", **common)
+    if not eval_:
+        raise DataError(f"no usable {task.name} evaluation examples")
+    logger.info("%s: %s training / %d evaluation examples", task.name,
+                len(train) if train is not None else 0, len(eval_))
+    return train, eval_
 
 
-def _resolve_resume(training_args: RecipeTrainingArguments) -> str | None:
-    resume = training_args.resume_from_checkpoint
+# What a run writes into --output_dir; --overwrite_output_dir removes exactly these (other files stay).
+RUN_OUTPUTS = (
+    "checkpoint-*", "eval_*.json", RUN_COMPLETE_FILE, "training_curves.png", "README.md", "merged", "runs",
+    "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "config.json", "generation_config.json",
+    "adapter_config.json", "tokenizer*.json", "special_tokens_map.json", "preprocessor_config.json",
+    "processor_config.json", "chat_template.*", "training_args.bin", "*.py",
+)
+
+
+def setup_output_dir(data_args, training_args) -> None:
+    """Creates --output_dir. --overwrite_output_dir without resuming (only now, once the data is
+    known to be good) removes the earlier run's outputs, so they can neither be resumed by mistake
+    nor mixed with (or rotated instead of) the new ones."""
     output_dir = Path(training_args.output_dir)
-    if resume == "auto":
-        last = _last_complete_checkpoint(output_dir)
-        if last is None:
-            logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting from scratch", output_dir)
-        return last
-    if resume is None and output_dir.is_dir() and get_last_checkpoint(str(output_dir)) and not (
-        training_args.overwrite_output_dir
-    ):
-        raise FlagError(
-            f"--output_dir {output_dir} holds checkpoints of an unfinished run: pass --resume_from_checkpoint auto "
-            "to continue it, or --overwrite_output_dir to start over"
-        )
-    return resume
+    if _is_main():
+        if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint and output_dir.is_dir():
+            old = sorted({p for pattern in RUN_OUTPUTS for p in output_dir.glob(pattern)
+                          if not (data_args.eval_only and p.name.startswith("checkpoint-"))})
+            for path in old:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if old:
+                logger.info("--overwrite_output_dir: removed the earlier run's %s", ", ".join(p.name for p in old))
+        output_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()
+
+
+def setup_model(model_args, training_args, processor):
+    model = load_model(model_args, training_args)
+    trainable, total = count_parameters(model)
+    logger.info("parameters: %s trainable of %s", f"{trainable:,}", f"{total:,}")
+    generation_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    generation_model.generation_config.eos_token_id = end_token_ids(processor.tokenizer)
+    generation_model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model
+
+
+def setup_trainer(model, train, eval_conversations, processor, evaluator, model_args, training_args):
+    callbacks = [_LogAtSaveAndEnd()]
+    eval_before = None
+    if not training_args.resume_from_checkpoint and not evaluator.skip_before:
+        eval_before = _EvalAtTrainBegin(evaluator)
+        callbacks.append(eval_before)
+    trainer = RecipeTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=ConversationDataset(train, processor),
+        # Mid-training evaluation generates (TaskEvaluator); the Trainer only needs to know there is a set.
+        eval_dataset=ConversationDataset(eval_conversations, processor, for_generation=True),
+        data_collator=Collator(pad_token_id=processor.tokenizer.pad_token_id),
+        # No processing_class: the Trainer would align the model's eos_token_id with the tokenizer's
+        # (32000) instead of the release's 2; the processor is saved with each checkpoint below.
+        processing_class=None,
+        model_args=model_args,
+        task_eval=evaluator,
+        callbacks=callbacks,
+    )
+    trainer.add_callback(_SaveProcessor(processor))
+    if eval_before is not None:
+        eval_before.trainer = trainer
+    return trainer, eval_before
+
+
+class _SaveProcessor(TrainerCallback):
+    """Each checkpoint is a complete official-format directory: the processor goes with it."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.processor.save_pretrained(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+def train(trainer: RecipeTrainer, eval_before: _EvalAtTrainBegin | None, results: dict) -> None:
+    resume = trainer.args.resume_from_checkpoint
+    before_file = Path(trainer.args.output_dir) / "eval_before.json"
+    if resume and before_file.exists():
+        results["eval_before"] = json.loads(before_file.read_text(encoding="utf-8"))[trainer.task_eval.metric]
+        logger.info("resuming: keeping %s", before_file)
+    elif resume:
+        logger.info("resuming without %s: the model before training is gone, no evaluation before", before_file)
+    output = trainer.train(resume_from_checkpoint=resume)
+    if eval_before is not None:
+        results["eval_before"] = eval_before.result
+    results["global_step"] = output.global_step
+    results["train_loss"] = whole_run_loss(trainer.state.log_history, output.global_step, output.training_loss)
+    results["throughput"] = trainer.throughput.summary(output.metrics.get("train_runtime"), trainer.args.device,
+                                                       trainer.model)
+    logger.info("trained %d steps: mean loss %.4f over the whole run; %s", output.global_step,
+                results["train_loss"], trainer.throughput.describe(results["throughput"]))
+
+
+def whole_run_loss(log_history: Sequence[dict], global_step: int, fallback: float) -> float:
+    """Mean training loss over every step of the run, resumed runs included: each logged "loss"
+    is the mean since the previous log (_LogAtSaveAndEnd makes the intervals cover every step)."""
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and entry["step"] > last:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    return total / last if last == global_step and last > 0 else fallback
+
+
+def save(trainer: RecipeTrainer, processor, model_args, training_args) -> None:
+    """The final model (full) or adapter (LoRA/QLoRA) and the processor, in the official format."""
+    output_dir = Path(training_args.output_dir)
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    model.config.use_cache = True  # off for training only; saved as released
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(output_dir)
+    _barrier()
 
 
 def merge_adapter(adapter_dir: str | Path, base_model: str, output_dir: str | Path, processor=None) -> Path:
@@ -169,159 +384,31 @@ def merge_adapter(adapter_dir: str | Path, base_model: str, output_dir: str | Pa
     return Path(output_dir)
 
 
-def _prepare(task: Task, model_args, data_args, training_args, processor):
-    train, eval_ = task.load_data(data_args, model_args)
-    num_crops = model_args.num_crops
-    tokenizer = processor.tokenizer
-    common = dict(tokenizer=tokenizer, num_crops=num_crops, decode_images=data_args.decode_images,
-                  skip_bad=data_args.skip_bad_examples, log=logger.info)
-    def limit(conversations, n):
-        # Keep the problems of unreadable lines (see recipe.data.Conversations) for validate.
-        return Conversations(list(conversations)[:n], getattr(conversations, "problems", []))
-
-    if train is not None and not data_args.eval_only:
-        train = limit(train, data_args.max_train_samples)
-        train = validate(train, max_length=data_args.max_length, what=f"{task.name} training data", **common)
-        if not train:
-            raise FlagError(f"no usable {task.name} training examples")
-    eval_ = limit(eval_, data_args.max_eval_samples)
-    eval_ = validate(eval_, max_length=None, what=f"{task.name} evaluation data", **common)
-    if not eval_:
-        raise FlagError(f"no usable {task.name} evaluation examples")
-    return train, eval_
-
-
-def _start_over(output_dir: Path) -> None:
-    """--overwrite_output_dir without resuming: the earlier run's checkpoints and results go, so
-    they can neither be resumed by mistake nor mixed with (or rotated instead of) the new ones."""
-    if not _is_main() or not output_dir.is_dir():
-        return
-    old = [p for p in output_dir.glob("checkpoint-*") if p.is_dir()]
-    old += [output_dir / n for n in (RUN_COMPLETE_FILE, "eval_before.json", "eval_after.json", "training_curves.png")
-            if (output_dir / n).exists()]
-    for path in old:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if old:
-        logger.info("--overwrite_output_dir: removed the earlier run's %s", ", ".join(sorted(p.name for p in old)))
-
-
-class _EvalAtTrainBegin(TrainerCallback):
-    """Under ZeRO-3 the weights are partitioned from loading on, and only the DeepSpeed engine
-    can run them: the evaluation before training runs once the engine exists."""
-
-    def __init__(self, run_eval):
-        self.run_eval, self.result = run_eval, None
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.result is None:
-            self.result = self.run_eval("eval_before", model)
-
-
 def run(task: Task, argv: list[str] | None = None) -> dict:
     """Parses flags, validates everything, evaluates, trains, evaluates again; returns the results."""
-    model_args, data_args, training_args = parse_args(task.data_args_class, argv, task.defaults)
-    _setup_logging(training_args)
-    check_args(model_args, data_args, training_args)
-    resume = None if data_args.eval_only else _resolve_resume(training_args)
-    set_seed(training_args.seed)
-    output_dir = Path(training_args.output_dir)
+    model_args, data_args, training_args = parse_and_check(task, argv)
     processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
-    train, eval_conversations = _prepare(task, model_args, data_args, training_args, processor)
-    # Only once the data is known to be good does an explicit overwrite discard the earlier run.
-    if training_args.overwrite_output_dir and not resume and not data_args.eval_only:
-        _start_over(output_dir)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-    if _is_main():
-        output_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("%s: %s training / %d evaluation examples", task.name,
-                len(train) if train is not None else 0, len(eval_conversations))
-
-    model = load_model(model_args, training_args)
-    trainable, total = count_parameters(model)
-    logger.info("parameters: %s trainable of %s", f"{trainable:,}", f"{total:,}")
-    generation_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    generation_model.generation_config.eos_token_id = end_token_ids(processor.tokenizer)
-    generation_model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-
-    eval_kwargs = dict(
-        batch_size=data_args.eval_batch_size,
-        max_new_tokens=data_args.max_new_tokens,
-        autocast_dtype=torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None),
-    )
+    train_data, eval_data = setup_data(task, model_args, data_args, training_args, processor)
+    setup_output_dir(data_args, training_args)
+    model = setup_model(model_args, training_args, processor)
+    evaluator = TaskEvaluator(task, processor, eval_data, data_args, training_args)
     results: dict = {}
+    if data_args.eval_only:
+        # The one evaluation of an unchanged model is eval_after.json.
+        results["eval_after"] = evaluator(model, "eval_after")
+        _barrier()
+        return results
 
-    def run_eval(name: str, eval_model) -> float:
-        device = training_args.device
-        if not getattr(eval_model, "is_loaded_in_4bit", False) and next(eval_model.parameters()).device != device:
-            eval_model.to(device)
-        out = evaluate(eval_model, processor, eval_conversations, task.score, task.metric,
-                       output_dir / f"{name}.json", device=device, synced_gpus=is_deepspeed_zero3_enabled(),
-                       **eval_kwargs)
-        logger.info("%s %s = %.4f on %d examples", name, task.metric, out[task.metric], out["num_examples"])
-        return out[task.metric]
-
-    before_file = output_dir / "eval_before.json"
-    eval_at_train_begin = None
-    if data_args.skip_eval_before or data_args.eval_only:
-        pass  # (--eval_only: the one evaluation below, of the same model, is eval_after.json)
-    elif resume and before_file.exists():
-        logger.info("resuming: keeping %s", before_file)
-        results["eval_before"] = json.loads(before_file.read_text(encoding="utf-8"))[task.metric]
-    elif resume:
-        logger.info("resuming without %s: the model before training is gone, no evaluation before", before_file)
-    elif is_deepspeed_zero3_enabled():
-        eval_at_train_begin = _EvalAtTrainBegin(run_eval)
-    else:
-        results["eval_before"] = run_eval("eval_before", model)
-
-    if not data_args.eval_only:
-        if (
-            world_size() > 1 and not training_args.deepspeed and not model_args.use_lora
-            and not model_args.freeze_vision_model and any(not c.images for c in train)
-        ):
-            # A rank whose batch has no image gives the image side no gradient; DDP must know.
-            training_args.ddp_find_unused_parameters = True
-            logger.info("text-only examples with a trainable image side: DDP finds unused parameters")
-        train_dataset = ConversationDataset(train, processor)
-        trainer = RecipeTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=train_dataset,
-            data_collator=Collator(pad_token_id=processor.tokenizer.pad_token_id),
-            processing_class=processor,
-            model_args=model_args,
-            callbacks=[eval_at_train_begin] if eval_at_train_begin else None,
-        )
-        train_output = trainer.train(resume_from_checkpoint=resume)
-        if eval_at_train_begin is not None:
-            results["eval_before"] = eval_at_train_begin.result
-        results["train_loss"] = train_output.training_loss
-        results["global_step"] = train_output.global_step
-        generation_model.config.use_cache = True  # off for training only; saved as released
-        trainer.save_model(str(output_dir))
-        if trainer.is_world_process_zero():
-            processor.save_pretrained(output_dir)
-        if model_args.merge_lora and trainer.is_world_process_zero():
-            merge_adapter(output_dir, model_args.model_name_or_path, output_dir / "merged", processor)
-        model = trainer.model
-        log_history = trainer.state.log_history
-    else:
-        log_history = []
-
-    results["eval_after"] = run_eval("eval_after", model)
-
-    if _is_main() and not data_args.eval_only:
-        from .plotting import plot_training_curves
-
-        points = {}
-        if "eval_before" in results:
-            points.setdefault(f"eval_{task.metric}", []).append((0, results["eval_before"]))
-        points.setdefault(f"eval_{task.metric}", []).append((results.get("global_step", 0), results["eval_after"]))
-        plot_training_curves(log_history, output_dir / "training_curves.png", title=task.name, extra_metrics=points)
-        summary = {"task": task.name, "results": results, "model_args": asdict(model_args),
-                   "data_args": asdict(data_args)}
-        write_json_atomic(output_dir / RUN_COMPLETE_FILE, summary)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    trainer, eval_before = setup_trainer(model, train_data, eval_data, processor, evaluator, model_args,
+                                         training_args)
+    train(trainer, eval_before, results)
+    save(trainer, processor, model_args, training_args)
+    results["eval_after"] = evaluator(trainer.model, "eval_after", trainer)
+    results["num_eval_examples"] = len(eval_data)
+    if model_args.merge_lora and trainer.is_world_process_zero():
+        merge_adapter(training_args.output_dir, model_args.model_name_or_path,
+                      Path(training_args.output_dir) / "merged", processor)
+    if _is_main():
+        write_report(task, results, trainer, model_args, data_args, training_args)
+    _barrier()
     return results

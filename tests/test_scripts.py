@@ -30,7 +30,8 @@ def common(tiny, out):
     return ["--model_name_or_path", str(tiny), "--output_dir", str(out), "--deepspeed", "none",
             "--max_steps", "2", "--batch_size", "2", "--batch_size_per_gpu", "1", "--num_crops", "1",
             "--eval_batch_size", "2", "--max_new_tokens", "4", "--no-tqdm", "--logging_steps", "1",
-            "--save_steps", "100", "--learning_rate", "1e-3"]
+            "--save_steps", "100", "--learning_rate", "1e-3", "--dataloader_num_workers", "0",
+            "--warmup_steps", "0"]
 
 
 def check_outputs(out: Path, metric: str, n_eval: int):

@@ -7,7 +7,9 @@ tests/recipe/ucf101_launcher.py; everything else runs in this process.
 """
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +46,8 @@ def one_thread():
 
 def flags(tiny, data, out, *extra) -> list[str]:
     return ["--model_name_or_path", str(tiny), "--data_dir", str(data), "--output_dir", str(out), "--num_crops", "1",
-            "--no-tqdm", "--logging_steps", "1", "--eval_batch_size", "2", "--max_new_tokens", "4", *map(str, extra)]
+            "--no-tqdm", "--logging_steps", "1", "--eval_batch_size", "2", "--max_new_tokens", "4",
+            "--dataloader_num_workers", "0", "--warmup_steps", "0", *map(str, extra)]
 
 
 def launch(args, *, env=None, torchrun_procs=None, check=True) -> subprocess.CompletedProcess:
@@ -167,10 +170,10 @@ def test_lora_with_frozen_vision_has_no_vision_adapters(tiny_checkpoint, ucf101_
     assert not vision_adapters and language_adapters
 
 
-def test_gradient_checkpointing_with_lora_and_frozen_vision(tiny_checkpoint, ucf101_data, tmp_path):
-    # Non-reentrant checkpointing (the default kwargs) needs no input-grad hooks for frozen parts.
-    trainer = repeated_batch_trainer(tiny_checkpoint, ucf101_data, tmp_path, "--use_lora", "--freeze_vision_model",
-                                     "--gradient_checkpointing")
+def test_activation_checkpointing_with_lora_and_frozen_vision(tiny_checkpoint, ucf101_data, tmp_path):
+    # On by default, as in the original recipe. Non-reentrant checkpointing (the default kwargs)
+    # needs no input-grad hooks for frozen parts.
+    trainer = repeated_batch_trainer(tiny_checkpoint, ucf101_data, tmp_path, "--use_lora", "--freeze_vision_model")
     assert_learns(trainer)
     assert trainer.model.get_base_model().is_activation_checkpointing
 
@@ -182,11 +185,12 @@ def test_bf16_trains_on_cpu(tiny_checkpoint, ucf101_data, tmp_path):
     assert all(torch.isfinite(torch.tensor(losses(trainer))))
 
 
+@pytest.mark.parametrize("separate", [True, False], ids=["separate-rates", "one-rate"])
 @pytest.mark.parametrize("mode", [[], ["--use_lora"]], ids=["full", "lora"])
-def test_separate_learning_rates_make_param_groups(mode, tiny_checkpoint, ucf101_data, tmp_path):
+def test_param_groups_rates_and_one_weight_decay_rule(mode, separate, tiny_checkpoint, ucf101_data, tmp_path):
+    rates = ["--vision_learning_rate", "1e-5", "--projector_learning_rate", "2e-5"] if separate else []
     trainer = repeated_batch_trainer(tiny_checkpoint, ucf101_data, tmp_path, *mode, "--learning_rate", "3e-4",
-                                     "--vision_learning_rate", "1e-5", "--projector_learning_rate", "2e-5",
-                                     "--wd", "0.1", "--max_steps", 1)
+                                     *rates, "--wd", "0.1", "--max_steps", 1)
     trainer.train()  # the groups the Trainer really steps with (constant schedule: lr as set)
     group_of = {id(p): (g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups for p in g["params"]}
     trainable = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
@@ -194,16 +198,17 @@ def test_separate_learning_rates_make_param_groups(mode, tiny_checkpoint, ucf101
     seen = set()
     for name, param in trainable:
         separator = name.endswith(("glb_GN", "sub_GN"))
-        if ".img_processor." in name:
+        if ".img_processor." in name and separate:
             lr = 1e-5
-        elif ".img_projection." in name or separator:
+        elif (".img_projection." in name or separator) and separate:
             lr = 2e-5
         else:
             lr = 3e-4
+        # the same rule on both paths: no decay for biases, norms and the image separators
         decay = 0.0 if param.ndim < 2 or separator or "norm" in name else 0.1
         assert group_of[id(param)] == (lr, decay), name
         seen.add(lr)
-    assert seen == {1e-5, 2e-5, 3e-4}
+    assert seen == ({1e-5, 2e-5, 3e-4} if separate else {3e-4})
 
 
 def test_length_grouped_sampler_is_reproducible_per_epoch():
@@ -269,7 +274,10 @@ CONFLICTS = {
     "num_crops 17": (["--num_crops", 17], None, r"--num_crops 17 is outside 1\.\.16"),
     "finished run": ([], finished_run, r"holds a finished run.*another --output_dir or pass --overwrite_output_dir"),
     "unfinished run": ([], unfinished_run, r"unfinished run: pass --resume_from_checkpoint auto"),
-    "unknown flag": (["--lerning_rate", "1e-4"], None, r"unknown arguments: --lerning_rate 1e-4 \(see --help\)"),
+    "unknown flag": (["--lerning_rate", "1e-4"], None, r"^unknown flag --lerning_rate \(did you mean --learning_rate\b"),
+    # argparse would take an abbreviation as the flag it abbreviates (learning rate 5).
+    "abbreviated flag": (["--learning_rat", "5"], None, r"^unknown flag --learning_rat \(did you mean --learning_rate\b"),
+    "bad value": (["--num_train_epochs", "many"], None, r"argument --num_train_epochs.*invalid float value: 'many'"),
     "deepspeed without launcher": (["--deepspeed", "ds_configs/zero2.json"], None, r"needs a launcher.*torchrun"),
     "default deepspeed without launcher": ([], "default deepspeed", r"needs a launcher.*--deepspeed none"),
     "fp16 without gpu": (["--fp16"], None, r"--fp16 needs a CUDA GPU; on CPU use --bf16"),
@@ -309,13 +317,56 @@ def test_qlora_under_deepspeed_is_refused(tmp_path):
         check_args(model_args, data_args, training_args)
 
 
-def test_help_lists_every_flag(capsys):
+def test_help_lists_the_flags_that_work_grouped_with_recipe_defaults(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(ucf.Ucf101Arguments, ["--help"], ucf.TASK.defaults)
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--use_lora", "--data_dir", "--max_eval_samples", "--batch_size_per_gpu", "--learning_rate"):
+    groups = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert groups[-5:] == ["task data", "model and method", "training", "evaluation", "other transformers flags"]
+    for flag in ("--use_lora", "--data_dir", "--max_eval_samples", "--batch_size_per_gpu", "--learning_rate",
+                 "--eval_strategy", "--report_to"):
         assert flag in text
+    # transformers' names that the recipes refuse are not offered
+    for refused in ("--weight_decay", "--per_device_train_batch_size", "--gradient_accumulation_steps",
+                    "--gradient_checkpointing", "--per_device_eval_batch_size"):
+        assert refused not in text
+    flat = " ".join(text.split())
+    # the recipe's defaults, not transformers'
+    for flag, default in (("--adam_beta2", "0.95"), ("--adam_epsilon", "1e-07"), ("--warmup_steps", "50"),
+                          ("--dataloader_num_workers", "4"), ("--activation_checkpointing", "True"),
+                          ("--wd", "0.01"), ("--learning_rate", str(ucf.TASK.defaults["learning_rate"]))):
+        assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(default)}\)", flat), flag
+    assert "none for LoRA" in flat and "ds_configs/zero2.json" in flat and str(Path.cwd()) not in flat
+    assert len(text.splitlines()) < 500
+
+
+def test_original_optimisation_settings_are_the_defaults(tmp_path):
+    model_args, data_args, args = parse_args(ucf.Ucf101Arguments, ["--output_dir", str(tmp_path), "--use_lora"],
+                                             ucf.TASK.defaults)
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (0.9, 0.95, 1e-7)
+    assert (str(args.lr_scheduler_type.value), args.warmup_steps, args.max_grad_norm) == ("linear", 50, 1.0)
+    assert args.activation_checkpointing is True and args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert (args.dataloader_num_workers, args.dataloader_prefetch_factor) == (4, 2)
+    assert args.weight_decay == args.wd == 0.01
+    # each still overridable by its flag
+    _, _, args = parse_args(ucf.Ucf101Arguments, ["--output_dir", str(tmp_path), "--use_lora", "--adam_beta2", "0.999",
+                                                  "--warmup_steps", "0", "--dataloader_num_workers", "0",
+                                                  "--no_activation_checkpointing", "--wd", "0"], ucf.TASK.defaults)
+    assert (args.adam_beta2, args.warmup_steps, args.dataloader_num_workers) == (0.999, 0, 0)
+    assert args.dataloader_prefetch_factor is None and args.activation_checkpointing is False
+    assert args.weight_decay == 0
+
+
+def test_script_ends_a_user_error_with_one_line_and_status_2(tmp_path):
+    script = Path(ucf.__file__)
+    proc = subprocess.run([sys.executable, str(script), "--learning_rat", "5", "--output_dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: unknown flag --learning_rat (did you mean --learning_rate"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not [line for line in lines if "Warning" in line or "kernels" in line], proc.stderr
 
 
 # -- 5 and 7. a LoRA run: outputs, tensorboard, merged model -------------------------------
@@ -331,6 +382,8 @@ def lora_run(tiny_checkpoint, ucf101_data, tmp_path_factory):
             tiny_checkpoint, ucf101_data, out, "--use_lora", "--merge_lora", "--report_to", "tensorboard",
             "--max_steps", 3, "--batch_size", 2, "--batch_size_per_gpu", 2, "--learning_rate", "1e-2",
             "--max_eval_samples", 3, "--save_steps", 2,
+            # mid-training evaluation with the task metric, and the best checkpoint as the result
+            "--eval_strategy", "steps", "--eval_steps", 2, "--load_best_model_at_end",
         ))
     finally:
         torch.set_num_threads(threads)
@@ -348,6 +401,20 @@ def test_run_writes_its_outputs(lora_run, ucf101_data):
         assert all(isinstance(p["prediction"], str) and p["references"] for p in written["predictions"])
     summary = read_json(out / RUN_COMPLETE_FILE)
     assert summary["results"]["global_step"] == 3 and summary["model_args"]["use_lora"]
+    args = summary["training_args"]
+    assert (args["learning_rate"], args["seed"], args["lr_scheduler_type"], args["adam_beta2"]) == (1e-2, 42, "linear", 0.95)
+    assert summary["world_size"] == 1 and summary["versions"]["transformers"] and summary["versions"]["torch"]
+    speed = summary["results"]["throughput"]
+    frames = len(json.loads((ucf101_data / "ucf101_train.jsonl").read_text().splitlines()[0])["images"])
+    # 3 steps x 2 examples, one video of `frames` images each; 2 crops per image (num_crops 1: global + 1)
+    assert speed["images"] == 3 * 2 * frames and speed["crops"] == 2 * speed["images"]
+    assert speed["images_per_s"] > 0 and speed["real_tokens_per_s"] > speed["images_per_s"]
+    assert speed["peak_memory_gb"] > 0.1 and speed["peak_memory_kind"] == "process peak RSS"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and "LoRA (r=64, alpha=128)" in card
+    assert f"accuracy before finetuning | {results['eval_before']:.4f}" in card
+    assert f"accuracy after finetuning | {results['eval_after']:.4f}" in card
+    assert (out / "merged" / "README.md").read_text() == card
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert Phi3VProcessor.from_pretrained(out).tokenizer.pad_token_id is not None
@@ -359,14 +426,34 @@ def test_run_writes_its_outputs(lora_run, ucf101_data):
             assert f.keys() and all(".lora_" in key for key in f.keys()), adapter
 
 
-def test_tensorboard_logs_the_loss(lora_run):
+def test_tensorboard_logs_the_loss_and_the_task_metric(lora_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out, _ = lora_run
-    (run_dir,) = {p.parent for p in (out / "runs").rglob("events.out.tfevents.*")}
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    assert len(events.Scalars("train/loss")) == 3
+    out, results = lora_run
+    scalars: dict[str, list] = {}
+    for run_dir in {p.parent for p in (out / "runs").rglob("events.out.tfevents.*")}:
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(events.Scalars(tag))
+    assert len(scalars["train/loss"]) == 3
+    # before (step 0), during (steps 2 and 3, the Trainer's evaluation at the last step), after (step 3)
+    metric = sorted((e.step, round(e.value, 5)) for e in scalars["eval/accuracy"])
+    during = [(n, round(read_json(out / f"eval_step{n}.json")["accuracy"], 5)) for n in (2, 3)]
+    assert metric == sorted([(0, round(results["eval_before"], 5)), *during, (3, round(results["eval_after"], 5))])
+
+
+def test_mid_training_evaluation_picks_the_best_checkpoint(lora_run):
+    out, results = lora_run
+    during = {n: read_json(out / f"eval_step{n}.json") for n in (2, 3)}
+    assert all(d["metric"] == "accuracy" and d["num_examples"] == 3 for d in during.values())
+    state = read_json(out / "checkpoint-3" / "trainer_state.json")
+    best = state["best_global_step"]
+    assert state["best_metric"] == max(d["accuracy"] for d in during.values()) == during[best]["accuracy"]
+    # the final adapter is the best checkpoint's, and eval_after measured it
+    assert_same_tensors(load_file(out / "adapter_model.safetensors"),
+                        load_file(out / f"checkpoint-{best}" / "adapter_model.safetensors"))
+    assert read_json(out / "eval_after.json")["predictions"] == during[best]["predictions"]
 
 
 def test_merged_lora_has_the_adapters_logits(lora_run, tiny_checkpoint, ucf101_data):
@@ -406,7 +493,8 @@ def test_eval_only_evaluates_once(tiny_checkpoint, ucf101_data, tmp_path, monkey
 
 
 @pytest.mark.parametrize("mode", [["--use_lora"], []], ids=["lora", "full"])
-def test_killed_run_resumes_exactly(mode, tiny_checkpoint, ucf101_data, tmp_path):
+def test_killed_run_resumes_exactly(mode, tiny_checkpoint, ucf101_data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="recipe")
     # 4 examples, 2 per step: 2 steps per epoch, so the kill after step 3 lands mid-epoch.
     common = ["--deepspeed", "none", "--batch_size", 2, "--batch_size_per_gpu", 1, "--max_steps", 5,
               "--save_steps", 3, "--learning_rate", "1e-3", "--max_eval_samples", 1, "--max_new_tokens", 2, *mode]
@@ -424,6 +512,9 @@ def test_killed_run_resumes_exactly(mode, tiny_checkpoint, ucf101_data, tmp_path
 
     assert resumed["global_step"] == uninterrupted["global_step"] == 5
     assert resumed["eval_before"] == uninterrupted["eval_before"]
+    # the training loss of the whole run, not of the resumed part only
+    assert resumed["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
+    assert "resuming from " + str(killed / "checkpoint-3") in caplog.text
     weights = "adapter_model.safetensors" if mode else "model.safetensors"
     assert_same_tensors(load_file(killed / weights), load_file(tmp_path / "straight" / weights))
     history = [h for h in read_json(killed / "checkpoint-5" / "trainer_state.json")["log_history"] if "loss" in h]
@@ -494,11 +585,11 @@ def two_rank_run(tiny_checkpoint, ucf101_data, tmp_path_factory):
                         "--save_steps", 1, "--max_eval_samples", 3, "--eval_batch_size", 1,
                         "--report_to", "tensorboard"),
                   env={"RECIPE_TEST_WRITE_LOG": str(writes)}, torchrun_procs=2)
-    return out, writes, proc.stdout
+    return out, writes, proc.stdout, proc.stderr
 
 
 def test_two_ranks_train_data_parallel(two_rank_run):
-    out, _, stdout = two_rank_run
+    out, _, stdout, _ = two_rank_run
     history = read_json(out / "checkpoint-2" / "trainer_state.json")["log_history"]
     # Each step consumes the global batch of 2 of the 4 examples: half an epoch, not a quarter
     # (which is what two independent single-process trainings would log).
@@ -507,10 +598,20 @@ def test_two_ranks_train_data_parallel(two_rank_run):
     assert stdout.count("eval_after accuracy") == 1  # only rank 0 logs
 
 
+# Messages a user cannot act on, and deprecations our own calls would cause.
+NOISE = ("kernels-community", "FutureWarning", "DeprecationWarning", "is_gradient_checkpointing",
+         "Setting accelerator to CPU", "all_gather_into_tensor", "Traceback")
+
+
+def test_a_run_is_quiet(two_rank_run):
+    *_, stderr = two_rank_run
+    assert not [line for line in stderr.splitlines() if any(n in line for n in NOISE)], stderr[-3000:]
+
+
 def test_two_rank_evaluation_equals_one_rank(two_rank_run, tiny_checkpoint, ucf101_data):
     from peft import PeftModel
 
-    out, _, _ = two_rank_run
+    out, *_ = two_rank_run
     processor = Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=1)
     _, conversations = ucf.load_data(ucf.Ucf101Arguments(data_dir=str(ucf101_data), eval_only=True), None)
     model = Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
@@ -524,7 +625,7 @@ def test_two_rank_evaluation_equals_one_rank(two_rank_run, tiny_checkpoint, ucf1
 
 
 def test_only_rank_zero_writes_shared_files(two_rank_run):
-    out, writes, _ = two_rank_run
+    out, writes, *_ = two_rank_run
 
     def written(rank) -> set[tuple[str, Path]]:
         events = (line.split(" ", 1) for line in (writes / f"rank{rank}.txt").read_text().splitlines())
@@ -549,8 +650,17 @@ def test_overwrite_output_dir_starts_over(tiny_checkpoint, ucf101_data, tmp_path
     (out / "checkpoint-900").mkdir(parents=True)
     (out / "checkpoint-900" / "trainer_state.json").write_text("{}")
     (out / RUN_COMPLETE_FILE).write_text("{}")
+    earlier = ["model.safetensors", "config.json", "README.md", "eval_step7.json", "merged/model.safetensors",
+               "runs/old/events.out.tfevents.1"]
+    for name in earlier:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("old")
+    (out / "my_notes.txt").write_text("the user's own file")
     run(ucf.TASK, [str(a) for a in flags(tiny_checkpoint, ucf101_data, out, "--deepspeed", "none",
                                          "--overwrite_output_dir", "--max_steps", 1, "--batch_size", 1,
                                          "--save_steps", 1, "--max_eval_samples", 1, "--skip_eval_before")])
     assert not (out / "checkpoint-900").exists() and (out / "checkpoint-1" / "trainer_state.json").is_file()
     assert read_json(out / RUN_COMPLETE_FILE)["results"]["global_step"] == 1
+    for name in earlier:
+        assert not (out / name).exists() or (out / name).read_bytes() != b"old", name
+    assert not (out / "merged").exists() and (out / "my_notes.txt").read_text() == "the user's own file"
