@@ -1,0 +1,165 @@
+"""Two CPU ranks (torchrun, gloo) with data that gives one rank an image batch and the other a
+text-only batch in the same step: DDP, DeepSpeed ZeRO-2 and ZeRO-3 train, evaluate before and
+after (ZeRO-3 generates in lockstep) and save a model that reloads and runs.
+
+Without the dummy image crop (phi3v.modeling_phi3v.Phi3VModel._dummy_image_needed) these runs
+fail with a collective mismatch (gloo) or deadlock (ZeRO-3). The launcher logs, per rank, which
+micro-batches held images and when the dummy ran, so the tests check that the mix really
+happened rather than trusting the sampler.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import finetune_hf_trainer_ucf101 as ucf
+from phi3v.modeling_phi3v import Phi3VForCausalLM
+from phi3v.processing_phi3v import Phi3VProcessor
+from recipe.data import Collator, ConversationDataset
+
+LAUNCHER = Path(__file__).with_name("distributed_launcher.py")
+ZERO2 = Path(ucf.__file__).parent / "ds_configs" / "zero2.json"
+ZERO3 = Path(ucf.__file__).parent / "ds_configs" / "zero3.json"
+TIMEOUT = 900  # the first DeepSpeed run on a machine JIT-compiles its CPU comm op (~70 s)
+
+
+def text_only(index: int, words: int) -> dict:
+    question = "Which class is named last in this sentence? " + " ".join(["RedRight GreenLeft"] * words)
+    return {"id": f"text-{index}", "source": "text", "conversations": [{"user": question, "assistant": "GreenLeft"}]}
+
+
+@pytest.fixture(scope="module")
+def mixed_data(ucf101_data, tmp_path_factory) -> Path:
+    """ucf101 layout whose lines alternate image examples and text-only ones of uneven lengths.
+
+    With sequential sampling and one example per rank and step, rank 0 gets lines 0, 2, ...
+    (images) and rank 1 lines 1, 3, ... (text only); evaluation shards the same way.
+    """
+    out = tmp_path_factory.mktemp("mixed") / "data"
+    out.mkdir()
+    (out / "images").symlink_to(ucf101_data / "images")
+    for split in ("train", "test"):
+        lines = (ucf101_data / f"ucf101_{split}.jsonl").read_text().splitlines()[:2]
+        texts = [text_only(i, words) for i, words in enumerate((12, 2))]
+        mixed = [line for pair in zip(lines, (json.dumps(t) for t in texts)) for line in pair]
+        (out / f"ucf101_{split}.jsonl").write_text("\n".join(mixed) + "\n")
+    return out
+
+
+def launch(tiny, data, out, log_dir, *extra) -> str:
+    args = ["--model_name_or_path", tiny, "--data_dir", data, "--output_dir", out, "--num_crops", 1, "--no-tqdm",
+            "--logging_steps", 1, "--max_steps", 2, "--batch_size", 2, "--batch_size_per_gpu", 1,
+            "--learning_rate", "1e-3", "--save_strategy", "no", "--eval_batch_size", 1, "--max_new_tokens", 2,
+            "--dataloader_num_workers", 0, *extra]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(LAUNCHER)]
+    log_dir.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RECIPE_TEST_BATCH_LOG": str(log_dir)}
+    proc = subprocess.run(command + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, f"{command} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def batch_log(log_dir: Path, rank: int) -> list[list[str]]:
+    return [line.split() for line in (log_dir / f"rank{rank}.txt").read_text().splitlines()]
+
+
+def assert_ranks_mixed_in_every_step(log_dir: Path):
+    """Every step: one rank trained on images, the other on text only, and only that one ran
+    the dummy crop, once per micro-batch."""
+    logs = [batch_log(log_dir, rank) for rank in (0, 1)]
+    steps = [{int(line[1]): line[2] for line in log if line[0] == "train"} for log in logs]
+    assert steps[0].keys() == steps[1].keys() == {1, 2}
+    for step in steps[0]:
+        assert {steps[0][step], steps[1][step]} == {"images=0", "images=1"}, step
+    for log, rank_steps in zip(logs, steps):
+        dummies = [line for line in log if line[:2] == ["dummy", "train"] and line[3] == "needed=1"]
+        assert len(dummies) == sum(v == "images=0" for v in rank_steps.values())
+        assert all(line[2] == "images=0" for line in dummies)
+
+
+def assert_lockstep_generation_mixed(log_dir: Path):
+    """Generation under ZeRO-3: the image-less rank ran the dummy in the forwards where the
+    other rank had images, and no rank ran it in a forward where no rank had images."""
+    logs = [[line for line in batch_log(log_dir, rank) if line[:2] == ["dummy", "lockstep"]] for rank in (0, 1)]
+    assert len(logs[0]) == len(logs[1]) > 0  # the same number of forwards
+    for a, b in zip(*logs):
+        any_images = "images=1" in (a[2], b[2])
+        for line in (a, b):
+            assert line[3] == f"needed={int(any_images and line[2] == 'images=0')}"
+    assert any(line[3] == "needed=1" for log in logs for line in log)
+
+
+def assert_evaluated_and_saved(out: Path, tiny: Path, data: Path):
+    """eval_before/after of all 4 examples, a full official-format model that differs from the
+    start, reloads with from_pretrained and runs a forward on the first two training rows."""
+    for name in ("eval_before", "eval_after"):
+        result = json.loads((out / f"{name}.json").read_text())
+        assert result["num_examples"] == 4 and len(result["predictions"]) == 4
+    saved, initial = load_file(out / "model.safetensors"), load_file(tiny / "model.safetensors")
+    assert saved.keys() == initial.keys()
+    assert all(saved[k].shape == initial[k].shape and saved[k].dtype == torch.float32 for k in saved)
+    moved = {k for k in saved if not torch.equal(saved[k], initial[k])}
+    assert any(".img_projection." in k for k in moved) and any(".layers.0." in k for k in moved)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model) is Phi3VForCausalLM
+    state = model.state_dict()
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    processor = Phi3VProcessor.from_pretrained(out)
+    train, _ = ucf.load_data(ucf.Ucf101Arguments(data_dir=str(data)), None)
+    dataset = ConversationDataset(train[:2], processor)
+    batch = Collator(pad_token_id=processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    with torch.no_grad():
+        loss = model(**batch).loss
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_mixed_batches_on_two_ranks(stage, tiny_checkpoint, mixed_data, tmp_path):
+    out, log_dir = tmp_path / "out", tmp_path / "log"
+    launch(tiny_checkpoint, mixed_data, out, log_dir, "--deepspeed", ZERO2 if stage == "zero2" else ZERO3,
+           "--train_sampling_strategy", "sequential")
+    assert_ranks_mixed_in_every_step(log_dir)
+    if stage == "zero3":
+        assert_lockstep_generation_mixed(log_dir)
+    assert_evaluated_and_saved(out, tiny_checkpoint, mixed_data)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_images_only_on_two_ranks(tiny_checkpoint, ucf101_data, tmp_path):
+    out, log_dir = tmp_path / "out", tmp_path / "log"
+    launch(tiny_checkpoint, ucf101_data, out, log_dir, "--deepspeed", ZERO3)
+    for rank in (0, 1):
+        log = batch_log(log_dir, rank)
+        assert [line[2] for line in log if line[0] == "train"] == ["images=1"] * 2
+        assert not [line for line in log if line[0] == "dummy" and line[3] == "needed=1"]
+    assert_evaluated_and_saved(out, tiny_checkpoint, ucf101_data)
+
+
+@pytest.mark.slow
+def test_ddp_full_finetuning_mixed_batches_on_two_ranks(tiny_checkpoint, mixed_data, tmp_path):
+    out, log_dir = tmp_path / "out", tmp_path / "log"
+    launch(tiny_checkpoint, mixed_data, out, log_dir, "--deepspeed", "none", "--train_sampling_strategy", "sequential")
+    assert_ranks_mixed_in_every_step(log_dir)
+    assert_evaluated_and_saved(out, tiny_checkpoint, mixed_data)
+
+
+@pytest.mark.slow
+def test_ddp_lora_mixed_batches_on_two_ranks(tiny_checkpoint, mixed_data, tmp_path):
+    out, log_dir = tmp_path / "out", tmp_path / "log"
+    launch(tiny_checkpoint, mixed_data, out, log_dir, "--deepspeed", "none", "--use_lora",
+           "--train_sampling_strategy", "sequential")
+    assert_ranks_mixed_in_every_step(log_dir)
+    for name in ("eval_before", "eval_after"):
+        assert json.loads((out / f"{name}.json").read_text())["num_examples"] == 4
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(Phi3VForCausalLM.from_pretrained(tiny_checkpoint), str(out))
+    moved = [n for n, p in model.named_parameters() if ".lora_B." in n and p.abs().sum() > 0]
+    assert any(".vision_embed_tokens." in n for n in moved)
