@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 import finetune_hf_trainer_ucf101 as ucf
 from phi3v.modeling_phi3v import Phi3VForCausalLM
 from phi3v.processing_phi3v import Phi3VProcessor
-from recipe.data import Collator, ConversationDataset
+from recipe.data import Collator, Conversation, ConversationDataset, Turn
 
 LAUNCHER = Path(__file__).with_name("distributed_launcher.py")
 ZERO2 = Path(ucf.__file__).parent / "ds_configs" / "zero2.json"
@@ -163,3 +163,93 @@ def test_ddp_lora_mixed_batches_on_two_ranks(tiny_checkpoint, mixed_data, tmp_pa
     model = PeftModel.from_pretrained(Phi3VForCausalLM.from_pretrained(tiny_checkpoint), str(out))
     moved = [n for n, p in model.named_parameters() if ".lora_B." in n and p.abs().sum() > 0]
     assert any(".vision_embed_tokens." in n for n in moved)
+
+
+# -- the dummy image on one rank: no effect on the loss, any gradient or generated tokens --------
+
+
+@pytest.fixture
+def text_only_batch(tiny_checkpoint):
+    """The processor and two text-only conversations of different lengths."""
+    processor = Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=1)
+    rows = [Conversation(id=str(i), turns=[Turn(user=text_only(i, words)["conversations"][0]["user"],
+                                                assistant="GreenLeft")])
+            for i, words in enumerate((5, 1))]
+    return processor, rows
+
+
+def count_dummy_runs(monkeypatch, needed: bool) -> list[int]:
+    """`_dummy_image_needed` answers `needed` (as on a rank of a job whose other ranks have
+    images); returns a list that grows by one per dummy crop run."""
+    from phi3v.modeling_phi3v import Phi3VImageEmbedding, Phi3VModel
+
+    runs = []
+    dummy = Phi3VImageEmbedding.dummy_features
+    monkeypatch.setattr(Phi3VModel, "_dummy_image_needed", lambda self, has_images, device: needed and not has_images)
+    monkeypatch.setattr(Phi3VImageEmbedding, "dummy_features", lambda self, device: runs.append(1) or dummy(self, device))
+    return runs
+
+
+def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("frozen_vision", [False, True], ids=["full", "frozen_vision"])
+def test_dummy_image_changes_no_loss_and_no_gradient(frozen_vision, tiny_checkpoint, text_only_batch, monkeypatch):
+    """With the dummy, the trainable image-side parameters get gradients that are exactly zero
+    (tensors, where without the dummy they are None); every other gradient and the loss are
+    bit-identical. A frozen image side runs the dummy without autograd: no gradients at all."""
+    processor, rows = text_only_batch
+    dataset = ConversationDataset(rows, processor)
+    batch = Collator(pad_token_id=processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    assert "pixel_values" not in batch
+    model = Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).train()
+    vision = model.model.vision_embed_tokens
+    if frozen_vision:
+        vision.requires_grad_(False)
+    trainable_vision = {f"model.vision_embed_tokens.{n}" for n, p in vision.named_parameters() if p.requires_grad}
+    assert bool(trainable_vision) != frozen_vision
+
+    runs = count_dummy_runs(monkeypatch, needed=False)
+    plain_loss, plain = loss_and_grads(model, batch)
+    assert not runs
+    runs = count_dummy_runs(monkeypatch, needed=True)
+    dummy_loss, with_dummy = loss_and_grads(model, batch)
+    assert runs == [1]
+
+    assert torch.equal(plain_loss, dummy_loss)
+    for name, grad in plain.items():
+        if name in trainable_vision:
+            assert grad is None, name
+            assert with_dummy[name] is not None and not with_dummy[name].any(), name
+        elif grad is None:
+            assert with_dummy[name] is None, name
+        else:
+            assert torch.equal(grad, with_dummy[name]), name
+    assert any(with_dummy[n] is not None for n in with_dummy if n not in trainable_vision)
+
+
+def test_dummy_image_changes_no_generated_token(tiny_checkpoint, text_only_batch, monkeypatch):
+    """Generation under ZeRO-3 (vision_lockstep): an image-less rank runs the dummy in the
+    forwards where another rank has images; its own tokens stay those generated without it."""
+    processor, rows = text_only_batch
+    dataset = ConversationDataset(rows, processor, for_generation=True)
+    batch = Collator(pad_token_id=processor.tokenizer.pad_token_id, padding_side="left")([dataset[0], dataset[1]])
+    model = Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    model.model.vision_lockstep = True
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
+                  output_logits=True, return_dict_in_generate=True)
+
+    runs = count_dummy_runs(monkeypatch, needed=False)
+    with torch.no_grad():
+        plain = model.generate(**batch, **kwargs)
+    assert not runs
+    runs = count_dummy_runs(monkeypatch, needed=True)
+    with torch.no_grad():
+        with_dummy = model.generate(**batch, **kwargs)
+    assert len(runs) >= 1  # (here: in every forward, prefill and decoding)
+    assert torch.equal(plain.sequences, with_dummy.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.logits, with_dummy.logits, strict=True))
