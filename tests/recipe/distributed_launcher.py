@@ -18,6 +18,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
+def stepped_dtypes(optimizer) -> set[str]:
+    """Dtypes of the tensors the innermost torch optimizer updates, below accelerate's and
+    DeepSpeed's wrappers. ZeRO-3 hands its fp32 partitions to it only during the step."""
+    while hasattr(optimizer, "optimizer"):
+        if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+            return {str(t.dtype) for t in optimizer.fp32_partitioned_groups_flat}
+        optimizer = optimizer.optimizer
+    return {str(p.dtype) for group in optimizer.param_groups for p in group["params"]}
+
+
 def record_batches(log_dir: str) -> None:
     import recipe.train
     from phi3v.modeling_phi3v import Phi3VModel
@@ -33,6 +43,11 @@ def record_batches(log_dir: str) -> None:
 
     class Trainer(recipe.train.RecipeTrainer):
         def training_step(self, model, inputs, *args, **kwargs):
+            if self.state.global_step == 0 and not getattr(self, "_dtypes_logged", False):
+                self._dtypes_logged = True
+                log.write(f"optimizer {','.join(sorted(stepped_dtypes(self.optimizer)))}\n")
+                trainable = {str(p.dtype) for p in model.parameters() if p.requires_grad}
+                log.write(f"trainable {','.join(sorted(trainable))}\n")
             log.write(f"train {self.state.global_step + 1} images={int(inputs.get('pixel_values') is not None)}\n")
             return super().training_step(model, inputs, *args, **kwargs)
 

@@ -96,7 +96,15 @@ def assert_lockstep_generation_mixed(log_dir: Path):
     assert any(line[3] == "needed=1" for log in logs for line in log)
 
 
-def assert_evaluated_and_saved(out: Path, tiny: Path, data: Path):
+def assert_optimizer_steps(log_dir: Path, dtype: str):
+    """Each rank's optimizer steps fp32 tensors (DeepSpeed: its fp32 partitions), whatever dtype
+    the module's trainable weights have (`dtype`)."""
+    for rank in (0, 1):
+        lines = {line[0]: line[1] for line in batch_log(log_dir, rank) if line[0] in ("optimizer", "trainable")}
+        assert lines == {"optimizer": "torch.float32", "trainable": dtype}, rank
+
+
+def assert_evaluated_and_saved(out: Path, tiny: Path, data: Path, dtype=torch.float32):
     """eval_before/after of all 4 examples, a full official-format model that differs from the
     start, reloads with from_pretrained and runs a forward on the first two training rows."""
     for name in ("eval_before", "eval_after"):
@@ -104,7 +112,7 @@ def assert_evaluated_and_saved(out: Path, tiny: Path, data: Path):
         assert result["num_examples"] == 4 and len(result["predictions"]) == 4
     saved, initial = load_file(out / "model.safetensors"), load_file(tiny / "model.safetensors")
     assert saved.keys() == initial.keys()
-    assert all(saved[k].shape == initial[k].shape and saved[k].dtype == torch.float32 for k in saved)
+    assert all(saved[k].shape == initial[k].shape and saved[k].dtype == dtype for k in saved)
     moved = {k for k in saved if not torch.equal(saved[k], initial[k])}
     assert any(".img_projection." in k for k in moved) and any(".layers.0." in k for k in moved)
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -122,19 +130,22 @@ def assert_evaluated_and_saved(out: Path, tiny: Path, data: Path):
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_mixed_batches_on_two_ranks(stage, tiny_checkpoint, mixed_data, tmp_path):
+    """In bf16, as on GPUs: DeepSpeed holds bf16 weights and steps its own fp32 copies."""
     out, log_dir = tmp_path / "out", tmp_path / "log"
     launch(tiny_checkpoint, mixed_data, out, log_dir, "--deepspeed", ZERO2 if stage == "zero2" else ZERO3,
-           "--train_sampling_strategy", "sequential")
+           "--train_sampling_strategy", "sequential", "--bf16")
     assert_ranks_mixed_in_every_step(log_dir)
+    assert_optimizer_steps(log_dir, "torch.bfloat16")
     if stage == "zero3":
         assert_lockstep_generation_mixed(log_dir)
-    assert_evaluated_and_saved(out, tiny_checkpoint, mixed_data)
+    assert_evaluated_and_saved(out, tiny_checkpoint, mixed_data, dtype=torch.bfloat16)
 
 
 @pytest.mark.slow
 def test_deepspeed_zero3_images_only_on_two_ranks(tiny_checkpoint, ucf101_data, tmp_path):
     out, log_dir = tmp_path / "out", tmp_path / "log"
     launch(tiny_checkpoint, ucf101_data, out, log_dir, "--deepspeed", ZERO3)
+    assert_optimizer_steps(log_dir, "torch.float32")
     for rank in (0, 1):
         log = batch_log(log_dir, rank)
         assert [line[2] for line in log if line[0] == "train"] == ["images=1"] * 2
@@ -145,8 +156,10 @@ def test_deepspeed_zero3_images_only_on_two_ranks(tiny_checkpoint, ucf101_data, 
 @pytest.mark.slow
 def test_ddp_full_finetuning_mixed_batches_on_two_ranks(tiny_checkpoint, mixed_data, tmp_path):
     out, log_dir = tmp_path / "out", tmp_path / "log"
-    launch(tiny_checkpoint, mixed_data, out, log_dir, "--deepspeed", "none", "--train_sampling_strategy", "sequential")
+    launch(tiny_checkpoint, mixed_data, out, log_dir, "--deepspeed", "none", "--train_sampling_strategy", "sequential",
+           "--bf16")
     assert_ranks_mixed_in_every_step(log_dir)
+    assert_optimizer_steps(log_dir, "torch.float32")  # fp32 weights, bf16 autocast
     assert_evaluated_and_saved(out, tiny_checkpoint, mixed_data)
 
 
@@ -154,8 +167,9 @@ def test_ddp_full_finetuning_mixed_batches_on_two_ranks(tiny_checkpoint, mixed_d
 def test_ddp_lora_mixed_batches_on_two_ranks(tiny_checkpoint, mixed_data, tmp_path):
     out, log_dir = tmp_path / "out", tmp_path / "log"
     launch(tiny_checkpoint, mixed_data, out, log_dir, "--deepspeed", "none", "--use_lora",
-           "--train_sampling_strategy", "sequential")
+           "--train_sampling_strategy", "sequential", "--bf16")
     assert_ranks_mixed_in_every_step(log_dir)
+    assert_optimizer_steps(log_dir, "torch.float32")  # fp32 adapters on a bf16 base
     for name in ("eval_before", "eval_after"):
         assert json.loads((out / f"{name}.json").read_text())["num_examples"] == 4
     from peft import PeftModel
