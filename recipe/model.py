@@ -27,6 +27,7 @@ import functools
 
 import torch
 from torch import nn
+from transformers.trainer_pt_utils import get_model_param_count
 
 import phi3v  # noqa: F401  (registers the native classes with the Auto factories)
 from phi3v.modeling_phi3v import Phi3VForCausalLM
@@ -143,7 +144,9 @@ def parameter_groups(model: nn.Module, model_args: ModelArguments, learning_rate
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
+    """(trainable, total) parameter counts, by the libraries' own counters: under ZeRO-3 a rank
+    holds empty placeholders (the real size is `ds_numel`), and a 4-bit weight packs two values
+    per byte (PEFT counts those for a LoRA/QLoRA model)."""
+    if hasattr(model, "get_nb_trainable_parameters"):  # a PeftModel
+        return model.get_nb_trainable_parameters()
+    return get_model_param_count(model, trainable_only=True), get_model_param_count(model)

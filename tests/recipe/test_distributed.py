@@ -23,6 +23,7 @@ import finetune_hf_trainer_ucf101 as ucf
 from phi3v.modeling_phi3v import Phi3VForCausalLM
 from phi3v.processing_phi3v import Phi3VProcessor
 from recipe.data import Collator, Conversation, ConversationDataset, Turn
+from recipe.model import count_parameters
 
 LAUNCHER = Path(__file__).with_name("distributed_launcher.py")
 ZERO2 = Path(ucf.__file__).parent / "ds_configs" / "zero2.json"
@@ -132,8 +133,11 @@ def assert_evaluated_and_saved(out: Path, tiny: Path, data: Path, dtype=torch.fl
 def test_deepspeed_mixed_batches_on_two_ranks(stage, tiny_checkpoint, mixed_data, tmp_path):
     """In bf16, as on GPUs: DeepSpeed holds bf16 weights and steps its own fp32 copies."""
     out, log_dir = tmp_path / "out", tmp_path / "log"
-    launch(tiny_checkpoint, mixed_data, out, log_dir, "--deepspeed", ZERO2 if stage == "zero2" else ZERO3,
-           "--train_sampling_strategy", "sequential", "--bf16")
+    stdout = launch(tiny_checkpoint, mixed_data, out, log_dir, "--deepspeed", ZERO2 if stage == "zero2" else ZERO3,
+                    "--train_sampling_strategy", "sequential", "--bf16")
+    # The logged counts are the model's, also under ZeRO-3 (whose ranks hold empty placeholders).
+    trainable, total = count_parameters(Phi3VForCausalLM.from_pretrained(tiny_checkpoint))
+    assert f"parameters: {trainable:,} trainable of {total:,}" in stdout
     assert_ranks_mixed_in_every_step(log_dir)
     assert_optimizer_steps(log_dir, "torch.bfloat16")
     if stage == "zero3":

@@ -96,3 +96,18 @@ def test_bf16_without_deepspeed_steps_fp32_weights(mode, tiny_checkpoint, ucf101
         frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
         assert torch.bfloat16 in frozen and frozen <= {torch.bfloat16, torch.uint8}  # (uint8: 4-bit packed)
 
+
+def test_parameter_counts_of_plain_lora_and_qlora_models(tiny_checkpoint, ucf101_data, tmp_path):
+    """QLoRA counts each 4-bit weight once (not its packed bytes): the same numbers as LoRA."""
+    plain = Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    every = sum(p.numel() for p in plain.parameters())
+    unused = sum(p.numel() for m in plain.model.vision_embed_tokens.unused_modules() for p in m.parameters())
+    assert count_parameters(plain) == (every - unused, every)
+
+    counts = {}
+    for mode in ("--use_lora", "--use_qlora"):
+        model_args, _, training_args = parsed(tiny_checkpoint, ucf101_data, tmp_path, mode)
+        counts[mode] = count_parameters(load_model(model_args, training_args))
+    adapters, total = counts["--use_lora"]
+    assert 0 < adapters < every and total == every + adapters
+    assert counts["--use_qlora"] == counts["--use_lora"]
