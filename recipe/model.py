@@ -7,6 +7,14 @@
 | --use_lora | bf16/fp16 with those flags, else fp32 | LoRA adapters (fp32) |
 | --use_qlora | 4-bit NF4, compute in bf16/fp16/fp32 | LoRA adapters (fp32) |
 
+The optimiser never steps half-precision weights: in bf16 `0.02 - 4e-5` is `0.02`, so most
+updates at the usual learning rates would vanish. Weights that train are therefore loaded in
+fp32 in every launch mode (also with --use_flash_attention: autocast hands FlashAttention-2 its
+bf16 inputs). Without DeepSpeed, AMP autocast computes in half precision on them; DeepSpeed casts
+the module to bf16/fp16 itself (its config's "auto" follows --bf16/--fp16) and steps fp32
+copies it keeps. LoRA adapters are created fp32 next to a half-precision frozen base (PEFT's
+`autocast_adapter_dtype`).
+
 LoRA targets the original recipe's modules: the language model's qkv_proj, o_proj,
 gate_up_proj, down_proj and lm_head, plus, unless the vision side is frozen, CLIP's q/k/v/out
 projections and MLP and the image projector -- only in CLIP layers that actually run (layers
@@ -19,6 +27,7 @@ import functools
 
 import torch
 from torch import nn
+from transformers.trainer_pt_utils import get_model_param_count
 
 import phi3v  # noqa: F401  (registers the native classes with the Auto factories)
 from phi3v.modeling_phi3v import Phi3VForCausalLM
@@ -58,12 +67,11 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
             # match from the start of a module's full name (or as its suffix).
             llm_int8_skip_modules=["lm_head", "model.vision_embed_tokens"],
         )
-    # Full finetuning keeps fp32 weights (AMP or DeepSpeed does the mixed precision); adapters
-    # training can hold the frozen base in half precision.
-    full_precision = not model_args.use_lora and not model_args.use_flash_attention
+    # Full and frozen-vision finetuning keep fp32 weights (AMP or DeepSpeed does the mixed
+    # precision: see the module docstring); adapter training holds the frozen base in half precision.
     model = Phi3VForCausalLM.from_pretrained(
         model_args.model_name_or_path,
-        dtype=_dtype(training_args, full_precision),
+        dtype=_dtype(training_args, full_precision=not model_args.use_lora),
         attn_implementation="flash_attention_2" if model_args.use_flash_attention else "sdpa",
         quantization_config=quantization_config,
         device_map={"": torch.cuda.current_device()} if quantization_config and torch.cuda.is_available() else None,
@@ -82,7 +90,7 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
             init_lora_weights="gaussian",
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora, autocast_adapter_dtype=True)  # fp32 adapters (the default)
         # lm_head is a LoRA target; PEFT would then also store the (unchanged) base lm_head in
         # every adapter and checkpoint (~200 MB at full size). The base model has it already.
         model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
@@ -138,7 +146,9 @@ def parameter_groups(model: nn.Module, model_args: ModelArguments, learning_rate
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
+    """(trainable, total) parameter counts, by the libraries' own counters: under ZeRO-3 a rank
+    holds empty placeholders (the real size is `ds_numel`), and a 4-bit weight packs two values
+    per byte (PEFT counts those for a LoRA/QLoRA model)."""
+    if hasattr(model, "get_nb_trainable_parameters"):  # a PeftModel
+        return model.get_nb_trainable_parameters()
+    return get_model_param_count(model, trainable_only=True), get_model_param_count(model)

@@ -1,0 +1,63 @@
+"""Runs finetune_hf_trainer_ucf101.py under torchrun and records, per rank, what each forward saw;
+test_distributed.py launches it.
+
+    torchrun --nproc_per_node=2 tests/recipe/distributed_launcher.py FLAGS...
+
+RECIPE_TEST_BATCH_LOG=DIR  DIR/rank<RANK>.txt gets one line per training micro-batch
+                           ("train <step> images=<0|1>": whether that rank's batch held an image)
+                           and one per forward that decided on the dummy image
+                           ("dummy <train|lockstep> images=<0|1> needed=<0|1>"), so a test can
+                           check that ranks really had image and image-less batches in the same
+                           step and that the image-less rank ran the dummy crop.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def stepped_dtypes(optimizer) -> set[str]:
+    """Dtypes of the tensors the innermost torch optimizer updates, below accelerate's and
+    DeepSpeed's wrappers. ZeRO-3 hands its fp32 partitions to it only during the step."""
+    while hasattr(optimizer, "optimizer"):
+        if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+            return {str(t.dtype) for t in optimizer.fp32_partitioned_groups_flat}
+        optimizer = optimizer.optimizer
+    return {str(p.dtype) for group in optimizer.param_groups for p in group["params"]}
+
+
+def record_batches(log_dir: str) -> None:
+    import recipe.train
+    from phi3v.modeling_phi3v import Phi3VModel
+
+    log = open(Path(log_dir) / f"rank{os.environ.get('RANK', '0')}.txt", "a", buffering=1)
+    decide = Phi3VModel._dummy_image_needed
+
+    def logged_decision(self, has_images, device):
+        needed = decide(self, has_images, device)
+        mode = "lockstep" if self.vision_lockstep else "train"
+        log.write(f"dummy {mode} images={int(has_images)} needed={int(needed)}\n")
+        return needed
+
+    class Trainer(recipe.train.RecipeTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            if self.state.global_step == 0 and not getattr(self, "_dtypes_logged", False):
+                self._dtypes_logged = True
+                log.write(f"optimizer {','.join(sorted(stepped_dtypes(self.optimizer)))}\n")
+                trainable = {str(p.dtype) for p in model.parameters() if p.requires_grad}
+                log.write(f"trainable {','.join(sorted(trainable))}\n")
+            log.write(f"train {self.state.global_step + 1} images={int(inputs.get('pixel_values') is not None)}\n")
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    Phi3VModel._dummy_image_needed = logged_decision
+    recipe.train.RecipeTrainer = Trainer
+
+
+if __name__ == "__main__":
+    if os.environ.get("RECIPE_TEST_BATCH_LOG"):
+        record_batches(os.environ["RECIPE_TEST_BATCH_LOG"])
+    import finetune_hf_trainer_ucf101
+
+    finetune_hf_trainer_ucf101.main(sys.argv[1:])
