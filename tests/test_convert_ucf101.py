@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:  # the script lives at the project root, not in a 
     sys.path.insert(0, str(ROOT))
 
 import convert_ucf101 as cu  # noqa: E402
+from ucf101 import archive as ucf_archive, frames, synthetic, tree  # noqa: E402
 
 # Grey levels far enough apart to identify a frame after MPEG-4/H.264 and JPEG compression.
 LEVELS = [10 + 24 * i for i in range(10)]  # 10, 34, ..., 226
@@ -114,26 +115,26 @@ def _mkdirs(*dirs):
 
 
 def test_sample_frame_indices_matches_original_and_repeats_short_videos():
-    assert cu.sample_frame_indices(16, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
-    assert cu.sample_frame_indices(10, 4) == [0, 2, 5, 7]
-    assert cu.sample_frame_indices(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]
-    assert cu.sample_frame_indices(1, 3) == [0, 0, 0]
+    assert frames.sample_frame_indices(16, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert frames.sample_frame_indices(10, 4) == [0, 2, 5, 7]
+    assert frames.sample_frame_indices(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert frames.sample_frame_indices(1, 3) == [0, 0, 0]
     # The original recipe: np.arange(0, total, total / n).astype(int), for total >= n.
     for n in (4, 8, 16):
         for total in range(n, 400):
             original = np.arange(0, total, total / n).astype(int).tolist()
-            assert cu.sample_frame_indices(total, n) == original, (total, n)
+            assert frames.sample_frame_indices(total, n) == original, (total, n)
     with pytest.raises(ValueError):
-        cu.sample_frame_indices(0, 8)
+        frames.sample_frame_indices(0, 8)
     with pytest.raises(ValueError):
-        cu.sample_frame_indices(8, 0)
+        frames.sample_frame_indices(8, 0)
 
 
 @pytest.mark.parametrize("suffix,fmt,codec", [(".avi", "avi", "mpeg4"), (".mp4", "mp4", "libx264")])
 def test_read_frames_samples_evenly(tmp_path, suffix, fmt, codec):
     path = make_video(tmp_path / f"v{suffix}", LEVELS, fmt=fmt, codec=codec, size=(80, 60))
     assert header_frames(path) == 10
-    images = cu.read_frames(path, 4)
+    images = frames.read_frames(path, 4)
     assert [im.size for im in images] == [(80, 60)] * 4
     assert all(im.mode == "RGB" for im in images)
     assert frame_levels(images) == [0, 2, 5, 7]
@@ -150,8 +151,8 @@ def test_read_frames_when_container_reports_zero_frames(tmp_path, name, fmt, cod
     path = make_video(tmp_path / name, LEVELS, fmt=fmt, codec=codec, options=options)
     assert header_frames(path) == 0  # the case under test: no count in the container
     assert decoded_frames(path) == 10
-    assert frame_levels(cu.read_frames(path, 4)) == [0, 2, 5, 7]
-    assert frame_levels(cu.read_frames(path, 10)) == list(range(10))
+    assert frame_levels(frames.read_frames(path, 4)) == [0, 2, 5, 7]
+    assert frame_levels(frames.read_frames(path, 10)) == list(range(10))
 
 
 def test_read_frames_ignores_a_wrong_header_count(tmp_path):
@@ -172,12 +173,12 @@ def test_read_frames_ignores_a_wrong_header_count(tmp_path):
     path.write_bytes(bytes(pipe.data))
     assert header_frames(path) not in (0, 10)
     assert decoded_frames(path) == 10
-    assert frame_levels(cu.read_frames(path, 4)) == [0, 2, 5, 7]
+    assert frame_levels(frames.read_frames(path, 4)) == [0, 2, 5, 7]
 
 
 def test_short_video_repeats_frames_evenly(tmp_path):
     path = make_video(tmp_path / "short.avi", LEVELS[:3])
-    images = cu.read_frames(path, 8)
+    images = frames.read_frames(path, 8)
     assert len(images) == 8
     assert frame_levels(images) == [0, 0, 0, 1, 1, 1, 2, 2]
 
@@ -197,8 +198,8 @@ def test_unreadable_videos_raise_with_a_reason(tmp_path):
         container.mux(stream.encode())
     for path, reason in [(garbage, "Invalid data"), (empty, "InvalidDataError"),
                          (audio, "no video stream"), (tmp_path / "missing.avi", "No such file")]:
-        with pytest.raises(cu.VideoReadError, match=reason):
-            cu.read_frames(path, 8)
+        with pytest.raises(frames.VideoReadError, match=reason):
+            frames.read_frames(path, 8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +327,7 @@ def test_non_empty_out_dir_is_refused_and_untouched(tmp_path, small_tree, capsys
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     # Refused before any work: not even a download is attempted.
-    monkeypatch.setattr(cu, "hf_hub_download", lambda **kw: pytest.fail("downloaded"))
+    monkeypatch.setattr(ucf_archive, "hf_hub_download", lambda **kw: pytest.fail("downloaded"))
     for argv in (["--video_dir", small_tree], []):
         code, _, stderr = run(argv + ["--out_dir", out], capsys)
         assert code == 2 and "--overwrite" in stderr and str(out) in stderr
@@ -366,7 +367,7 @@ def test_failure_mid_conversion_keeps_the_earlier_output(tmp_path, small_tree, m
     assert run(["--video_dir", small_tree, "--out_dir", out]) == 0
     before = snapshot(out)
     calls = []
-    real = cu.convert_video
+    real = tree.convert_video
 
     def dies_on_third_video(task, image_root, num_frames):
         calls.append(task.name)
@@ -374,7 +375,7 @@ def test_failure_mid_conversion_keeps_the_earlier_output(tmp_path, small_tree, m
             raise KeyboardInterrupt  # like Ctrl-C (or any crash) half way through
         return real(task, image_root, num_frames)
 
-    monkeypatch.setattr(cu, "convert_video", dies_on_third_video)
+    monkeypatch.setattr(tree, "convert_video", dies_on_third_video)
     with pytest.raises(KeyboardInterrupt):
         run(["--video_dir", small_tree, "--out_dir", out, "--overwrite", "--num_frames", "2"])
     assert len(calls) == 3
@@ -383,7 +384,7 @@ def test_failure_mid_conversion_keeps_the_earlier_output(tmp_path, small_tree, m
 
 
 def test_failure_while_writing_jsonl_leaves_no_partial_file(tmp_path, small_tree, monkeypatch):
-    real = cu._write_jsonl
+    real = tree.write_jsonl
 
     def dies_in_second_file(path, records):
         if path.name == "ucf101_val.jsonl":
@@ -391,7 +392,7 @@ def test_failure_while_writing_jsonl_leaves_no_partial_file(tmp_path, small_tree
             raise OSError("disk full")
         real(path, records)
 
-    monkeypatch.setattr(cu, "_write_jsonl", dies_in_second_file)
+    monkeypatch.setattr(tree, "write_jsonl", dies_in_second_file)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
         run(["--video_dir", small_tree, "--out_dir", out])
@@ -494,8 +495,8 @@ def test_archive_members_escaping_the_target_are_refused(
     # safe_extract on its own: refuses and writes nothing next to the destination.
     dest = tmp_path / "a" / "b" / "dest"
     dest.mkdir(parents=True)
-    with tarfile.open(archive) as tar, pytest.raises(cu.UnsafeArchiveError) as info:
-        cu.safe_extract(tar, dest)
+    with tarfile.open(archive) as tar, pytest.raises(ucf_archive.UnsafeArchiveError) as info:
+        ucf_archive.safe_extract(tar, dest)
     assert info.value.member == fix(name)
     assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["dest"]
     assert not (tmp_path / "evil").exists() and not (tmp_path / "a" / "evil").exists()
@@ -510,7 +511,7 @@ def test_safe_extract_allows_links_inside(tmp_path):
                            member("d/hard", kind=tarfile.LNKTYPE, linkname="d/f.txt")]:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
     with tarfile.open(archive) as tar:
-        cu.safe_extract(tar, tmp_path / "dest")
+        ucf_archive.safe_extract(tar, tmp_path / "dest")
     assert (tmp_path / "dest/d/sym").read_bytes() == b"hi"
     assert (tmp_path / "dest/d/hard").read_bytes() == b"hi"
 
@@ -533,7 +534,7 @@ def test_default_downloads_the_subset_archive_from_the_hub(tmp_path, small_tree,
         calls.append(kwargs)
         return str(archive)
 
-    monkeypatch.setattr(cu, "hf_hub_download", fake_download)
+    monkeypatch.setattr(ucf_archive, "hf_hub_download", fake_download)
     assert run(["--out_dir", tmp_path / "out"]) == 0
     assert calls == [{"repo_id": "sayakpaul/ucf101-subset", "filename": "UCF101_subset.tar.gz",
                       "repo_type": "dataset"}]
@@ -546,7 +547,7 @@ def test_unreachable_hub_suggests_local_input(tmp_path, monkeypatch, capsys):
     def offline(**kwargs):
         raise LocalEntryNotFoundError("cannot reach huggingface.co")
 
-    monkeypatch.setattr(cu, "hf_hub_download", offline)
+    monkeypatch.setattr(ucf_archive, "hf_hub_download", offline)
     code, _, stderr = run(["--out_dir", tmp_path / "out"], capsys)
     assert code == 2
     assert "sayakpaul/ucf101-subset" in stderr and "cannot reach huggingface.co" in stderr
@@ -568,7 +569,7 @@ def test_synthetic_end_to_end_is_learnable(tmp_path):
     names = ["BlueDown", "GreenLeft", "RedRight", "YellowUp"]
     records = {
         split: [json.loads(line) for line in (out / f"ucf101_{split}.jsonl").open()]
-        for split in cu.SPLITS
+        for split in tree.SPLITS
     }
     assert {split: len(rows) for split, rows in records.items()} == dict(train=12, val=8, test=8)
     prompt = f"Classify the video into one of the following classes: {', '.join(names)}."
@@ -606,9 +607,9 @@ def test_synthetic_end_to_end_is_learnable(tmp_path):
 def test_write_synthetic_tree_is_deterministic(tmp_path):
     kwargs = dict(num_classes=2, videos_per_class=1, eval_videos_per_class=1, num_frames=4,
                   size=(32, 24))
-    assert cu.write_synthetic_tree(tmp_path / "a", seed=3, **kwargs) == ["GreenLeft", "RedRight"]
-    cu.write_synthetic_tree(tmp_path / "b", seed=3, **kwargs)
-    cu.write_synthetic_tree(tmp_path / "c", seed=4, **kwargs)
+    assert synthetic.write_synthetic_tree(tmp_path / "a", seed=3, **kwargs) == ["GreenLeft", "RedRight"]
+    synthetic.write_synthetic_tree(tmp_path / "b", seed=3, **kwargs)
+    synthetic.write_synthetic_tree(tmp_path / "c", seed=4, **kwargs)
     a = snapshot(tmp_path / "a")
     assert sorted(a) == sorted(f"{split}/{name}/v_{name}_g{g:02d}_c01.avi"
                                for split, g in (("train", 1), ("val", 2), ("test", 3))
