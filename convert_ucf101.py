@@ -49,11 +49,14 @@ images and are refused.
 Safety: a non-empty `--out_dir` is refused unless `--overwrite`. The output is built in a
 hidden sibling `.<out_dir name>.tmp-*` and renamed into place only once complete, so a killed
 run never leaves a half-written jsonl; with `--overwrite` the previous output is moved aside
-(`.<name>.old-*`) and deleted only after the new one is in place. Archive members that would
-land outside the extraction directory (absolute paths, `..`, links pointing outside, devices)
-are refused with the member's name. An unreadable video is reported with the reason, skipped
-and listed in the final summary; the exit code is 1 only if no video could be converted, 2 for
-a usage or input error.
+(`.<name>.old-*`) and deleted only after the new one is in place. Archives are extracted
+with tarfile's "data" filter into a temporary directory: members that would land outside it
+(`..`, links pointing outside or to absolute paths) and device files are refused with the
+member's name; leading "/" are dropped, as GNU tar does. An unreadable video is reported
+with the reason, skipped and listed in the final summary.
+
+Exit status: 0 done; 1 no video could be converted (nothing written); 2 a usage or input
+error, reported as one line `error: <what, where, what to do>` on stderr.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from recipe.errors import cli
+from recipe.errors import FlagError, cli
 from ucf101.archive import HUB_FILENAME, HUB_REPO_ID, download_subset_archive, extract_archive
 from ucf101.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DEFAULTS, check_size, write_synthetic_tree
 from ucf101.tree import (
@@ -79,9 +82,7 @@ from ucf101.tree import (
 
 
 def convert(args: argparse.Namespace) -> int:
-    """Run a parsed command line; see `main`."""
-    check_out_dir(args.out_dir, args.overwrite,
-                  {"video_dir": args.video_dir, "archive": args.archive, "tmp_dir": args.tmp_dir})
+    """Run a command line checked by `parse_args`; see `main`."""
     with tempfile.TemporaryDirectory(prefix="convert_ucf101-", dir=args.tmp_dir) as work:
         source, where = _get_videos(args, Path(work))
         root = find_dataset_root(source, where)
@@ -90,7 +91,8 @@ def convert(args: argparse.Namespace) -> int:
                                 progress=not args.no_tqdm, overwrite=args.overwrite)
     _print_summary(tasks, skipped, ignored, root, args.num_frames, args.out_dir)
     if len(skipped) == len(tasks):
-        print("error: no video could be converted (reasons above); nothing written",
+        print("error: no video could be converted (reasons listed above); nothing written. "
+              "Check that the files are videos FFmpeg can decode (e.g. with ffprobe)",
               file=sys.stderr)
         return 1
     return 0
@@ -163,8 +165,16 @@ def _frame_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, missing value, bad type, exclusive flags) are
+    FlagErrors, so they end in the same one `error:` line as every other user error."""
+
+    def error(self, message: str):
+        raise FlagError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description="Convert a UCF-101 style video tree into ucf101_{train,val,test}.jsonl plus "
         "JPEG frames (the layout of Microsoft's Phi-3.5-vision UCF-101 recipe).",
         epilog="Without --video_dir, --archive or --synthetic the UCF-101 subset archive is "
@@ -212,28 +222,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse and cross-check the command line (errors exit with status 2, like argparse)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.num_frames < 1:
-        parser.error(f"--num_frames must be >= 1, got {args.num_frames}")
-    if args.num_workers < 1:
-        parser.error(f"--num_workers must be >= 1, got {args.num_workers}")
+    """Parse the command line and check every flag and path, before any work.
+
+    Raises FlagError (one `error:` line, exit status 2) for anything that cannot work.
+    """
+    args = build_parser().parse_args(argv)
+    for flag in ("num_frames", "num_workers"):
+        if getattr(args, flag) < 1:
+            raise FlagError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     for flag, default in SYNTHETIC_DEFAULTS.items():
         if getattr(args, flag) is None:
             setattr(args, flag, default)
         elif not args.synthetic:
-            parser.error(f"--{flag} only applies with --synthetic")
+            raise FlagError(f"--{flag} only applies with --synthetic; add --synthetic or drop it")
     if args.synthetic:
         if not 2 <= args.synthetic_classes <= len(SYNTHETIC_CLASSES):
-            parser.error(
+            raise FlagError(
                 f"--synthetic_classes must be in 2..{len(SYNTHETIC_CLASSES)}, "
                 f"got {args.synthetic_classes}"
             )
         for flag in ("synthetic_videos_per_class", "synthetic_eval_videos_per_class",
                      "synthetic_frames"):
             if getattr(args, flag) < 1:
-                parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+                raise FlagError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.tmp_dir is not None and not args.tmp_dir.is_dir():
+        raise FlagError(f"--tmp_dir {args.tmp_dir}: no such directory; create it or drop the flag")
+    check_out_dir(args.out_dir, args.overwrite,
+                  {"video_dir": args.video_dir, "archive": args.archive, "tmp_dir": args.tmp_dir})
     return args
 
 

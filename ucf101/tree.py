@@ -211,8 +211,9 @@ def check_out_dir(out_dir: Path, overwrite: bool, inputs: dict[str, Path | None]
     `inputs` maps flag names to the input paths, which `out_dir` may not contain (replacing
     it would delete them).
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FlagError(f"--out_dir {out_dir} exists and is not a directory; choose another path")
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise FlagError(f"--out_dir {out_dir}: {existing} is not a directory; choose another path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FlagError(
             f"--out_dir {out_dir} is not empty; pass --overwrite to replace it (the old contents "
