@@ -265,6 +265,7 @@ def test_output_layout_matches_the_original(tmp_path, small_tree, capsys):
     assert "skipped 1 unreadable video(s):\n  train/ClassA/v_zbad.avi: InvalidDataError" in stdout
     assert "converted 4 of 5 videos, 8 frames each: train 2, val 1, test 1" in stdout
     assert "train/ClassA/notes.txt" in stdout  # ignored, and said so
+    assert "converting" not in stderr  # --no-tqdm: no progress bar
     assert leftovers(tmp_path, "out") == []
 
 
