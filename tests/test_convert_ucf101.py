@@ -23,6 +23,8 @@ if str(ROOT) not in sys.path:  # the script lives at the project root, not in a 
     sys.path.insert(0, str(ROOT))
 
 import convert_ucf101 as cu  # noqa: E402
+from recipe.errors import DataError  # noqa: E402
+from ucf101 import archive as ucf_archive, frames, synthetic, tree  # noqa: E402
 
 # Grey levels far enough apart to identify a frame after MPEG-4/H.264 and JPEG compression.
 LEVELS = [10 + 24 * i for i in range(10)]  # 10, 34, ..., 226
@@ -64,6 +66,14 @@ def frame_levels(images):
     for m, i in zip(means, found):
         assert abs(m - LEVELS[i]) < 8, (means, found)
     return found
+
+
+def one_error_line(stderr):
+    """The `error:` line of a user error, checking it is the only one and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
 
 
 def run(argv, capsys=None):
@@ -114,26 +124,26 @@ def _mkdirs(*dirs):
 
 
 def test_sample_frame_indices_matches_original_and_repeats_short_videos():
-    assert cu.sample_frame_indices(16, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
-    assert cu.sample_frame_indices(10, 4) == [0, 2, 5, 7]
-    assert cu.sample_frame_indices(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]
-    assert cu.sample_frame_indices(1, 3) == [0, 0, 0]
+    assert frames.sample_frame_indices(16, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert frames.sample_frame_indices(10, 4) == [0, 2, 5, 7]
+    assert frames.sample_frame_indices(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert frames.sample_frame_indices(1, 3) == [0, 0, 0]
     # The original recipe: np.arange(0, total, total / n).astype(int), for total >= n.
     for n in (4, 8, 16):
         for total in range(n, 400):
             original = np.arange(0, total, total / n).astype(int).tolist()
-            assert cu.sample_frame_indices(total, n) == original, (total, n)
+            assert frames.sample_frame_indices(total, n) == original, (total, n)
     with pytest.raises(ValueError):
-        cu.sample_frame_indices(0, 8)
+        frames.sample_frame_indices(0, 8)
     with pytest.raises(ValueError):
-        cu.sample_frame_indices(8, 0)
+        frames.sample_frame_indices(8, 0)
 
 
 @pytest.mark.parametrize("suffix,fmt,codec", [(".avi", "avi", "mpeg4"), (".mp4", "mp4", "libx264")])
 def test_read_frames_samples_evenly(tmp_path, suffix, fmt, codec):
     path = make_video(tmp_path / f"v{suffix}", LEVELS, fmt=fmt, codec=codec, size=(80, 60))
     assert header_frames(path) == 10
-    images = cu.read_frames(path, 4)
+    images = frames.read_frames(path, 4)
     assert [im.size for im in images] == [(80, 60)] * 4
     assert all(im.mode == "RGB" for im in images)
     assert frame_levels(images) == [0, 2, 5, 7]
@@ -150,8 +160,8 @@ def test_read_frames_when_container_reports_zero_frames(tmp_path, name, fmt, cod
     path = make_video(tmp_path / name, LEVELS, fmt=fmt, codec=codec, options=options)
     assert header_frames(path) == 0  # the case under test: no count in the container
     assert decoded_frames(path) == 10
-    assert frame_levels(cu.read_frames(path, 4)) == [0, 2, 5, 7]
-    assert frame_levels(cu.read_frames(path, 10)) == list(range(10))
+    assert frame_levels(frames.read_frames(path, 4)) == [0, 2, 5, 7]
+    assert frame_levels(frames.read_frames(path, 10)) == list(range(10))
 
 
 def test_read_frames_ignores_a_wrong_header_count(tmp_path):
@@ -172,12 +182,12 @@ def test_read_frames_ignores_a_wrong_header_count(tmp_path):
     path.write_bytes(bytes(pipe.data))
     assert header_frames(path) not in (0, 10)
     assert decoded_frames(path) == 10
-    assert frame_levels(cu.read_frames(path, 4)) == [0, 2, 5, 7]
+    assert frame_levels(frames.read_frames(path, 4)) == [0, 2, 5, 7]
 
 
 def test_short_video_repeats_frames_evenly(tmp_path):
     path = make_video(tmp_path / "short.avi", LEVELS[:3])
-    images = cu.read_frames(path, 8)
+    images = frames.read_frames(path, 8)
     assert len(images) == 8
     assert frame_levels(images) == [0, 0, 0, 1, 1, 1, 2, 2]
 
@@ -197,8 +207,8 @@ def test_unreadable_videos_raise_with_a_reason(tmp_path):
         container.mux(stream.encode())
     for path, reason in [(garbage, "Invalid data"), (empty, "InvalidDataError"),
                          (audio, "no video stream"), (tmp_path / "missing.avi", "No such file")]:
-        with pytest.raises(cu.VideoReadError, match=reason):
-            cu.read_frames(path, 8)
+        with pytest.raises(frames.VideoReadError, match=reason):
+            frames.read_frames(path, 8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +265,7 @@ def test_output_layout_matches_the_original(tmp_path, small_tree, capsys):
     assert "skipped 1 unreadable video(s):\n  train/ClassA/v_zbad.avi: InvalidDataError" in stdout
     assert "converted 4 of 5 videos, 8 frames each: train 2, val 1, test 1" in stdout
     assert "train/ClassA/notes.txt" in stdout  # ignored, and said so
+    assert "converting" not in stderr  # --no-tqdm: no progress bar
     assert leftovers(tmp_path, "out") == []
 
 
@@ -299,14 +310,23 @@ def test_duplicate_stems_are_refused(tmp_path, capsys):
     make_video(root / "train/A/clip.avi", LEVELS[:2])
     make_video(root / "train/A/clip.mp4", LEVELS[:2], fmt="mp4", codec="libx264")
     code, _, stderr = run(["--video_dir", root, "--out_dir", tmp_path / "out"], capsys)
-    assert code == 2 and "clip.avi" in stderr and "clip.mp4" in stderr
+    line = one_error_line(stderr)
+    assert code == 2 and "train/A/clip.avi and train/A/clip.mp4" in line and "rename" in line
 
 
 def test_tree_without_splits_is_refused(tmp_path, capsys):
     (tmp_path / "videos/A").mkdir(parents=True)
     argv = ["--video_dir", tmp_path / "videos", "--out_dir", tmp_path / "out"]
     code, _, stderr = run(argv, capsys)
-    assert code == 2 and "no train/, val/ or test/ directory" in stderr
+    line = one_error_line(stderr)
+    assert code == 2 and f"--video_dir {tmp_path / 'videos'}: no train/, val/ or test/" in line
+
+
+def test_missing_video_dir_is_a_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    code, _, stderr = run(["--video_dir", missing, "--out_dir", tmp_path / "out"], capsys)
+    assert code == 2
+    assert one_error_line(stderr).startswith(f"error: --video_dir {missing}: no such directory")
 
 
 def test_num_workers_gives_identical_output(tmp_path, small_tree):
@@ -326,10 +346,11 @@ def test_non_empty_out_dir_is_refused_and_untouched(tmp_path, small_tree, capsys
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     # Refused before any work: not even a download is attempted.
-    monkeypatch.setattr(cu, "hf_hub_download", lambda **kw: pytest.fail("downloaded"))
+    monkeypatch.setattr(ucf_archive, "hf_hub_download", lambda **kw: pytest.fail("downloaded"))
     for argv in (["--video_dir", small_tree], []):
         code, _, stderr = run(argv + ["--out_dir", out], capsys)
-        assert code == 2 and "--overwrite" in stderr and str(out) in stderr
+        line = one_error_line(stderr)
+        assert code == 2 and "pass --overwrite" in line and f"--out_dir {out}" in line
         assert snapshot(out) == {"precious.txt": b"keep me"}
     assert leftovers(tmp_path, "out") == []
 
@@ -345,7 +366,7 @@ def test_out_dir_may_not_contain_the_input(tmp_path, small_tree, capsys):
     before = snapshot(small_tree)
     for out in (small_tree, small_tree.parent):
         code, _, stderr = run(["--video_dir", small_tree, "--out_dir", out, "--overwrite"], capsys)
-        assert code == 2 and "contains --video_dir" in stderr
+        assert code == 2 and "contains --video_dir" in one_error_line(stderr)
     assert snapshot(small_tree) == before
 
 
@@ -366,7 +387,7 @@ def test_failure_mid_conversion_keeps_the_earlier_output(tmp_path, small_tree, m
     assert run(["--video_dir", small_tree, "--out_dir", out]) == 0
     before = snapshot(out)
     calls = []
-    real = cu.convert_video
+    real = tree.convert_video
 
     def dies_on_third_video(task, image_root, num_frames):
         calls.append(task.name)
@@ -374,7 +395,7 @@ def test_failure_mid_conversion_keeps_the_earlier_output(tmp_path, small_tree, m
             raise KeyboardInterrupt  # like Ctrl-C (or any crash) half way through
         return real(task, image_root, num_frames)
 
-    monkeypatch.setattr(cu, "convert_video", dies_on_third_video)
+    monkeypatch.setattr(tree, "convert_video", dies_on_third_video)
     with pytest.raises(KeyboardInterrupt):
         run(["--video_dir", small_tree, "--out_dir", out, "--overwrite", "--num_frames", "2"])
     assert len(calls) == 3
@@ -383,7 +404,7 @@ def test_failure_mid_conversion_keeps_the_earlier_output(tmp_path, small_tree, m
 
 
 def test_failure_while_writing_jsonl_leaves_no_partial_file(tmp_path, small_tree, monkeypatch):
-    real = cu._write_jsonl
+    real = tree.write_jsonl
 
     def dies_in_second_file(path, records):
         if path.name == "ucf101_val.jsonl":
@@ -391,7 +412,7 @@ def test_failure_while_writing_jsonl_leaves_no_partial_file(tmp_path, small_tree
             raise OSError("disk full")
         real(path, records)
 
-    monkeypatch.setattr(cu, "_write_jsonl", dies_in_second_file)
+    monkeypatch.setattr(tree, "write_jsonl", dies_in_second_file)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
         run(["--video_dir", small_tree, "--out_dir", out])
@@ -451,19 +472,20 @@ def test_archive_converts_like_the_video_dir(tmp_path, small_tree):
 @pytest.mark.parametrize(
     "members,name,reason",
     [
-        ([member("../evil")], "../evil", "points outside the destination"),
+        ([member("../evil")], "../evil", "outside the destination"),
         ([member("UCF101_subset/../../evil")], "UCF101_subset/../../evil",
-         "points outside the destination"),
-        ([member("{abs}")], "{abs}", "has an absolute path"),
+         "outside the destination"),
         ([member("link", kind=tarfile.SYMTYPE, linkname=".."), member("link/evil")], "link",
-         "is a symlink pointing outside"),
+         "would link to"),
         ([member("link", kind=tarfile.SYMTYPE, linkname="{outside}")], "link",
-         "is a symlink to the absolute path"),
+         "is a link to an absolute path"),
         ([member("UCF101_subset/hard", kind=tarfile.LNKTYPE, linkname="../evil")],
-         "UCF101_subset/hard", "is a hard link pointing outside"),
+         "UCF101_subset/hard", "would link to"),
         # Each name looks harmless; only resolving the symlink on disk shows the escape.
         ([member("x/l", kind=tarfile.SYMTYPE, linkname=".."), member("x/l/x/l/../evil")],
-         "x/l/x/l/../evil", "was refused"),
+         "x/l/x/l/../evil", "outside the destination"),
+        ([member("UCF101_subset/dev", kind=tarfile.CHRTYPE)], "UCF101_subset/dev",
+         "is a special file"),
     ],
 )
 def test_archive_members_escaping_the_target_are_refused(
@@ -473,56 +495,60 @@ def test_archive_members_escaping_the_target_are_refused(
     outside.mkdir()
     work = tmp_path / "work"  # extraction happens in work/convert_ucf101-*/extracted
     work.mkdir()
-    abs_target = str(outside / "abs_evil")
-    fix = lambda s: s.format(abs=abs_target, outside=str(outside))  # noqa: E731
     extra = []
     for info, data in members:
-        info.name, info.linkname = fix(info.name), fix(info.linkname)
+        info.linkname = info.linkname.format(outside=outside)
         extra.append((info, data))
     archive = make_archive(tmp_path / "bad.tar.gz", small_tree, extra)
     with tarfile.open(archive) as tar:  # the archive really holds the hostile names
-        assert fix(name) in tar.getnames()
+        assert name in tar.getnames()
     before = snapshot(tmp_path)
 
     out = tmp_path / "out"
     code, _, stderr = run(["--archive", archive, "--out_dir", out, "--tmp_dir", work], capsys)
     assert code == 2
-    assert f"bad.tar.gz: member {fix(name)!r} {reason}" in stderr
+    line = one_error_line(stderr)
+    assert line.startswith(f"error: refusing to extract archive {archive}: ")
+    assert repr(name) in line and reason in line
     assert snapshot(tmp_path) == before  # nothing written anywhere, inside work/ or outside
     assert not out.exists() and list(work.iterdir()) == []
 
-    # safe_extract on its own: refuses and writes nothing next to the destination.
+    # extract_archive on its own: refuses and writes nothing outside the destination.
     dest = tmp_path / "a" / "b" / "dest"
-    dest.mkdir(parents=True)
-    with tarfile.open(archive) as tar, pytest.raises(cu.UnsafeArchiveError) as info:
-        cu.safe_extract(tar, dest)
-    assert info.value.member == fix(name)
+    with pytest.raises(DataError, match=reason) as info:
+        ucf_archive.extract_archive(archive, dest)
+    assert repr(name) in str(info.value)
     assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["dest"]
     assert not (tmp_path / "evil").exists() and not (tmp_path / "a" / "evil").exists()
     assert list(outside.iterdir()) == []
 
 
-def test_safe_extract_allows_links_inside(tmp_path):
+def test_extract_keeps_links_inside_and_absolute_names_inside(tmp_path):
     archive = tmp_path / "ok.tar"
+    outside = tmp_path / "outside"
     with tarfile.open(archive, "w") as tar:
         for info, data in [member("d/f.txt", b"hi"),
                            member("d/sym", kind=tarfile.SYMTYPE, linkname="f.txt"),
-                           member("d/hard", kind=tarfile.LNKTYPE, linkname="d/f.txt")]:
+                           member("d/hard", kind=tarfile.LNKTYPE, linkname="d/f.txt"),
+                           member(str(outside / "abs.txt"), b"abs")]:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    with tarfile.open(archive) as tar:
-        cu.safe_extract(tar, tmp_path / "dest")
+    ucf_archive.extract_archive(archive, tmp_path / "dest")
     assert (tmp_path / "dest/d/sym").read_bytes() == b"hi"
     assert (tmp_path / "dest/d/hard").read_bytes() == b"hi"
+    # As GNU tar does: the leading "/" is dropped, the file lands inside the destination.
+    assert (tmp_path / "dest" / str(outside / "abs.txt").lstrip("/")).read_bytes() == b"abs"
+    assert not outside.exists()
 
 
 def test_not_an_archive_is_a_clear_error(tmp_path, capsys):
     bogus = tmp_path / "x.tar.gz"
     bogus.write_bytes(b"definitely not gzip")
     code, _, stderr = run(["--archive", bogus, "--out_dir", tmp_path / "out"], capsys)
-    assert code == 2 and "cannot read or extract archive" in stderr and str(bogus) in stderr
+    assert code == 2
+    assert f"cannot read or extract archive {bogus}" in one_error_line(stderr)
     argv = ["--archive", tmp_path / "nope.tar.gz", "--out_dir", tmp_path / "out"]
     code, _, stderr = run(argv, capsys)
-    assert code == 2 and "no such file" in stderr
+    assert code == 2 and "nope.tar.gz: no such file" in one_error_line(stderr)
 
 
 def test_default_downloads_the_subset_archive_from_the_hub(tmp_path, small_tree, monkeypatch):
@@ -533,7 +559,7 @@ def test_default_downloads_the_subset_archive_from_the_hub(tmp_path, small_tree,
         calls.append(kwargs)
         return str(archive)
 
-    monkeypatch.setattr(cu, "hf_hub_download", fake_download)
+    monkeypatch.setattr(ucf_archive, "hf_hub_download", fake_download)
     assert run(["--out_dir", tmp_path / "out"]) == 0
     assert calls == [{"repo_id": "sayakpaul/ucf101-subset", "filename": "UCF101_subset.tar.gz",
                       "repo_type": "dataset"}]
@@ -546,11 +572,12 @@ def test_unreachable_hub_suggests_local_input(tmp_path, monkeypatch, capsys):
     def offline(**kwargs):
         raise LocalEntryNotFoundError("cannot reach huggingface.co")
 
-    monkeypatch.setattr(cu, "hf_hub_download", offline)
+    monkeypatch.setattr(ucf_archive, "hf_hub_download", offline)
     code, _, stderr = run(["--out_dir", tmp_path / "out"], capsys)
     assert code == 2
-    assert "sayakpaul/ucf101-subset" in stderr and "cannot reach huggingface.co" in stderr
-    assert "--video_dir" in stderr and "--archive" in stderr
+    line = one_error_line(stderr)
+    assert "sayakpaul/ucf101-subset" in line and "cannot reach huggingface.co" in line
+    assert "--video_dir" in line and "--archive" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -568,7 +595,7 @@ def test_synthetic_end_to_end_is_learnable(tmp_path):
     names = ["BlueDown", "GreenLeft", "RedRight", "YellowUp"]
     records = {
         split: [json.loads(line) for line in (out / f"ucf101_{split}.jsonl").open()]
-        for split in cu.SPLITS
+        for split in tree.SPLITS
     }
     assert {split: len(rows) for split, rows in records.items()} == dict(train=12, val=8, test=8)
     prompt = f"Classify the video into one of the following classes: {', '.join(names)}."
@@ -606,9 +633,9 @@ def test_synthetic_end_to_end_is_learnable(tmp_path):
 def test_write_synthetic_tree_is_deterministic(tmp_path):
     kwargs = dict(num_classes=2, videos_per_class=1, eval_videos_per_class=1, num_frames=4,
                   size=(32, 24))
-    assert cu.write_synthetic_tree(tmp_path / "a", seed=3, **kwargs) == ["GreenLeft", "RedRight"]
-    cu.write_synthetic_tree(tmp_path / "b", seed=3, **kwargs)
-    cu.write_synthetic_tree(tmp_path / "c", seed=4, **kwargs)
+    assert synthetic.write_synthetic_tree(tmp_path / "a", seed=3, **kwargs) == ["GreenLeft", "RedRight"]
+    synthetic.write_synthetic_tree(tmp_path / "b", seed=3, **kwargs)
+    synthetic.write_synthetic_tree(tmp_path / "c", seed=4, **kwargs)
     a = snapshot(tmp_path / "a")
     assert sorted(a) == sorted(f"{split}/{name}/v_{name}_g{g:02d}_c01.avi"
                                for split, g in (("train", 1), ("val", 2), ("test", 3))
@@ -627,26 +654,48 @@ def test_write_synthetic_tree_is_deterministic(tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--video_dir", "a", "--archive", "b"], "not allowed with"),
-        (["--video_dir", "a", "--synthetic"], "not allowed with"),
+        (["--video_dir", "a", "--archive", "b"], "argument --archive: not allowed with"),
+        (["--video_dir", "a", "--synthetic"], "argument --synthetic: not allowed with"),
         (["--video_dir", "a", "--synthetic_classes", "3"], "only applies with --synthetic"),
-        (["--seed", "1"], "only applies with --synthetic"),
+        (["--seed", "1"], "--seed only applies with --synthetic"),
         (["--synthetic", "--synthetic_classes", "9"], "--synthetic_classes must be in 2..8"),
+        (["--synthetic", "--synthetic_frames", "0"], "--synthetic_frames must be >= 1"),
         (["--synthetic", "--synthetic_size", "63x48"], "must be even"),
         (["--synthetic", "--synthetic_size", "big"], "WIDTHxHEIGHT"),
         (["--video_dir", "a", "--num_frames", "0"], "--num_frames must be >= 1"),
+        (["--video_dir", "a", "--num_frames", "x"], "argument --num_frames: invalid int value"),
         (["--video_dir", "a", "--num_workers", "0"], "--num_workers must be >= 1"),
-        (["--video_dir", "a"], "--out_dir"),
+        (["--video_dir", "a", "--frames", "3"], "unrecognized arguments: --frames 3"),
+        (["--synthetic", "--tmp_dir", "{tmp}/nope"], "--tmp_dir {tmp}/nope: no such directory"),
+        (["--video_dir", "a"], "required: --out_dir"),
     ],
 )
-def test_bad_flags_are_rejected(argv, message, capsys, tmp_path):
-    if argv != ["--video_dir", "a"]:
+def test_bad_flags_are_one_line_errors(argv, message, capsys, tmp_path):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if "--out_dir" not in message:
         argv = argv + ["--out_dir", str(tmp_path / "out")]
-    with pytest.raises(SystemExit) as info:
-        cu.main(argv)
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert cu.main(argv) == 2
+    assert message.format(tmp=tmp_path) in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_below_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, stderr = run(["--synthetic", "--out_dir", tmp_path / "file/out"], capsys)
+    assert code == 2
+    assert one_error_line(stderr) == (f"error: --out_dir {tmp_path / 'file/out'}: "
+                                      f"{tmp_path / 'file'} is not a directory; choose another path")
+
+
+def test_command_line_user_errors_print_one_line(tmp_path):
+    # As users run it: the whole stderr is the one error line, no traceback, status 2.
+    script = str(ROOT / "convert_ucf101.py")
+    for argv in (["--num_frames", "0"], ["--video_dir", str(tmp_path / "nope")]):
+        cmd = [sys.executable, script, "--out_dir", str(tmp_path / "out"), *argv]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+        assert result.stdout == ""
 
 
 def test_command_line_with_workers(tmp_path):
