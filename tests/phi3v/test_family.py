@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
 import phi3v  # noqa: F401  (registers the Auto classes)
 from phi3v.configuration_phi3v import PHI3_5V, PHI3V_128K, Phi3VConfig, detect_model_family
+from phi3v.image_processing_phi3v import released_auto_map
 from phi3v.modeling_phi3v import Phi3VForCausalLM
 from phi3v.tiny import TINY_VISION, build_tiny_model, tiny_config
 
@@ -216,3 +217,21 @@ def test_a_128k_release_directory_loads_with_the_128k_rules(release_128k_dir):
     assert padding_effect(model, real=4064, total=4104) < 1e-4
     processor = AutoProcessor.from_pretrained(release_128k_dir)
     assert processor.image_processor.num_crops == 16  # from its preprocessor_config.json
+
+
+# -- processor ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("release, num_crops", [(R128K, 16), (R35, 4)])
+def test_processor_defaults_come_from_the_release_preprocessor_and_are_written_back(release, num_crops, tmp_path):
+    processor = AutoProcessor.from_pretrained(release)
+    assert processor.image_processor.num_crops == num_crops
+    processor.save_pretrained(tmp_path)
+    official = json.loads((release / "preprocessor_config.json").read_text())
+    written = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert written["auto_map"] == official["auto_map"]  # 128k: image_processing_phi3_v.Phi3VImageProcessor
+    # Same keys; the 128k file leaves do_convert_rgb out (its default, True, is what we write).
+    assert set(written) - {"do_convert_rgb"} == set(official) - {"do_convert_rgb"} and written["do_convert_rgb"]
+    assert {k: written[k] for k in official} == official
+    reloaded = AutoProcessor.from_pretrained(tmp_path).image_processor
+    assert reloaded.num_crops == num_crops and released_auto_map(reloaded.auto_map) == official["auto_map"]
