@@ -19,6 +19,7 @@ from phi3v.configuration_phi3v import PHI3_5V, PHI3V_128K, Phi3VConfig, detect_m
 from phi3v.image_processing_phi3v import released_auto_map
 from phi3v.modeling_phi3v import Phi3VForCausalLM
 from phi3v.tiny import TINY_VISION, build_tiny_model, tiny_config
+from phi3v.tiny import main as tiny_main
 
 RELEASE = Path(__file__).resolve().parents[3] / "shared" / "release"
 R128K = RELEASE / "phi-3-vision-128k-instruct"
@@ -235,3 +236,47 @@ def test_processor_defaults_come_from_the_release_preprocessor_and_are_written_b
     assert {k: written[k] for k in official} == official
     reloaded = AutoProcessor.from_pretrained(tmp_path).image_processor
     assert reloaded.num_crops == num_crops and released_auto_map(reloaded.auto_map) == official["auto_map"]
+
+
+# -- the tiny factory ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_128k(tmp_path_factory):
+    out = tmp_path_factory.mktemp("t128k")
+    assert tiny_main(["--output_dir", str(out), "--family", PHI3V_128K]) is None
+    return out
+
+
+def test_tiny_128k_checkpoint_is_laid_out_like_the_release(tiny_128k):
+    names = {p.name for p in tiny_128k.iterdir()}
+    assert "generation_config.json" not in names  # the 128k release has none
+    config = json.loads((tiny_128k / "config.json").read_text())
+    official = json.loads((R128K / "config.json").read_text())
+    # Its keys, plus the tiny widths and the tiny vocabulary's pad id (the release's is the default).
+    assert set(config) == set(official) - {"_name_or_path", "_attn_implementation"} | {"vision_config", "pad_token_id"}
+    assert config["sliding_window"] == 131072 and config["auto_map"] == official["auto_map"]
+    pre = json.loads((tiny_128k / "preprocessor_config.json").read_text())
+    official_pre = json.loads((R128K / "preprocessor_config.json").read_text())
+    assert set(pre) - {"do_convert_rgb"} == set(official_pre)
+    assert pre["auto_map"] == official_pre["auto_map"] and pre["num_crops"] == 16
+
+
+def test_tiny_128k_checkpoint_loads_with_the_128k_rules_and_keeps_them_when_saved(tiny_128k, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_128k)
+    processor = AutoProcessor.from_pretrained(tiny_128k)
+    assert model.config.model_family == PHI3V_128K and processor.image_processor.num_crops == 16
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_family"] == PHI3V_128K
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.model_family == PHI3V_128K
+    pre = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert pre["auto_map"]["AutoImageProcessor"] == "image_processing_phi3_v.Phi3VImageProcessor"
+
+
+def test_tiny_default_family_is_unchanged(tmp_path):
+    tiny_main(["--output_dir", str(tmp_path)])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "model_family" not in config and config["sliding_window"] == 262144
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["num_crops"] == 4
+    assert AutoConfig.from_pretrained(tmp_path).model_family == PHI3_5V
