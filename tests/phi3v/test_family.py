@@ -280,3 +280,16 @@ def test_tiny_default_family_is_unchanged(tmp_path):
     assert "model_family" not in config and config["sliding_window"] == 262144
     assert json.loads((tmp_path / "preprocessor_config.json").read_text())["num_crops"] == 4
     assert AutoConfig.from_pretrained(tmp_path).model_family == PHI3_5V
+
+
+@pytest.mark.parametrize("flag, family", [("auto", PHI3V_128K), ("phi3.5v", PHI3_5V)])
+def test_model_family_flag_of_the_scripts(flag, family, tiny_128k, tmp_path):
+    from recipe.args import parse_args
+    from recipe.model import load_model
+
+    model_args, _, training_args = parse_args(argv=[
+        "--model_name_or_path", str(tiny_128k), "--output_dir", str(tmp_path), "--deepspeed", "none",
+        "--model_family", flag])
+    assert load_model(model_args, training_args).config.model_family == family
+    with pytest.raises(SystemExit):  # argparse choices: an unknown family is a one-line usage error
+        parse_args(argv=["--output_dir", str(tmp_path), "--model_family", "phi4"])
