@@ -16,6 +16,11 @@ differs (and cannot change results on valid input) is marked "deliberate":
   pixel_values, raise a ValueError naming both counts instead of an indexing error;
 - deliberate: negative label ids (image positions) are ignored by the loss instead of
   crashing cross-entropy.
+
+The same classes compute Phi-3-vision-128k-instruct when `config.model_family` is "phi3v-128k"
+(PHI3V_SPEC.md 8.1): its LongRoPE switch (`Phi3VRotaryEmbedding`) and its generation cache
+(`prepare_inputs_for_generation`) follow that release's code. Deliberate: its forward's
+in-place clamping of the caller's input_ids is not copied (3.5's out-of-place one is used).
 """
 
 from __future__ import annotations
