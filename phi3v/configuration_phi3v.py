@@ -14,18 +14,72 @@ Differences from the official class, all deliberate:
 - `_attn_implementation` stored in the file (the release says "flash_attention_2") is not
   obeyed: the backend is chosen at load time (`attn_implementation=`, SDPA by default), so the
   released config loads on machines without flash-attn.
+
+One class serves both releases of the architecture, Phi-3.5-vision-instruct and
+Phi-3-vision-128k-instruct (PHI3V_SPEC.md 8.1). Their code differs in two numeric rules, chosen
+by `model_family`:
+- "phi3.5v": LongRoPE switches to the long factors when the key length (cache + new tokens,
+  padding included) exceeds original_max_position_embeddings, and generate() drops the KV cache
+  once when the sequence crosses that length;
+- "phi3v-128k": the switch compares max(position_ids) + 1 instead, and the cache is kept.
+The released config.json files do not name their model, so a config without `model_family` is
+classified by `detect_model_family` (see there). A config that needs the field to be read right
+(every 128k one, and a 3.5 one that would otherwise look like 128k) writes it to config.json;
+a plain 3.5 config stays key-for-key the released file.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPVisionConfig, Phi3Config
 from transformers.configuration_utils import SubConfigSpec
 
-__all__ = ["Phi3VConfig", "CLIP_L_336_VISION_CONFIG", "OFFICIAL_AUTO_MAP", "OFFICIAL_CLIP_NAME"]
+__all__ = [
+    "Phi3VConfig",
+    "CLIP_L_336_VISION_CONFIG",
+    "OFFICIAL_AUTO_MAP",
+    "OFFICIAL_CLIP_NAME",
+    "MODEL_FAMILIES",
+    "PHI3_5V",
+    "PHI3V_128K",
+    "detect_model_family",
+]
+
+PHI3_5V = "phi3.5v"
+PHI3V_128K = "phi3v-128k"
+MODEL_FAMILIES = (PHI3_5V, PHI3V_128K)
+
+# What only the Phi-3-vision-128k release's config.json carries (3.5: 262144 and
+# "Phi-3.5-vision-instruct"). Its other differences -- its own LongRoPE factor values and the
+# absent embd_pdrop / resid_pdrop / pad_token_id keys -- do not identify it reliably.
+_128K_SLIDING_WINDOW = 131072
+_128K_NAME = "phi-3-vision-128k"
+# Keys the 128k config.json leaves out, with the class defaults its code then applies.
+_128K_OMITTED_DEFAULTS = {"embd_pdrop": 0.0, "resid_pdrop": 0.0, "pad_token_id": 32000}
+
+
+def detect_model_family(config_dict: dict[str, Any]) -> str:
+    """Which release's rules a config.json means: "phi3v-128k" or "phi3.5v".
+
+    The rule, in order:
+    1. an explicit `model_family` key wins (our outputs write it when it matters);
+    2. `sliding_window` 131072 -> "phi3v-128k" (the 128k release; Phi-3.5-vision has 262144);
+    3. a `_name_or_path` naming Phi-3-vision-128k (the release file says
+       "Phi-3-vision-128k-instruct"; files saved by the hub code carry the hub id) -> "phi3v-128k";
+    4. otherwise "phi3.5v".
+    Only the file's own `_name_or_path` counts, not the directory it is loaded from.
+    """
+    family = config_dict.get("model_family")
+    if family is not None:
+        return family
+    if config_dict.get("sliding_window") == _128K_SLIDING_WINDOW:
+        return PHI3V_128K
+    if _128K_NAME in str(config_dict.get("_name_or_path") or "").lower():
+        return PHI3V_128K
+    return PHI3_5V
 
 OFFICIAL_CLIP_NAME = "openai/clip-vit-large-patch14-336"
 
@@ -84,6 +138,9 @@ class Phi3VConfig(Phi3Config):
             second-to-last CLIP layer) and `type_feature` ("patch": CLS token dropped).
         vision_config (`dict` or `CLIPVisionConfig`, optional): the CLIP tower. Defaults to
             CLIP ViT-L/14-336, as the official code.
+        model_family (`"phi3.5v"` or `"phi3v-128k"`, optional): which release's LongRoPE switch and
+            generation-cache rule apply (module docstring). Unset, it is decided by
+            `detect_model_family` from the other keys.
 
     Example:
 
@@ -105,10 +162,13 @@ class Phi3VConfig(Phi3Config):
     embd_layer: dict | str = "default"
     img_processor: dict | None = None
     vision_config: dict | CLIPVisionConfig | None = None
+    model_family: Literal["phi3.5v", "phi3v-128k"] | None = None
 
     def __post_init__(self, **kwargs):
         # The released file asks for flash-attention-2; see the module docstring.
         kwargs.pop("_attn_implementation", None)
+        # The file's own name (not the load path, which arrives as `name_or_path`).
+        file_name = kwargs.get("_name_or_path")
         kwargs = _official_rope_to_parameters(self, kwargs)
         if isinstance(self.vision_config, dict):
             # A partial dict (e.g. a tiny model saying only its widths) completes from CLIP-L.
@@ -116,6 +176,12 @@ class Phi3VConfig(Phi3Config):
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(OFFICIAL_AUTO_MAP)
+        if self.model_family is None:
+            self.model_family = detect_model_family(
+                {"sliding_window": self.sliding_window, "_name_or_path": file_name}
+            )
+        if self.model_family not in MODEL_FAMILIES:
+            raise ValueError(f"model_family must be one of {MODEL_FAMILIES}, got {self.model_family!r}")
         self._validate_vision()
 
     # -- validation -----------------------------------------------------------------------
@@ -201,6 +267,14 @@ class Phi3VConfig(Phi3Config):
         else:
             out["rope_scaling"] = None
         out.pop("partial_rotary_factor", None)
+        family = out.pop("model_family", None) or detect_model_family(out)
+        if family == PHI3V_128K or family != detect_model_family(out):
+            out["model_family"] = family
+        if diff and family == PHI3V_128K:
+            # The 128k release's key set: leave out what it leaves out while it holds the default.
+            for key, default in _128K_OMITTED_DEFAULTS.items():
+                if out.get(key, default) == default:
+                    out.pop(key, None)
         if diff and "dtype" in out:  # config.json: the released files (and older loaders) say torch_dtype
             out["torch_dtype"] = out.pop("dtype")
         vision = self.vision_config

@@ -18,6 +18,10 @@ one row (the official code crashes inside PIL).
 
 `hd_image_size` and `num_image_tokens` need no pixels, only the image size, so sequence
 lengths can be computed from image headers (e.g. for length-grouped batching).
+
+Phi-3-vision-128k-instruct uses the same image processor; its preprocessor_config.json says
+num_crops 16 (3.5: 4) and names another file in `auto_map` (`released_auto_map`). Both come
+from the checkpoint's file: `from_pretrained` reads them, saving writes them back.
 """
 
 import math
@@ -34,13 +38,17 @@ from transformers.processing_utils import ImagesKwargs
 from transformers.utils import TensorType
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from .configuration_phi3v import PHI3_5V, PHI3V_128K
+
 __all__ = [
     "CROP_SIZE",
     "MAX_NUM_CROPS",
     "Phi3VImageProcessor",
     "Phi3VImageProcessorKwargs",
+    "RELEASED_AUTO_MAPS",
     "hd_image_size",
     "num_image_tokens",
+    "released_auto_map",
 ]
 
 # CLIP ViT-L/14 @ 336 input size: every crop, global or local, is 336x336.
@@ -51,6 +59,27 @@ MAX_NUM_CROPS = 16
 # After the 2x2 merge each crop is a 12x12 grid of tokens (24x24 CLIP patches / 2).
 _TOKENS_PER_SIDE = 12
 _WHITE = 255
+
+# `auto_map` of the released preprocessor_config.json files: Phi-3.5-vision keeps the image
+# processor inside processing_phi3_v.py, Phi-3-vision-128k ships it as image_processing_phi3_v.py.
+RELEASED_AUTO_MAPS = {
+    PHI3_5V: {
+        "AutoImageProcessor": "processing_phi3_v.Phi3VImageProcessor",
+        "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
+    },
+    PHI3V_128K: {
+        "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
+        "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
+    },
+}
+
+
+def released_auto_map(auto_map: dict | None) -> dict[str, str]:
+    """The released auto_map to write for a processor loaded with `auto_map`: the 128k one if it
+    is that, else Phi-3.5-vision's (also for processors built in code, which have none)."""
+    if auto_map == RELEASED_AUTO_MAPS[PHI3V_128K]:
+        return dict(auto_map)
+    return dict(RELEASED_AUTO_MAPS[PHI3_5V])
 
 
 # --------------------------------------------------------------------------------------------

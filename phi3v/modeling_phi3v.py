@@ -16,6 +16,11 @@ differs (and cannot change results on valid input) is marked "deliberate":
   pixel_values, raise a ValueError naming both counts instead of an indexing error;
 - deliberate: negative label ids (image positions) are ignored by the loss instead of
   crashing cross-entropy.
+
+The same classes compute Phi-3-vision-128k-instruct when `config.model_family` is "phi3v-128k"
+(PHI3V_SPEC.md 8.1): its LongRoPE switch (`Phi3VRotaryEmbedding`) and its generation cache
+(`prepare_inputs_for_generation`) follow that release's code. Deliberate: its forward's
+in-place clamping of the caller's input_ids is not copied (3.5's out-of-place one is used).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from transformers.models.phi3.modeling_phi3 import Phi3Attention, Phi3DecoderLay
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_phi3v import Phi3VConfig
+from .configuration_phi3v import PHI3V_128K, Phi3VConfig
 
 __all__ = [
     "Phi3VPreTrainedModel",
@@ -58,14 +63,17 @@ def real_crop_counts(image_sizes: torch.Tensor, crop_size: int) -> torch.Tensor:
 
 
 class Phi3VRotaryEmbedding(nn.Module):
-    """Rotary embedding with Phi-3's LongRoPE ("su") factor choice.
+    """Rotary embedding with Phi-3's LongRoPE ("su") factor choice, by the checkpoint's release.
 
-    Official: the long factors are used when the *key length* (cached + new tokens, padding
-    included) exceeds `original_max_position_embeddings`; cos and sin are always scaled by
-    sqrt(1 + ln(max/original) / ln(original)), in the short regime too. transformers' own
+    Official Phi-3.5-vision: the long factors are used when the *key length* (cached + new
+    tokens, padding included) exceeds `original_max_position_embeddings`. transformers' own
     Phi-3 decides on the largest position id instead, which differs for left-padded batches,
     hence this class. (The official flash-attention path switches one token earlier; we follow
     the eager convention everywhere, which is also the one generate()'s cache reset uses.)
+    Official Phi-3-vision-128k (`config.model_family == "phi3v-128k"`): the switch compares
+    max(position_ids) + 1 over the whole batch, in every forward.
+    Both: cos and sin are always scaled by sqrt(1 + ln(max/original) / ln(original)), in the
+    short regime too.
     """
 
     def __init__(self, config: Phi3VConfig, device=None):
@@ -92,9 +100,19 @@ class Phi3VRotaryEmbedding(nn.Module):
         inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
         return inv, inv.clone(), 1.0
 
+    def switch_length(self, position_ids: torch.Tensor, key_length: int) -> int:
+        """The length compared with original_max_position_embeddings, by the release's rule."""
+        if self.config.model_family == PHI3V_128K:
+            return int(position_ids.max()) + 1
+        return key_length
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, key_length: int):
-        use_long = self.rope_type == "longrope" and key_length > self.original_max_position_embeddings
+        """cos, sin for `position_ids`; `key_length` = cached + new tokens of this forward."""
+        use_long = (
+            self.rope_type == "longrope"
+            and self.switch_length(position_ids, key_length) > self.original_max_position_embeddings
+        )
         inv_freq = self.long_inv_freq if use_long else self.short_inv_freq
         if inv_freq.dtype != torch.float32:
             # model.to(bf16)/.half() rounded the buffers; official code always has fp32 frequencies.
@@ -524,12 +542,15 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         )
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, is_first_iteration=False, **kwargs):
-        # Official: the first time the sequence crosses original_max_position_embeddings, the
-        # cache (built with short factors) is dropped and everything is recomputed with the
-        # long factors -- images included, so the pixels must be passed again.
+        # Official Phi-3.5-vision: the first time the sequence crosses
+        # original_max_position_embeddings, the cache (built with short factors) is dropped and
+        # everything is recomputed with the long factors -- images included, so the pixels must
+        # be passed again. Official Phi-3-vision-128k keeps the cache: keys computed before the
+        # switch keep their short-factor rotation.
         limit = self.config.original_max_position_embeddings
         if (
-            self.config.rope_parameters.get("rope_type") == "longrope"
+            self.config.model_family != PHI3V_128K
+            and self.config.rope_parameters.get("rope_type") == "longrope"
             and past_key_values is not None
             and input_ids.shape[1] >= limit + 1
             and past_key_values.get_seq_length() <= limit

@@ -36,7 +36,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 from transformers.utils import IMAGE_PROCESSOR_NAME, TensorType, logging
 
-from .image_processing_phi3v import Phi3VImageProcessor
+from .image_processing_phi3v import Phi3VImageProcessor, released_auto_map
 
 __all__ = [
     "IMAGE_TAG_PATTERN",
@@ -54,13 +54,6 @@ IMAGE_TAG_PATTERN = r"<\|image_\d+\|>"
 # Same, capturing the number.
 IMAGE_TAG_RE = re.compile(r"<\|image_(\d+)\|>")
 _SPLIT_RE = re.compile(IMAGE_TAG_PATTERN)
-
-
-# As in the released preprocessor_config.json.
-OFFICIAL_PROCESSOR_AUTO_MAP = {
-    "AutoImageProcessor": "processing_phi3_v.Phi3VImageProcessor",
-    "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
-}
 
 
 def _write_official_tokenizer_config(save_directory: str | os.PathLike, tokenizer: Any) -> None:
@@ -298,7 +291,7 @@ class Phi3VProcessor(ProcessorMixin):
         # the processor class that AutoProcessor looks up.
         legacy = self.image_processor.to_dict()
         legacy["processor_class"] = type(self).__name__
-        legacy["auto_map"] = dict(OFFICIAL_PROCESSOR_AUTO_MAP)
+        legacy["auto_map"] = released_auto_map(legacy.get("auto_map"))  # 3.5 or 128k layout
         path = os.path.join(save_directory, IMAGE_PROCESSOR_NAME)
         with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps(legacy, indent=2, sort_keys=True) + "\n")

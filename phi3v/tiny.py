@@ -6,23 +6,32 @@ layers, plus a tokenizer trained in-process that carries the official special to
 template. The directory it writes has the official file layout (config.json with model_type
 "phi3_v" and the official auto_map, model.safetensors, tokenizer and preprocessor files) and
 loads with the Auto classes after `import phi3v`.
+
+`--family phi3v-128k` writes it laid out like Phi-3-vision-128k-instruct instead (PHI3V_SPEC.md
+8.1): its config.json keys (sliding_window 131072, no embd_pdrop / resid_pdrop, no
+model_family key: like the release, it is recognised by `detect_model_family`), num_crops 16
+and the 128k `auto_map` in preprocessor_config.json, and no generation_config.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from .configuration_phi3v import Phi3VConfig
+from .configuration_phi3v import MODEL_FAMILIES, PHI3_5V, PHI3V_128K, Phi3VConfig
 
 __all__ = ["tiny_config", "build_tiny_model", "save_tiny_checkpoint", "main"]
 
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+# What each release's config.json and preprocessor_config.json say where they differ.
+RELEASE_SLIDING_WINDOW = {PHI3_5V: 262144, PHI3V_128K: 131072}
+RELEASE_NUM_CROPS = {PHI3_5V: 4, PHI3V_128K: 16}
 
 
 def _longrope_factors(n: int) -> tuple[list[float], list[float]]:
@@ -32,8 +41,9 @@ def _longrope_factors(n: int) -> tuple[list[float], list[float]]:
     return short, long
 
 
-def tiny_config(vocab_size: int = 1152, pad_token_id: int = 1024, **overrides) -> Phi3VConfig:
-    """Config of the tiny model. `pad_token_id` is the tokenizer's `<|endoftext|>` id."""
+def tiny_config(vocab_size: int = 1152, pad_token_id: int = 1024, family: str = PHI3_5V, **overrides) -> Phi3VConfig:
+    """Config of the tiny model. `pad_token_id` is the tokenizer's `<|endoftext|>` id; `family`
+    picks the release whose config it imitates (and whose rules it gets)."""
     text = {**TINY_TEXT, **{k: overrides.pop(k) for k in list(overrides) if k in TINY_TEXT}}
     vision = {**TINY_VISION, **overrides.pop("vision_config", {})}
     short, long = _longrope_factors(text["hidden_size"] // text["num_attention_heads"] // 2)
@@ -48,7 +58,7 @@ def tiny_config(vocab_size: int = 1152, pad_token_id: int = 1024, **overrides) -
         bos_token_id=1,
         eos_token_id=2,  # as released (generation stops on <|end|>/<|endoftext|> via generation_config)
         pad_token_id=pad_token_id,
-        sliding_window=262144,
+        sliding_window=RELEASE_SLIDING_WINDOW[family],
         embd_layer={},  # -> the released image-embedding layout
         img_processor={
             "image_dim_out": vision["hidden_size"],
@@ -70,9 +80,13 @@ def build_tiny_model(config: Phi3VConfig | None = None, seed: int = 0):
     return Phi3VForCausalLM(config or tiny_config()).eval()
 
 
-def save_tiny_checkpoint(output_dir: str | Path, num_crops: int = 4, seed: int = 0) -> Path:
-    """Writes model, tokenizer and processor of the tiny model to `output_dir`; returns it."""
-    from .image_processing_phi3v import Phi3VImageProcessor
+def save_tiny_checkpoint(
+    output_dir: str | Path, num_crops: int | None = None, seed: int = 0, family: str = PHI3_5V
+) -> Path:
+    """Writes model, tokenizer and processor of the tiny model to `output_dir`; returns it.
+
+    `num_crops` defaults to the release's (3.5: 4, 128k: 16)."""
+    from .image_processing_phi3v import RELEASED_AUTO_MAPS, Phi3VImageProcessor
     from .processing_phi3v import Phi3VProcessor
     from .tokenization import build_tokenizer
 
@@ -80,26 +94,47 @@ def save_tiny_checkpoint(output_dir: str | Path, num_crops: int = 4, seed: int =
     tokenizer = build_tokenizer()
     # Like the release (32064 rows for 32045 tokens): a vocabulary padded to a multiple of 64.
     vocab_size = int(math.ceil(len(tokenizer) / 64) * 64)
-    config = tiny_config(vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id)
+    config = tiny_config(vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id, family=family)
     model = build_tiny_model(config, seed=seed)
     end_ids = [tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.pad_token_id]
     model.generation_config.eos_token_id = end_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    processor = Phi3VProcessor(image_processor=Phi3VImageProcessor(num_crops=num_crops), tokenizer=tokenizer)
+    image_processor = Phi3VImageProcessor(
+        num_crops=RELEASE_NUM_CROPS[family] if num_crops is None else num_crops,
+        auto_map=RELEASED_AUTO_MAPS[family],
+    )
+    processor = Phi3VProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
+    if family == PHI3V_128K:
+        _as_128k_release(output_dir)
     return output_dir
+
+
+def _as_128k_release(output_dir: Path) -> None:
+    """The 128k release ships no generation_config.json and no model_family key (it is told
+    apart by its sliding_window), so the tiny copy exercises the same detection as the real one."""
+    (output_dir / "generation_config.json").unlink()
+    path = output_dir / "config.json"
+    config = json.loads(path.read_text())
+    del config["model_family"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="directory to write the tiny checkpoint to")
-    parser.add_argument("--num_crops", type=int, default=4, help="image processor num_crops (1..16)")
+    parser.add_argument("--num_crops", type=int, default=None,
+                        help="image processor num_crops (1..16; default: the release's, 3.5: 4, 128k: 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--family", choices=MODEL_FAMILIES, default=PHI3_5V,
+                        help="release to imitate: Phi-3.5-vision-instruct (default) or Phi-3-vision-128k-instruct "
+                             "(its config keys, preprocessor and rules)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    out = save_tiny_checkpoint(args.output_dir, num_crops=args.num_crops, seed=args.seed)
-    print(f"tiny Phi-3.5-vision written to {out} in {time.perf_counter() - start:.1f}s")
+    out = save_tiny_checkpoint(args.output_dir, num_crops=args.num_crops, seed=args.seed, family=args.family)
+    name = "Phi-3-vision-128k" if args.family == PHI3V_128K else "Phi-3.5-vision"
+    print(f"tiny {name} written to {out} in {time.perf_counter() - start:.1f}s")
 
 
 if __name__ == "__main__":

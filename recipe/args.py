@@ -64,6 +64,14 @@ class ModelArguments:
         metadata={"help": "Official-format checkpoint: hub id or local directory (e.g. one written by "
                           "`python -m phi3v.tiny`). Loaded natively, without trust_remote_code."},
     )
+    model_family: str = field(
+        default="auto",
+        metadata={"help": "Which release's rules the checkpoint follows (LongRoPE switch, KV cache at 4096): "
+                          "'phi3.5v' (Phi-3.5-vision-instruct), 'phi3v-128k' (Phi-3-vision-128k-instruct), or 'auto': "
+                          "the config's model_family key, else phi3v-128k if sliding_window is 131072 or its "
+                          "_name_or_path names Phi-3-vision-128k, else phi3.5v.",
+                  "choices": ["auto", "phi3.5v", "phi3v-128k"]},
+    )
     use_flash_attention: bool = field(
         default=False, metadata={"help": "FlashAttention-2 kernels (Ampere or newer GPUs, needs --bf16 and "
                                          "`pip install -r requirements-gpu.txt`). Default: PyTorch SDPA."}

@@ -75,6 +75,8 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
         attn_implementation="flash_attention_2" if model_args.use_flash_attention else "sdpa",
         quantization_config=quantization_config,
         device_map={"": torch.cuda.current_device()} if quantization_config and torch.cuda.is_available() else None,
+        # --model_family overrides what the checkpoint's config.json says (or lets be detected).
+        **({} if model_args.model_family == "auto" else {"model_family": model_args.model_family}),
     )
     model.config.use_cache = False  # training; evaluation turns it back on for generate
     if model_args.freeze_vision_model:

@@ -12,6 +12,7 @@ import finetune_hf_trainer_docvqa
 import finetune_hf_trainer_hateful_memes
 import finetune_hf_trainer_nlvr2
 import finetune_hf_trainer_ucf101
+from phi3v.configuration_phi3v import PHI3V_128K
 from phi3v.tiny import save_tiny_checkpoint
 
 
@@ -105,3 +106,20 @@ def test_eval_only_and_missing_data_message(tiny, tmp_path):
     with pytest.raises(RuntimeError, match="--dataset_name_or_path DIR"):
         finetune_hf_trainer_nlvr2.main(common(tiny, tmp_path / "o2") + ["--dataset_name_or_path",
                                                                        "no-such-org/no-such-dataset"])
+
+
+@pytest.fixture(scope="module")
+def tiny_128k(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny128k"), family=PHI3V_128K)
+
+
+@pytest.mark.parametrize("run_task", [test_docvqa, test_hateful_memes, test_nlvr2, test_ucf101],
+                         ids=["docvqa", "hateful_memes", "nlvr2", "ucf101"])
+def test_every_task_script_on_a_phi3v_128k_checkpoint(run_task, tiny_128k, tmp_path):
+    """The same runs and checks on a checkpoint laid out like Phi-3-vision-128k-instruct (no
+    model_family key: detected); the output keeps its rules and its preprocessor layout."""
+    run_task(tiny_128k, tmp_path)
+    out = tmp_path / "out"
+    assert json.loads((out / "config.json").read_text())["model_family"] == PHI3V_128K
+    auto_map = json.loads((out / "preprocessor_config.json").read_text())["auto_map"]
+    assert auto_map["AutoImageProcessor"] == "image_processing_phi3_v.Phi3VImageProcessor"
