@@ -405,7 +405,8 @@ def test_run_writes_its_outputs(lora_run, ucf101_data):
     assert (args["learning_rate"], args["seed"], args["lr_scheduler_type"], args["adam_beta2"]) == (1e-2, 42, "linear", 0.95)
     assert summary["world_size"] == 1 and summary["versions"]["transformers"] and summary["versions"]["torch"]
     speed = summary["results"]["throughput"]
-    frames = len(json.loads((ucf101_data / "ucf101_train.jsonl").read_text().splitlines()[0])["images"])
+    first = json.loads((ucf101_data / "ucf101_train.jsonl").read_text().splitlines()[0])
+    frames = len(first["conversations"][0]["images"])
     # 3 steps x 2 examples, one video of `frames` images each; 2 crops per image (num_crops 1: global + 1)
     assert speed["images"] == 3 * 2 * frames and speed["crops"] == 2 * speed["images"]
     assert speed["images_per_s"] > 0 and speed["real_tokens_per_s"] > speed["images_per_s"]
