@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ __all__ = [
     "read_jsonl",
     "load_jsonl",
     "Conversations",
+    "subset",
     "from_cauldron",
     "from_docvqa",
     "validate",
@@ -253,6 +255,20 @@ def load_jsonl(
         summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
         log(f"skipped {bad_lines} malformed line(s) in {path} ({summary}); first: {problems[0]}")
     return Conversations(conversations)
+
+
+def subset(conversations: Sequence[Conversation], n: int | None, seed: int) -> Conversations:
+    """A seeded random `n` of the conversations, kept in their original order (all when `n` is None).
+
+    Not the first `n`: converted data is sorted by class, so its first lines would be one class.
+    The same seed gives the same subset on every rank and every run. The problems of unreadable
+    lines (see `Conversations`) stay attached, for `validate` to report.
+    """
+    problems = getattr(conversations, "problems", [])
+    if n is None or n >= len(conversations):
+        return Conversations(conversations, problems)
+    chosen = sorted(random.Random(seed).sample(range(len(conversations)), n))
+    return Conversations([conversations[i] for i in chosen], problems)
 
 
 def from_cauldron(

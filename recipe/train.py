@@ -42,7 +42,7 @@ from .args import (
     parse_args,
     world_size,
 )
-from .data import Collator, Conversation, ConversationDataset, Conversations, validate
+from .data import Collator, Conversation, ConversationDataset, subset, validate
 from .evaluate import end_token_ids, evaluate, write_json_atomic
 from .model import count_parameters, load_model, parameter_groups
 
@@ -175,16 +175,13 @@ def _prepare(task: Task, model_args, data_args, training_args, processor):
     tokenizer = processor.tokenizer
     common = dict(tokenizer=tokenizer, num_crops=num_crops, decode_images=data_args.decode_images,
                   skip_bad=data_args.skip_bad_examples, log=logger.info)
-    def limit(conversations, n):
-        # Keep the problems of unreadable lines (see recipe.data.Conversations) for validate.
-        return Conversations(list(conversations)[:n], getattr(conversations, "problems", []))
-
+    seed = training_args.seed
     if train is not None and not data_args.eval_only:
-        train = limit(train, data_args.max_train_samples)
+        train = subset(train, data_args.max_train_samples, seed)
         train = validate(train, max_length=data_args.max_length, what=f"{task.name} training data", **common)
         if not train:
             raise FlagError(f"no usable {task.name} training examples")
-    eval_ = limit(eval_, data_args.max_eval_samples)
+    eval_ = subset(eval_, data_args.max_eval_samples, seed)
     eval_ = validate(eval_, max_length=None, what=f"{task.name} evaluation data", **common)
     if not eval_:
         raise FlagError(f"no usable {task.name} evaluation examples")

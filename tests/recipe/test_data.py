@@ -306,3 +306,33 @@ def test_unreadable_lines_and_bad_examples_are_reported_together(tmp_path, proce
     assert [c.id for c in kept] == ["ex3"] and "skipped 3 of 4" in logged[0]
     with pytest.raises(DataError, match="d.jsonl:1: invalid JSON"):
         load_jsonl(data, tmp_path / "img")  # without defer_errors: stops right away
+
+
+# -- subsets --------------------------------------------------------------------------------
+
+
+def test_subsets_are_seeded_random_and_keep_file_order():
+    from recipe.data import Conversations, Problem, subset
+
+    # Converted data is sorted by class: the first N would all be one class.
+    convs = Conversations([Conversation(f"{cls}{i}", [Turn("q", cls)]) for cls in "abcd" for i in range(25)],
+                          problems=[Problem("d.jsonl:7", "invalid JSON", "invalid JSON")])
+    picked = subset(convs, 20, seed=3)
+    ids = [c.id for c in picked]
+    assert len(ids) == 20 and len(set(ids)) == 20
+    assert ids == sorted(ids, key=[c.id for c in convs].index)  # original order
+    assert len({c.answer for c in picked}) > 1  # not one class
+    assert [c.id for c in subset(convs, 20, seed=3)] == ids  # same seed, same subset (every rank)
+    assert [c.id for c in subset(convs, 20, seed=4)] != ids
+    assert picked.problems == convs.problems  # unreadable lines are still reported by validate
+    assert [c.id for c in subset(convs, None, seed=3)] == [c.id for c in convs]
+    assert len(subset(convs, 1000, seed=3)) == 100
+
+
+def test_data_flag_checks():
+    from recipe.args import DataArguments
+    from recipe.errors import FlagError
+
+    DataArguments(max_train_samples=5, max_eval_samples=1, max_length=512).check()
+    with pytest.raises(FlagError, match="--max_eval_samples 0 must be at least 1"):
+        DataArguments(max_eval_samples=0).check()
