@@ -22,6 +22,7 @@ from pathlib import Path
 
 from recipe.args import DataArguments
 from recipe.data import load_jsonl
+from recipe.errors import DataError
 from recipe.metrics import accuracy
 from recipe.train import Task, run, logger
 
@@ -42,7 +43,7 @@ def load_data(data_args: Ucf101Arguments, model_args):
     data_dir = Path(data_args.data_dir)
     image_dir = data_dir / "images"
     if not data_dir.is_dir():
-        raise FileNotFoundError(
+        raise DataError(
             f"--data_dir {data_dir} does not exist; create it with "
             f"`python convert_ucf101.py --out_dir {data_dir}` (or --synthetic for a quick try)"
         )

@@ -43,11 +43,14 @@ from PIL import Image, UnidentifiedImageError
 from phi3v.image_processing_phi3v import hd_image_size, num_image_tokens
 from phi3v.processing_phi3v import IMAGE_TAG_RE, image_tag
 
+from .errors import DataError
+
 __all__ = [
     "Turn",
     "Conversation",
     "Problem",
     "DataError",
+    "problems_error",
     "read_jsonl",
     "load_jsonl",
     "Conversations",
@@ -109,18 +112,19 @@ class Problem:
         return f"{self.where}: {self.message}"
 
 
-class DataError(ValueError):
-    """Raised with every problem found, so a dataset is fixed in one pass, not one per run."""
+def problems_error(problems: Sequence[Problem], what: str) -> DataError:
+    """One DataError for every problem found, so a dataset is fixed in one pass, not one per run.
 
-    def __init__(self, problems: Sequence[Problem], what: str = "the data"):
-        self.problems = list(problems)
-        shown = "\n  ".join(str(p) for p in self.problems[:MAX_PROBLEMS_SHOWN])
-        more = len(self.problems) - MAX_PROBLEMS_SHOWN
-        tail = f"\n  ... and {more} more" if more > 0 else ""
-        super().__init__(
-            f"{len(self.problems)} problem(s) in {what}:\n  {shown}{tail}\n"
-            "Fix them, or pass --skip_bad_examples to train without these examples."
-        )
+    The message names the count and the first problem; `details` list them (file:line each).
+    """
+    shown = [str(p) for p in problems[:MAX_PROBLEMS_SHOWN]]
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        shown.append(f"... and {len(problems) - MAX_PROBLEMS_SHOWN} more")
+    return DataError(
+        f"{len(problems)} problem(s) in {what} (first: {problems[0]}); fix them, or pass --skip_bad_examples "
+        "to train without these examples",
+        details=shown,
+    )
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -208,12 +212,14 @@ def read_jsonl(path: str | Path, image_dir: str | Path) -> tuple[list[Conversati
     conversations: list[Conversation] = []
     problems: list[Problem] = []
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise DataError(f"data file {path} does not exist; check the path")
+    lines = 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             if not line.strip():
                 continue
+            lines += 1
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
@@ -223,6 +229,11 @@ def read_jsonl(path: str | Path, image_dir: str | Path) -> tuple[list[Conversati
             problems += found
             if conversation is not None:
                 conversations.append(conversation)
+    if not lines:
+        raise DataError(
+            f"{path} has no examples (the file is empty or holds only blank lines); it needs one JSON "
+            "example per line (see the README's 'Your own data')"
+        )
     return conversations, problems
 
 
@@ -248,7 +259,7 @@ def load_jsonl(
     if problems and defer_errors and not skip_bad:
         return Conversations(conversations, problems)
     if problems and not skip_bad:
-        raise DataError(problems, str(path))
+        raise problems_error(problems, str(path))
     if problems:
         bad_lines = len({p.where for p in problems})
         reasons = Counter(p.reason for p in problems)
@@ -556,7 +567,7 @@ def validate(
         else:
             good.append(conversation)
     if problems and not skip_bad:
-        raise DataError(problems, what)
+        raise problems_error(problems, what)
     if problems:
         reasons = Counter(p.reason for p in problems)
         total = len(conversations) + unreadable

@@ -13,6 +13,7 @@ import finetune_hf_trainer_hateful_memes
 import finetune_hf_trainer_nlvr2
 import finetune_hf_trainer_ucf101
 from phi3v.tiny import save_tiny_checkpoint
+from recipe.errors import DataError
 
 
 def picture(i, size=(120, 90)):
@@ -99,7 +100,7 @@ def test_ucf101(tiny, tmp_path):
 
 
 def test_eval_only_and_missing_data_message(tiny, tmp_path):
-    with pytest.raises(FileNotFoundError, match="convert_ucf101.py"):
+    with pytest.raises(DataError, match="convert_ucf101.py"):
         finetune_hf_trainer_ucf101.main(common(tiny, tmp_path / "o") + ["--data_dir", str(tmp_path / "nope")])
     with pytest.raises(RuntimeError, match="--dataset_name_or_path DIR"):
         finetune_hf_trainer_nlvr2.main(common(tiny, tmp_path / "o2") + ["--dataset_name_or_path",

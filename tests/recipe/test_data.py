@@ -209,12 +209,12 @@ def test_validate_lists_every_problem_then_skip_mode_counts_them(tmp_path, proce
     assert not problems
     with pytest.raises(DataError) as err:
         validate(conversations, processor.tokenizer, num_crops=1, max_length=600, what=str(data))
-    message = str(err.value)
-    assert message.startswith("6 problem(s)"), message
+    assert str(err.value).startswith("6 problem(s)") and "\n" not in str(err.value)
+    message = "\n".join(err.value.details)
     for line, needle in [(2, "missing.png does not exist"), (3, "corrupt.jpg is unreadable"), (4, "<|image_2|>"),
                          (5, "> --max_length 600"), (6, "duplicate id 'ex0'"), (7, "empty assistant")]:
         assert f"d.jsonl:{line}: " in message and needle in message, needle
-    assert "--skip_bad_examples" in message
+    assert "--skip_bad_examples" in str(err.value)
 
     logged = []
     kept = validate(conversations, processor.tokenizer, num_crops=1, max_length=600, skip_bad=True,
@@ -298,8 +298,8 @@ def test_unreadable_lines_and_bad_examples_are_reported_together(tmp_path, proce
     assert [c.id for c in conversations] == ["ex0", "ex3"] and len(conversations.problems) == 2
     with pytest.raises(DataError) as err:
         validate(conversations, processor.tokenizer, num_crops=1)
-    message = str(err.value)
-    assert message.startswith("3 problem(s)")
+    assert str(err.value).startswith("3 problem(s)")
+    message = "\n".join(err.value.details)
     assert all(f"d.jsonl:{line}: " in message for line in (1, 2, 3))
     logged = []
     kept = validate(conversations, processor.tokenizer, num_crops=1, skip_bad=True, log=logged.append)
@@ -336,3 +336,29 @@ def test_data_flag_checks():
     DataArguments(max_train_samples=5, max_eval_samples=1, max_length=512).check()
     with pytest.raises(FlagError, match="--max_eval_samples 0 must be at least 1"):
         DataArguments(max_eval_samples=0).check()
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\t\n"])
+def test_empty_or_blank_jsonl_is_one_error_line_naming_the_file(tmp_path, capsys, content):
+    from recipe.data import load_jsonl
+    from recipe.errors import cli
+
+    data = tmp_path / "ucf101_train.jsonl"
+    data.write_text(content)
+    assert cli(lambda: load_jsonl(data, tmp_path / "images")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert f"{data} has no examples" in err
+
+
+def test_bad_lines_end_in_one_error_line_with_the_problems_above(tmp_path, capsys):
+    from recipe.data import load_jsonl
+    from recipe.errors import cli
+
+    data = write_jsonl(tmp_path / "d.jsonl", ["{broken", good_record(1, [])])
+    assert cli(lambda: load_jsonl(data, tmp_path)) == 2
+    *details, last = capsys.readouterr().err.splitlines()
+    assert details == [f"  {data}:1: invalid JSON (Expecting property name enclosed in double quotes at column 2)"]
+    assert last.startswith(f"error: 1 problem(s) in {data} (first: {data}:1: invalid JSON")
+    assert cli(lambda: load_jsonl(tmp_path / "nope.jsonl", tmp_path)) == 2
+    assert "nope.jsonl does not exist" in capsys.readouterr().err
