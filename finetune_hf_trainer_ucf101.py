@@ -24,7 +24,7 @@ from recipe.args import DataArguments
 from recipe.data import load_jsonl
 from recipe.errors import DataError
 from recipe.metrics import accuracy
-from recipe.train import Task, run, logger
+from recipe.train import Task, run
 
 
 @dataclass
@@ -49,7 +49,7 @@ def load_data(data_args: Ucf101Arguments, model_args):
         )
     # Bad lines are reported together with the other problems validation finds (file:line each).
     read = lambda split: load_jsonl(data_dir / f"ucf101_{split}.jsonl", image_dir,  # noqa: E731
-                                    skip_bad=data_args.skip_bad_examples, log=logger.info, defer_errors=True)
+                                    defer_errors=True)
     train = None if data_args.eval_only else read("train")
     return train, read(data_args.eval_split)
 

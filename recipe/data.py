@@ -4,13 +4,14 @@
    (`from_cauldron`, `from_docvqa`). A conversation is a list of turns, each with its own
    images, user text and assistant answer.
 2. `validate` checks everything that could fail later (types, image files, tags, length)
-   before the first step, and either raises one `DataError` naming file:line for each
-   problem or, with skip_bad=True, drops the bad examples and reports why.
+   before the first step, ranks sharing the work, and either raises one `DataError` naming
+   file:line for each problem or, with skip_bad=True, drops the bad examples and warns why.
+   It measures each example's length once (`Conversation.tokens`: text and image tokens).
 3. `tokenize_conversation` applies the chat template once to the whole conversation, numbers
    `<|image_k|>` tags across it, and labels only the assistant answers and their `<|end|>`.
    The ids are exactly the official processor's (BOS after each image block included).
-4. `ConversationDataset` loads images lazily; its `lengths` come from image headers without
-   decoding pixels, for length-grouped batching. `Collator` pads (right for training, left
+4. `ConversationDataset` loads images lazily; its `lengths` (for length-grouped batching and
+   evaluation order) are the ones `validate` measured. `Collator` pads (right for training, left
    for generation) and concatenates the images of the batch.
 
 Documented jsonl layout (one example per line; image paths relative to the image directory):
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -58,6 +60,7 @@ __all__ = [
     "from_cauldron",
     "from_docvqa",
     "validate",
+    "TokenCount",
     "resolve_image_path",
     "load_image",
     "DatasetImage",
@@ -69,6 +72,8 @@ __all__ = [
     "ConversationDataset",
     "Collator",
 ]
+
+logger = logging.getLogger("recipe.data")
 
 IGNORE_INDEX = -100
 END_TOKEN = "<|end|>"
@@ -92,6 +97,7 @@ class Conversation:
     source: str = ""
     where: str = ""  # "file.jsonl:12" or "train row 5": where problems are reported
     references: list[str] | None = None  # every accepted answer of the last turn (evaluation)
+    tokens: TokenCount | None = None  # measured by `validate` (length grouping and evaluation order reuse it)
 
     @property
     def images(self) -> list[Any]:
@@ -250,13 +256,14 @@ class Conversations(list):
 
 
 def load_jsonl(
-    path: str | Path, image_dir: str | Path, skip_bad: bool = False, log=print, defer_errors: bool = False
+    path: str | Path, image_dir: str | Path, skip_bad: bool = False, defer_errors: bool = False
 ) -> Conversations:
     """`read_jsonl` that stops on bad lines (one DataError listing them all) or, with
-    `skip_bad`, drops them and logs how many and why. With `defer_errors` the problems travel
-    on the returned list instead, for `validate` to report along with everything else."""
+    `skip_bad`, drops them with a WARNING saying how many and why. With `defer_errors` the
+    problems travel on the returned list instead, for `validate` to report (or, skipping, to
+    count) along with everything else."""
     conversations, problems = read_jsonl(path, image_dir)
-    if problems and defer_errors and not skip_bad:
+    if problems and defer_errors:
         return Conversations(conversations, problems)
     if problems and not skip_bad:
         raise problems_error(problems, str(path))
@@ -264,7 +271,7 @@ def load_jsonl(
         bad_lines = len({p.where for p in problems})
         reasons = Counter(p.reason for p in problems)
         summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
-        log(f"skipped {bad_lines} malformed line(s) in {path} ({summary}); first: {problems[0]}")
+        logger.warning(f"skipped {bad_lines} malformed line(s) in {path} ({summary}); first: {problems[0]}")
     return Conversations(conversations)
 
 
@@ -392,23 +399,6 @@ def image_size(image: Any) -> tuple[int, int]:
         return opened.size
 
 
-def _check_image(image: Any, decode: bool) -> str | None:
-    """None if the image is usable, else the reason (reported with the example's file:line)."""
-    if isinstance(image, Image.Image):
-        return None
-    if not isinstance(image, DatasetImage) and not Path(image).is_file():
-        return f"image {image} does not exist"
-    try:
-        if decode:
-            load_image(image)
-        else:
-            with _open(image) as opened:
-                opened.verify()  # structure check without a full decode
-    except Exception as err:  # noqa: BLE001 - any decoder error means the image is unusable
-        return f"image {image} is unreadable: {err}"
-    return None
-
-
 # -- conversation -> tokens ----------------------------------------------------------------
 
 
@@ -514,6 +504,103 @@ def tokenize_conversation(
 
 # -- validation ------------------------------------------------------------------------------
 
+# Phi-3.5-vision's LongRoPE switches to its long-context factors past this many positions
+# (config.original_max_position_embeddings of every released Phi-3(.5)-vision).
+LONG_ROPE_THRESHOLD = 4096
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """An example's length, measured once by `validate` at its --num_crops.
+
+    Length grouping and evaluation ordering reuse it instead of tokenising again and reading
+    every image header again; the parts say what costs what when an example is too long.
+    """
+
+    text: int  # tokens of the rendered conversation without the image positions
+    images: tuple[int, ...]  # tokens of each image, in order
+    image_sizes: tuple[tuple[int, int], ...]  # (width, height) of each image, to price other --num_crops
+
+    @property
+    def total(self) -> int:
+        return self.text + sum(self.images)
+
+    def at_num_crops(self, num_crops: int) -> int:
+        """The length this example would have at another --num_crops."""
+        return self.text + sum(num_image_tokens(*hd_image_size(w, h, num_crops)) for w, h in self.image_sizes)
+
+    def describe(self, num_crops: int) -> str:
+        if not self.images:
+            return f"{self.text} text tokens, no image"
+        per_image = ", ".join(str(n) for n in self.images)
+        return f"{self.text} text tokens + image tokens {per_image} per image at --num_crops {num_crops}"
+
+
+def _inspect_image(image: Any, decode: bool) -> tuple[tuple[int, int] | None, str | None]:
+    """((width, height), None) if the image is usable, else (None, the reason). One open per image:
+    the size comes from the header read that the check needs anyway."""
+    if isinstance(image, Image.Image):
+        return image.size, None
+    if not isinstance(image, DatasetImage) and not Path(image).is_file():
+        return None, f"image {image} does not exist"
+    try:
+        if decode:
+            return load_image(image).size, None
+        with _open(image) as opened:
+            size = opened.size
+            opened.verify()  # structure check without a full decode
+        return size, None
+    except Exception as err:  # noqa: BLE001 - any decoder error means the image is unusable
+        return None, f"image {image} is unreadable: {err}"
+
+
+def _check_one(
+    conversation: Conversation, tokenizer, num_crops: int, decode_images: bool
+) -> tuple[list[Problem], TokenCount | None]:
+    """The problems of one example and, when it has none, its measured length. The examples'
+    own checks only: duplicates and --max_length are decided over the whole set afterwards."""
+    where = conversation.where or conversation.id
+    found: list[Problem] = []
+    if not conversation.turns:
+        found.append(Problem(where, "no turns", "empty"))
+    for t, turn in enumerate(conversation.turns):
+        if not turn.assistant.strip():
+            found.append(Problem(where, f"turn {t} has an empty assistant answer", "empty answer"))
+    sizes = []
+    for image in conversation.images:
+        size, error = _inspect_image(image, decode_images)
+        if error:
+            found.append(Problem(where, error, "bad image"))
+        sizes.append(size)
+    try:
+        counts = [num_image_tokens(*hd_image_size(w, h, num_crops)) for w, h in sizes] if not found else None
+    except ValueError as err:  # e.g. an aspect ratio so extreme that a side rounds to 0 pixels
+        found.append(Problem(where, f"image cannot be resized for the model: {err}", "bad image"))
+        counts = None
+    try:
+        if counts is None:
+            build_messages(conversation)  # the tag check alone: the other problems are reported too
+            return found, None
+        length = len(tokenize_conversation(conversation, tokenizer, counts).input_ids)
+    except ValueError as err:
+        return found + [Problem(where, str(err), "tag mismatch")], None
+    if found:
+        return found, None
+    return [], TokenCount(length - sum(counts), tuple(counts), tuple(sizes))
+
+
+def _check_all(conversations, tokenizer, num_crops: int, decode_images: bool, what: str, progress: bool):
+    """`_check_one` of every example, each rank checking its share; every rank gets all results."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    state = PartialState()
+    with state.split_between_processes(list(range(len(conversations)))) as mine:
+        bar = tqdm(mine, desc=f"checking {what}", unit="example", disable=not (progress and state.is_main_process))
+        results = [_check_one(conversations[i], tokenizer, num_crops, decode_images) for i in bar]
+    return gather_object(results)  # shares are contiguous and in rank order: the original order
+
 
 def validate(
     conversations: Sequence[Conversation],
@@ -523,45 +610,39 @@ def validate(
     decode_images: bool = False,
     skip_bad: bool = False,
     what: str = "the data",
-    log=print,
+    training: bool = False,
+    progress: bool = False,
 ) -> list[Conversation]:
-    """Checks every conversation before training; returns the usable ones.
+    """Checks every conversation before training; returns the usable ones, each with its
+    measured length in `conversation.tokens`.
 
     Problems: image tags that do not match the images, missing or unreadable images, empty
     answers, duplicate ids, and sequences longer than `max_length` (never cut: an example
-    that does not fit is skipped, or reported). With `skip_bad=False` any problem raises
-    `DataError` listing them all with file:line; with `skip_bad=True` bad examples are
-    dropped and a summary by reason is logged.
+    that does not fit is skipped, or reported with what its text and each image cost). With
+    `skip_bad=False` any problem raises `DataError` listing them all with file:line; with
+    `skip_bad=True` bad examples are dropped with a WARNING by reason, unless that drops more
+    than half of the `training` data, which is an error saying what to change. Ranks share
+    the work (progress bar on the first); every rank returns the same result.
     """
     problems: list[Problem] = list(getattr(conversations, "problems", []))  # lines that could not be read
     unreadable = len({p.where for p in problems})
+    total = len(conversations) + unreadable
     good: list[Conversation] = []
     seen_ids: dict[str, str] = {}
-    for conversation in conversations:
+    too_long: list[Conversation] = []
+    results = _check_all(conversations, tokenizer, num_crops, decode_images, what, progress)
+    for conversation, (found, tokens) in zip(conversations, results):
         where = conversation.where or conversation.id
-        found: list[Problem] = []
         if conversation.id in seen_ids:
-            found.append(Problem(where, f"duplicate id {conversation.id!r} (first at {seen_ids[conversation.id]})",
-                                 "duplicate id"))
+            found = [Problem(where, f"duplicate id {conversation.id!r} (first at {seen_ids[conversation.id]})",
+                             "duplicate id"), *found]
         else:
             seen_ids[conversation.id] = where
-        if not conversation.turns:
-            found.append(Problem(where, "no turns", "empty"))
-        for t, turn in enumerate(conversation.turns):
-            if not turn.assistant.strip():
-                found.append(Problem(where, f"turn {t} has an empty assistant answer", "empty answer"))
-        try:
-            build_messages(conversation)
-        except ValueError as err:
-            found.append(Problem(where, str(err), "tag mismatch"))
-        for image in conversation.images:
-            error = _check_image(image, decode=decode_images)
-            if error:
-                found.append(Problem(where, error, "bad image"))
-        if not found and max_length is not None:
-            length = conversation_length(conversation, tokenizer, num_crops)
-            if length > max_length:
-                found.append(Problem(where, f"{length} tokens > --max_length {max_length}", "too long"))
+        conversation.tokens = tokens
+        if not found and max_length is not None and tokens.total > max_length:
+            found = [Problem(where, f"{tokens.total} tokens > --max_length {max_length} ({tokens.describe(num_crops)})",
+                             "too long")]
+            too_long.append(conversation)
         if found:
             problems += found
         else:
@@ -569,11 +650,56 @@ def validate(
     if problems and not skip_bad:
         raise problems_error(problems, what)
     if problems:
+        dropped = total - len(good)
         reasons = Counter(p.reason for p in problems)
-        total = len(conversations) + unreadable
         summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
-        log(f"skipped {total - len(good)} of {total} examples in {what} ({summary}); first: {problems[0]}")
+        if training and 2 * dropped > total:
+            advice = _length_advice(good, too_long, total, max_length, num_crops) if too_long else "fix the data"
+            raise DataError(
+                f"--skip_bad_examples would drop {dropped} of {total} examples of {what} ({summary}; first: "
+                f"{problems[0]}), more than half; {advice}",
+                details=[str(p) for p in problems[:MAX_PROBLEMS_SHOWN]],
+            )
+        _warn(f"skipped {dropped} of {total} examples in {what} ({summary}); first: {problems[0]}")
+    _warn_long(good, what, num_crops)
     return good
+
+
+def _length_advice(good, too_long, total: int, max_length: int, num_crops: int) -> str:
+    """What keeps at least half of the examples: a larger --max_length, or fewer crops."""
+    need = math.ceil(total / 2) - len(good)  # too-long examples that must fit
+    lengths = sorted(c.tokens.total for c in too_long)
+    if need > len(lengths):
+        return "too many examples are bad for other reasons than length: fix the data"
+    target = lengths[need - 1]
+    advice = f"raise --max_length by {target - max_length} to {target}"
+    for crops in range(num_crops - 1, 0, -1):
+        if sum(c.tokens.at_num_crops(crops) <= max_length for c in too_long) >= need:
+            return f"{advice}, or lower --num_crops to {crops}"
+    return f"{advice} (even --num_crops 1 leaves too many examples over {max_length})"
+
+
+def _warn_long(conversations: Sequence[Conversation], what: str, num_crops: int) -> None:
+    long = [c for c in conversations if c.tokens is not None and c.tokens.total > LONG_ROPE_THRESHOLD]
+    if not long:
+        return
+    longest = max(long, key=lambda c: c.tokens.total)
+    _warn(
+        f"{len(long)} example(s) in {what} are longer than {LONG_ROPE_THRESHOLD} tokens (longest: "
+        f"{longest.where or longest.id}, {longest.tokens.total} tokens: {longest.tokens.describe(num_crops)}). Past "
+        f"{LONG_ROPE_THRESHOLD} positions Phi-3.5-vision's LongRoPE switches to its long-context factors, decided "
+        "by the padded batch length: every example batched with such an example is trained with the long factors, "
+        f"and activation memory grows with the length. --max_length {LONG_ROPE_THRESHOLD} skips them (with "
+        "--skip_bad_examples); a lower --num_crops shortens them"
+    )
+
+
+def _warn(message: str) -> None:
+    """A warning from the first process only: every rank reaches the same findings."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        logger.warning(message)
 
 
 def image_token_counts(images: Iterable[Any], num_crops: int) -> list[int]:
@@ -616,10 +742,14 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self) -> list[int]:
+        """Token counts, for length grouping and evaluation order: the lengths `validate`
+        measured (whole conversation) where it ran, else measured here."""
         if self._lengths is None:
             tokenizer = self.processor.tokenizer
             self._lengths = [
-                conversation_length(c, tokenizer, self.num_crops, self.for_generation) for c in self.conversations
+                c.tokens.total if c.tokens is not None
+                else conversation_length(c, tokenizer, self.num_crops, self.for_generation)
+                for c in self.conversations
             ]
         return self._lengths
 

@@ -95,6 +95,8 @@ class RecipeTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            if self.args.train_batch_size == 1:  # nothing to pad: grouping would only order each step's examples
+                return torch.utils.data.RandomSampler(dataset)
             group = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return GroupedByLengthSampler(dataset.lengths, group, self.args.seed)
         return super()._get_train_sampler(train_dataset)
@@ -174,11 +176,12 @@ def _prepare(task: Task, model_args, data_args, training_args, processor):
     num_crops = model_args.num_crops
     tokenizer = processor.tokenizer
     common = dict(tokenizer=tokenizer, num_crops=num_crops, decode_images=data_args.decode_images,
-                  skip_bad=data_args.skip_bad_examples, log=logger.info)
+                  skip_bad=data_args.skip_bad_examples, progress=not training_args.disable_tqdm)
     seed = training_args.seed
     if train is not None and not data_args.eval_only:
         train = subset(train, data_args.max_train_samples, seed)
-        train = validate(train, max_length=data_args.max_length, what=f"{task.name} training data", **common)
+        train = validate(train, max_length=data_args.max_length, what=f"{task.name} training data", training=True,
+                         **common)
         if not train:
             raise FlagError(f"no usable {task.name} training examples")
     eval_ = subset(eval_, data_args.max_eval_samples, seed)
