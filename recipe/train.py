@@ -222,6 +222,7 @@ def run(task: Task, argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(task.data_args_class, argv, task.defaults)
     _setup_logging(training_args)
     check_args(model_args, data_args, training_args)
+    data_args.check()
     resume = None if data_args.eval_only else _resolve_resume(training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
