@@ -102,7 +102,7 @@ def test_ucf101(tiny, tmp_path):
 def test_eval_only_and_missing_data_message(tiny, tmp_path):
     with pytest.raises(DataError, match="convert_ucf101.py"):
         finetune_hf_trainer_ucf101.main(common(tiny, tmp_path / "o") + ["--data_dir", str(tmp_path / "nope")])
-    with pytest.raises(RuntimeError, match="--dataset_name_or_path DIR"):
+    with pytest.raises(DataError, match="--dataset_name_or_path DIR"):
         finetune_hf_trainer_nlvr2.main(common(tiny, tmp_path / "o2") + ["--dataset_name_or_path",
                                                                        "no-such-org/no-such-dataset"])
 
