@@ -105,6 +105,13 @@ class DataArguments:
         default=False, metadata={"help": "Only evaluate the model, once (eval_after.json); no training."}
     )
     skip_eval_before: bool = field(default=False, metadata={"help": "Do not evaluate before training."})
+    eval_turns: str = field(
+        default="last",
+        metadata={"help": "Which answers of a multi-turn example evaluation scores: 'last' (earlier turns and "
+                          "their reference answers are the prompt) or 'all' (every assistant turn, each a "
+                          "prediction of its own whose prompt is the conversation up to it).",
+                  "choices": ["last", "all"]},
+    )
 
     def check(self) -> None:
         """The data flags' own checks (called with the other flag checks, before anything loads)."""

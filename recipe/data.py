@@ -35,7 +35,7 @@ import math
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -57,6 +57,7 @@ __all__ = [
     "load_jsonl",
     "Conversations",
     "subset",
+    "scored_turns",
     "from_cauldron",
     "from_docvqa",
     "validate",
@@ -287,6 +288,26 @@ def subset(conversations: Sequence[Conversation], n: int | None, seed: int) -> C
         return Conversations(conversations, problems)
     chosen = sorted(random.Random(seed).sample(range(len(conversations)), n))
     return Conversations([conversations[i] for i in chosen], problems)
+
+
+def scored_turns(conversations: Sequence[Conversation], which: str = "last") -> list[Conversation]:
+    """The predictions evaluation makes: "last" scores each example's last answer (the earlier
+    turns, with their reference answers, are the prompt); "all" scores every assistant turn as
+    its own example whose prompt is the conversation up to that turn.
+
+    A cut conversation keeps the whole one's measured length: it only orders the generation
+    batches, so no example is tokenised again for it.
+    """
+    if which not in ("last", "all"):
+        raise ValueError(f"which turns to score: 'last' or 'all', not {which!r}")
+    if which == "last":
+        return list(conversations)
+    return [
+        conversation if t == len(conversation.turns) - 1
+        else replace(conversation, turns=conversation.turns[: t + 1], references=None)
+        for conversation in conversations
+        for t in range(len(conversation.turns))
+    ]
 
 
 def from_cauldron(

@@ -248,6 +248,7 @@ def run(task: Task, argv: list[str] | None = None) -> dict:
     eval_kwargs = dict(
         batch_size=data_args.eval_batch_size,
         max_new_tokens=data_args.max_new_tokens,
+        eval_turns=data_args.eval_turns,
         autocast_dtype=torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None),
     )
     results: dict = {}
