@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipe.args import DataArguments
-from recipe.data import load_jsonl
+from recipe.records import load_jsonl
 from recipe.errors import DataError, FlagError
 from recipe.metrics import accuracy
 from recipe.train import Task, run
@@ -71,7 +71,7 @@ class Ucf101Arguments(DataArguments):
 
 # 1. Where the data comes from. Each jsonl line is already a conversation: the frames, the
 #    question listing the classes, and the class name as the answer. The frames get one
-#    <|image_k|> tag each, in front of the question (see recipe/data.py).
+#    <|image_k|> tag each, in front of the question (see recipe/records.py).
 def load_data(data_args: Ucf101Arguments, model_args):
     if data_args.train_file or data_args.eval_file:
         train_file, eval_file = data_args.train_file, data_args.eval_file

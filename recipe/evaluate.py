@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from phi3v.modeling_phi3v import Phi3VModel
 
-from .data import Collator, Conversation, ConversationDataset, scored_turns
+from .data import Collator, ConversationDataset
+from .records import Conversation, scored_turns
 
 __all__ = ["generate_predictions", "evaluate", "write_json_atomic", "end_token_ids"]
 
@@ -128,7 +129,7 @@ def evaluate(
 ) -> dict:
     """Generates, scores and (rank 0) writes per-example predictions and the metric.
 
-    `eval_turns` (see `recipe.data.scored_turns`): "last" scores each example's last answer,
+    `eval_turns` (see `recipe.records.scored_turns`): "last" scores each example's last answer,
     "all" every assistant turn (each prediction then also names its `turn`).
     """
     conversations = scored_turns(conversations, eval_turns)

@@ -8,11 +8,27 @@ without network uses the second form after `load_dataset(...).save_to_disk(DIR)`
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from PIL import Image
 
 from .errors import DataError
+from .records import Conversation, Turn
 
-__all__ = ["load_source", "train_split", "split_for_eval", "cauldron_conversations", "docvqa_conversations"]
+__all__ = [
+    "load_source",
+    "train_split",
+    "split_for_eval",
+    "cauldron_conversations",
+    "docvqa_conversations",
+    "from_cauldron",
+    "from_docvqa",
+    "DatasetImage",
+    "lazy_images",
+]
 
 
 def load_source(name_or_path: str, config: str | None = None):
@@ -72,8 +88,6 @@ def split_for_eval(dataset, eval_split: str | None, eval_size: int, seed: int):
 
 def cauldron_conversations(dataset, split: str, source: str):
     """Conversations of a the_cauldron subset (`images`, `texts`); images stay in the Arrow file."""
-    from .data import from_cauldron, lazy_images
-
     images = lazy_images(dataset, "images")
     rows = dataset.remove_columns(["images"])
     return [from_cauldron(row, i, split, source=source, images=images[i]) for i, row in enumerate(rows)]
@@ -81,8 +95,91 @@ def cauldron_conversations(dataset, split: str, source: str):
 
 def docvqa_conversations(dataset, split: str):
     """Conversations of docvqa_1200_examples rows (`image`, `query`, `answers`), every answer kept."""
-    from .data import from_docvqa, lazy_images
-
     images = lazy_images(dataset, "image")
     rows = dataset.select_columns([c for c in ("id", "query", "answers") if c in dataset.column_names])
     return [from_docvqa(row, i, split, image=images[i][0]) for i, row in enumerate(rows)]
+
+
+# -- rows -> conversations -----------------------------------------------------------------
+
+
+def from_cauldron(
+    row: dict, index: int, split: str = "train", source: str = "the_cauldron", images: list | None = None
+) -> Conversation:
+    """A the_cauldron row (`images` + `texts[{user, assistant}]`): the images go with the first turn.
+
+    `images` overrides row["images"] (e.g. lazy `DatasetImage` references).
+    """
+    texts = row["texts"]
+    turns = [Turn(user=t["user"], assistant=t["assistant"]) for t in texts]
+    if turns:
+        turns[0].images = list(images if images is not None else row.get("images") or [])
+    return Conversation(id=f"{split}-{index}", turns=turns, source=source, where=f"{split} row {index}")
+
+
+def from_docvqa(
+    row: dict, index: int, split: str = "train", answer_index: int = 0, image: Any = None
+) -> Conversation:
+    """A docvqa_1200_examples row (`image`, `query.en`, `answers`); all answers kept as references.
+
+    `image` overrides row["image"] (e.g. a lazy `DatasetImage`).
+    """
+    query = row["query"]
+    question = query["en"] if isinstance(query, dict) else query
+    answers = list(row["answers"])
+    record_id = row.get("id", f"{split}-{index}")
+    return Conversation(
+        id=str(record_id),
+        turns=[Turn(user=question, assistant=answers[answer_index] if answers else "",
+                    images=[image if image is not None else row["image"]])],
+        source="docvqa",
+        where=f"{split} row {index}",
+        references=answers,
+    )
+
+
+# -- images in Arrow files -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetImage:
+    """An image inside a `datasets.Dataset` (memory-mapped Arrow), decoded only when used.
+
+    Building conversations from hub rows this way keeps a 39k-document DocVQA in the Arrow
+    file instead of in RAM. `dataset` must have the column cast to `Image(decode=False)`
+    (see `lazy_images`).
+    """
+
+    dataset: Any
+    row: int
+    column: str
+    position: int | None = None  # index within a list-of-images column
+
+    def open(self) -> Image.Image:
+        value = self.dataset[self.row][self.column]
+        if self.position is not None:
+            value = value[self.position]
+        if value.get("bytes"):
+            return Image.open(io.BytesIO(value["bytes"]))
+        return Image.open(value["path"])
+
+    def __str__(self) -> str:
+        where = f"{self.column}[{self.position}]" if self.position is not None else self.column
+        return f"{where} of row {self.row}"
+
+
+def lazy_images(dataset, column: str) -> list[list[DatasetImage]]:
+    """Per row, references to the images of `column` (one image or a list), decoding nothing."""
+    import datasets
+    import pyarrow.compute as pc
+
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.Image):
+        undecoded = dataset.cast_column(column, datasets.Image(decode=False))
+        return [[DatasetImage(undecoded, i, column)] for i in range(len(dataset))]
+    undecoded = dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    arrow = undecoded.with_format("arrow")
+    counts: list[int] = []
+    for start in range(0, len(undecoded), 10_000):  # list lengths from Arrow offsets, no image bytes read
+        counts += pc.list_value_length(arrow[start : start + 10_000][column]).fill_null(0).to_pylist()
+    return [[DatasetImage(undecoded, i, column, k) for k in range(n)] for i, n in enumerate(counts)]

@@ -42,7 +42,9 @@ from .args import (
     parse_args,
     world_size,
 )
-from .data import Collator, Conversation, ConversationDataset, subset, validate
+from .data import Collator, ConversationDataset
+from .records import Conversation, subset
+from .validation import validate
 from .evaluate import end_token_ids, evaluate, write_json_atomic
 from .model import count_parameters, load_model, parameter_groups
 

@@ -89,11 +89,16 @@ def test_nlvr2(tiny, tmp_path):
     assert before["predictions"][0]["references"][0] in ("True", "False")
 
 
-def test_ucf101(tiny, tmp_path):
-    data = tmp_path / "ucf"
+def synthetic_ucf101(data: Path) -> Path:
+    """convert_ucf101.py output: 2 classes, 4 training and 2 test videos of 2 frames."""
     assert convert_ucf101.main(["--synthetic", "--out_dir", str(data), "--num_frames", "2", "--no-tqdm",
                                 "--synthetic_classes", "2", "--synthetic_videos_per_class", "2",
                                 "--synthetic_eval_videos_per_class", "1", "--synthetic_frames", "4"]) == 0
+    return data
+
+
+def test_ucf101(tiny, tmp_path):
+    data = synthetic_ucf101(tmp_path / "ucf")
     out = tmp_path / "out"
     finetune_hf_trainer_ucf101.main(common(tiny, out) + ["--data_dir", str(data)])
     check_outputs(out, "accuracy", 2)
@@ -108,10 +113,7 @@ def test_eval_only_and_missing_data_message(tiny, tmp_path):
 
 
 def test_ucf101_with_own_file_names(tiny, tmp_path):
-    data = tmp_path / "ucf"
-    assert convert_ucf101.main(["--synthetic", "--out_dir", str(data), "--num_frames", "2", "--no-tqdm",
-                                "--synthetic_classes", "2", "--synthetic_videos_per_class", "2",
-                                "--synthetic_eval_videos_per_class", "1", "--synthetic_frames", "4"]) == 0
+    data = synthetic_ucf101(tmp_path / "ucf")
     mine = tmp_path / "shapes"
     mine.mkdir()
     train_file, eval_file = mine / "my train set.jsonl", mine / "dev-2024.jsonl"

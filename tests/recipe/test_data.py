@@ -9,20 +9,11 @@ from PIL import Image
 from phi3v.image_processing_phi3v import Phi3VImageProcessor
 from phi3v.processing_phi3v import Phi3VProcessor
 from phi3v.tokenization import build_tokenizer
-from recipe.data import (
-    IGNORE_INDEX,
-    Collator,
-    Conversation,
-    ConversationDataset,
-    DataError,
-    Turn,
-    from_cauldron,
-    from_docvqa,
-    read_jsonl,
-    resolve_image_path,
-    tokenize_conversation,
-    validate,
-)
+from recipe.data import IGNORE_INDEX, Collator, ConversationDataset, build_messages, tokenize_conversation
+from recipe.errors import DataError
+from recipe.hub import from_cauldron, from_docvqa
+from recipe.records import Conversation, Turn, load_jsonl, read_jsonl, resolve_image_path
+from recipe.validation import validate
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +27,6 @@ def image(w, h, color=(200, 30, 30)):
 
 def official_ids(processor, conversation, for_generation=False):
     """What the official processor gives for the whole rendered conversation."""
-    from recipe.data import build_messages
-
     messages = build_messages(conversation, for_generation)
     text = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=for_generation)
     images = conversation.images
@@ -289,8 +278,6 @@ def test_left_padding_for_generation_and_crop_padding(processor, tmp_path):
 
 
 def test_unreadable_lines_and_bad_examples_are_reported_together(tmp_path, processor, caplog):
-    from recipe.data import load_jsonl
-
     (tmp_path / "img").mkdir()
     data = write_jsonl(tmp_path / "d.jsonl", [
         "{broken", good_record(0, ["missing.png"]), {"conversations": "nope"}, good_record(3, []),
@@ -312,7 +299,7 @@ def test_unreadable_lines_and_bad_examples_are_reported_together(tmp_path, proce
 
 
 def test_subsets_are_seeded_random_and_keep_file_order():
-    from recipe.data import Conversations, Problem, subset
+    from recipe.records import Conversations, Problem, subset
 
     # Converted data is sorted by class: the first N would all be one class.
     convs = Conversations([Conversation(f"{cls}{i}", [Turn("q", cls)]) for cls in "abcd" for i in range(25)],
@@ -340,7 +327,6 @@ def test_data_flag_checks():
 
 @pytest.mark.parametrize("content", ["", "\n  \n\t\n"])
 def test_empty_or_blank_jsonl_is_one_error_line_naming_the_file(tmp_path, capsys, content):
-    from recipe.data import load_jsonl
     from recipe.errors import cli
 
     data = tmp_path / "ucf101_train.jsonl"
@@ -352,7 +338,6 @@ def test_empty_or_blank_jsonl_is_one_error_line_naming_the_file(tmp_path, capsys
 
 
 def test_bad_lines_end_in_one_error_line_with_the_problems_above(tmp_path, capsys):
-    from recipe.data import load_jsonl
     from recipe.errors import cli
 
     data = write_jsonl(tmp_path / "d.jsonl", ["{broken", good_record(1, [])])
@@ -369,6 +354,8 @@ def test_bad_lines_end_in_one_error_line_with_the_problems_above(tmp_path, capsy
 
 def test_lengths_are_measured_once_and_reused(tmp_path, processor, monkeypatch):
     import recipe.data as data
+    import recipe.records as records
+    import recipe.validation as validation
     from recipe.train import GroupedByLengthSampler
 
     convs = []
@@ -386,8 +373,11 @@ def test_lengths_are_measured_once_and_reused(tmp_path, processor, monkeypatch):
             return function(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(data, "tokenize_conversation", counted("tokenize", data.tokenize_conversation))
-    monkeypatch.setattr(data, "_open", counted("open", data._open))
+    tokenize, open_image = counted("tokenize", data.tokenize_conversation), counted("open", records.open_image)
+    for module in (data, validation):
+        monkeypatch.setattr(module, "tokenize_conversation", tokenize)
+    for module in (records, validation):
+        monkeypatch.setattr(module, "open_image", open_image)
     kept = validate(convs, processor.tokenizer, num_crops=4)
     n_images = sum(len(c.images) for c in convs)
     assert calls == {"tokenize": 4, "open": n_images}  # once per example, one header read per image
@@ -471,8 +461,6 @@ def test_validation_is_shared_between_ranks(tmp_path):
 
 
 def test_unreadable_lines_count_towards_the_skipped_share(tmp_path, processor):
-    from recipe.data import load_jsonl
-
     data = write_jsonl(tmp_path / "d.jsonl", ["{broken", "[1]", good_record(0, [])])
     conversations = load_jsonl(data, tmp_path, skip_bad=True, defer_errors=True)
     with pytest.raises(DataError, match="would drop 2 of 3 examples.*fix the data"):

@@ -8,7 +8,7 @@ import torch
 from phi3v.image_processing_phi3v import Phi3VImageProcessor
 from phi3v.processing_phi3v import Phi3VProcessor
 from phi3v.tokenization import build_tokenizer
-from recipe.data import Conversation, Turn
+from recipe.records import Conversation, Turn
 from recipe.evaluate import evaluate
 from recipe.metrics import accuracy
 

@@ -6,8 +6,9 @@ import sys
 
 from PIL import Image
 
-import recipe.data as data
+import recipe.validation as validation
 from phi3v.tokenization import build_tokenizer
+from recipe.records import Conversation, Turn
 
 
 def main(out_prefix: str) -> None:
@@ -15,17 +16,17 @@ def main(out_prefix: str) -> None:
 
     state = PartialState(cpu=True)  # on a GPU-less machine accelerate runs gloo only when told (as use_cpu)
     checked = []
-    check_one = data._check_one
+    check_one = validation._check_one
 
     def recording(conversation, *args):
         checked.append(conversation.id)
         return check_one(conversation, *args)
 
-    data._check_one = recording
-    conversations = [data.Conversation(f"c{i}", [data.Turn("q " * (i + 1), "a" if i != 3 else " ",
+    validation._check_one = recording
+    conversations = [Conversation(f"c{i}", [Turn("q " * (i + 1), "a" if i != 3 else " ",
                                                            [Image.new("RGB", (300 + 40 * i, 200))])])
                      for i in range(5)]
-    kept = data.validate(conversations, build_tokenizer(), num_crops=4, skip_bad=True)
+    kept = validation.validate(conversations, build_tokenizer(), num_crops=4, skip_bad=True)
     with open(f"{out_prefix}{state.process_index}.json", "w") as f:
         json.dump({"checked": checked, "kept": [c.id for c in kept],
                    "lengths": [c.tokens.total for c in kept]}, f)
