@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import Image
 
@@ -81,13 +81,25 @@ def split_for_eval(dataset, eval_split: str | None, eval_size: int, seed: int):
             return dataset.get("train"), dataset[eval_split]
         dataset = train_split(dataset)
     if eval_size >= len(dataset):
-        raise DataError(f"--eval_size {eval_size} leaves no training examples out of {len(dataset)}")
+        raise DataError(f"--eval_size {eval_size} leaves no training examples out of {len(dataset)}; "
+                        f"pass a smaller --eval_size")
     parts = dataset.train_test_split(test_size=eval_size, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
 
 
+def _require_columns(dataset, columns: Sequence[str], schema: str) -> None:
+    """A local copy in another schema fails here, by name, not later as a KeyError."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise DataError(
+            f"the dataset has columns {dataset.column_names} but not {missing}; it needs {schema}'s columns "
+            f"{list(columns)} (see --dataset_name_or_path)"
+        )
+
+
 def cauldron_conversations(dataset, split: str, source: str):
     """Conversations of a the_cauldron subset (`images`, `texts`); images stay in the Arrow file."""
+    _require_columns(dataset, ("images", "texts"), "the_cauldron")
     images = lazy_images(dataset, "images")
     rows = dataset.remove_columns(["images"])
     return [from_cauldron(row, i, split, source=source, images=images[i]) for i, row in enumerate(rows)]
@@ -95,6 +107,7 @@ def cauldron_conversations(dataset, split: str, source: str):
 
 def docvqa_conversations(dataset, split: str):
     """Conversations of docvqa_1200_examples rows (`image`, `query`, `answers`), every answer kept."""
+    _require_columns(dataset, ("image", "query", "answers"), "docvqa_1200_examples")
     images = lazy_images(dataset, "image")
     rows = dataset.select_columns([c for c in ("id", "query", "answers") if c in dataset.column_names])
     return [from_docvqa(row, i, split, image=images[i][0]) for i, row in enumerate(rows)]

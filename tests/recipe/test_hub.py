@@ -76,3 +76,11 @@ def test_jsonl_directory_loads_with_a_subset_name(tmp_path):
     datasets.Dataset.from_dict({"texts": [[{"user": "q", "assistant": "a"}]] * 3}).to_json(
         tmp_path / "rows" / "train.jsonl")
     assert len(train_split(load_source(str(tmp_path / "rows"), "hateful_memes"))) == 3
+
+
+def test_a_copy_in_another_schema_is_named(tmp_path):
+    rows = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "question": ["q"]})
+    with pytest.raises(DataError, match=r"not \['images', 'texts'\]; it needs the_cauldron's columns"):
+        cauldron_conversations(rows, "train", "nlvr2")
+    with pytest.raises(DataError, match="smaller --eval_size"):
+        split_for_eval(rows, "test", eval_size=1, seed=0)
