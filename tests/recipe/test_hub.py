@@ -6,7 +6,7 @@ from PIL import Image
 
 import finetune_hf_trainer_docvqa
 from recipe.errors import DataError
-from recipe.hub import cauldron_conversations, load_source, split_for_eval, train_split
+from recipe.hub import cauldron_conversations, from_cauldron, from_docvqa, load_source, split_for_eval, train_split
 
 
 def cauldron_rows(n, answer):
@@ -84,3 +84,12 @@ def test_a_copy_in_another_schema_is_named(tmp_path):
         cauldron_conversations(rows, "train", "nlvr2")
     with pytest.raises(DataError, match="smaller --eval_size"):
         split_for_eval(rows, "test", eval_size=1, seed=0)
+
+
+def test_hub_row_adapters():
+    img = Image.new("RGB", (336, 336))
+    cauldron = from_cauldron({"images": [img], "texts": [{"user": "q1", "assistant": "a1", "source": "x"},
+                                                         {"user": "q2", "assistant": "a2", "source": "x"}]}, 3)
+    assert [t.images for t in cauldron.turns] == [[img], []] and cauldron.answer == "a2"
+    docvqa = from_docvqa({"image": img, "query": {"en": "Total?"}, "answers": ["12", "twelve"]}, 0)
+    assert docvqa.turns[0].user == "Total?" and docvqa.answer == "12" and docvqa.references == ["12", "twelve"]

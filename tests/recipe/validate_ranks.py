@@ -1,4 +1,4 @@
-"""Run under torchrun by test_data.py: each rank validates the same conversations and writes
+"""Run under torchrun by test_validation.py: each rank validates the same conversations and writes
 what it checked itself and what it got back, to show that ranks share the work."""
 
 import json
