@@ -96,11 +96,12 @@ def _check_one(
         if error:
             found.append(Problem(where, error, "bad image"))
         sizes.append(size)
-    try:
-        counts = [num_image_tokens(*hd_image_size(w, h, num_crops)) for w, h in sizes] if not found else None
-    except ValueError as err:  # e.g. an aspect ratio so extreme that a side rounds to 0 pixels
-        found.append(Problem(where, f"image cannot be resized for the model: {err}", "bad image"))
-        counts = None
+    counts = None
+    if not found:
+        try:
+            counts = [num_image_tokens(*hd_image_size(w, h, num_crops)) for w, h in sizes]
+        except ValueError as err:  # e.g. an aspect ratio so extreme that a side rounds to 0 pixels
+            found.append(Problem(where, f"image cannot be resized for the model: {err}", "bad image"))
     try:
         if counts is None:
             build_messages(conversation)  # the tag check alone: the other problems are reported too
@@ -108,8 +109,6 @@ def _check_one(
         length = len(tokenize_conversation(conversation, tokenizer, counts).input_ids)
     except ValueError as err:
         return found + [Problem(where, str(err), "tag mismatch")], None
-    if found:
-        return found, None
     return [], TokenCount(length - sum(counts), tuple(counts), tuple(sizes))
 
 
