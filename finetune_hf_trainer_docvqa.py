@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from recipe.args import DataArguments
 from recipe.errors import cli
-from recipe.hub import cauldron_conversations, docvqa_conversations, load_source, split_for_eval
+from recipe.hub import cauldron_conversations, docvqa_conversations, load_source, split_for_eval, train_split
 from recipe.metrics import anls
 from recipe.train import Task, run
 
@@ -50,8 +50,7 @@ def load_data(data_args: DocVQAArguments, model_args):
     if data_args.eval_only:
         return None, eval_conversations
     if data_args.full_train:
-        cauldron = load_source(data_args.full_train_dataset, "docvqa")
-        cauldron = cauldron["train"] if "train" in cauldron else cauldron
+        cauldron = train_split(load_source(data_args.full_train_dataset, "docvqa"))
         return cauldron_conversations(cauldron, "train", "docvqa"), eval_conversations
     return docvqa_conversations(train_rows, "train"), eval_conversations
 

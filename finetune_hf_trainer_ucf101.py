@@ -14,7 +14,13 @@ printed and saved before and after):
     python finetune_hf_trainer_ucf101.py --data_dir data/ucf101 --use_qlora --bf16 --batch_size 16
 
 Every shared flag is described by `--help`. To train on another dataset in this layout, point
---data_dir at it; to build a new task, copy this file and change the three parts below.
+--data_dir at it, or name its files (any names; image paths relative to --image_dir, by default
+images/ beside each file):
+
+    python finetune_hf_trainer_ucf101.py --train_file shapes/train.jsonl --eval_file shapes/dev.jsonl \
+        --use_lora --bf16 --output_dir out/shapes
+
+To build a new task, copy this file and change the three parts below.
 """
 
 import sys
@@ -22,37 +28,71 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipe.args import DataArguments
-from recipe.errors import cli
-from recipe.data import load_jsonl
+from recipe.errors import DataError, FlagError, cli
 from recipe.metrics import accuracy
-from recipe.train import Task, run, logger
+from recipe.records import load_jsonl
+from recipe.train import Task, run
+
+
+DEFAULT_DATA_DIR = "data/ucf101"
 
 
 @dataclass
 class Ucf101Arguments(DataArguments):
-    data_dir: str = field(
-        default="data/ucf101",
-        metadata={"help": "Output of convert_ucf101.py: ucf101_{train,val,test}.jsonl and images/."},
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": f"Output of convert_ucf101.py: ucf101_{{train,val,test}}.jsonl and images/ "
+                          f"(default: {DEFAULT_DATA_DIR}, unless --train_file/--eval_file are given)."},
     )
-    eval_split: str = field(default="test", metadata={"help": "Split to evaluate on.", "choices": ["val", "test"]})
+    eval_split: str = field(default="test", metadata={"help": "Split of --data_dir to evaluate on.",
+                                                      "choices": ["val", "test"]})
+    train_file: str | None = field(
+        default=None, metadata={"help": "Training examples in this jsonl layout, any file name (instead of --data_dir)."}
+    )
+    eval_file: str | None = field(
+        default=None, metadata={"help": "Evaluation examples in this jsonl layout, any file name (instead of --data_dir)."}
+    )
+    image_dir: str | None = field(
+        default=None, metadata={"help": "Directory the image paths of --train_file/--eval_file are relative to "
+                                        "(default: images/ beside each file)."}
+    )
+
+    def check(self) -> None:
+        super().check()
+        files = self.train_file or self.eval_file
+        if files and self.data_dir:
+            raise FlagError("--data_dir and --train_file/--eval_file are exclusive: give the directory or the files")
+        if self.image_dir and not files:
+            raise FlagError("--image_dir goes with --train_file/--eval_file (--data_dir holds its own images/)")
+        if files and not self.eval_file:
+            raise FlagError("--train_file needs --eval_file: the examples scored before and after training")
+        if files and not self.train_file and not self.eval_only:
+            raise FlagError("--eval_file needs --train_file to train (or --eval_only to only evaluate)")
 
 
 # 1. Where the data comes from. Each jsonl line is already a conversation: the frames, the
 #    question listing the classes, and the class name as the answer. The frames get one
-#    <|image_k|> tag each, in front of the question (see recipe/data.py).
+#    <|image_k|> tag each, in front of the question (see recipe/records.py).
 def load_data(data_args: Ucf101Arguments, model_args):
-    data_dir = Path(data_args.data_dir)
-    image_dir = data_dir / "images"
-    if not data_dir.is_dir():
-        raise FileNotFoundError(
-            f"--data_dir {data_dir} does not exist; create it with "
-            f"`python convert_ucf101.py --out_dir {data_dir}` (or --synthetic for a quick try)"
-        )
+    if data_args.train_file or data_args.eval_file:
+        train_file, eval_file = data_args.train_file, data_args.eval_file
+    else:
+        data_dir = Path(data_args.data_dir or DEFAULT_DATA_DIR)
+        if not data_dir.is_dir():
+            raise DataError(
+                f"--data_dir {data_dir} does not exist; create it with "
+                f"`python convert_ucf101.py --out_dir {data_dir}` (or --synthetic for a quick try), "
+                "or pass --train_file/--eval_file"
+            )
+        train_file, eval_file = data_dir / "ucf101_train.jsonl", data_dir / f"ucf101_{data_args.eval_split}.jsonl"
+
     # Bad lines are reported together with the other problems validation finds (file:line each).
-    read = lambda split: load_jsonl(data_dir / f"ucf101_{split}.jsonl", image_dir,  # noqa: E731
-                                    skip_bad=data_args.skip_bad_examples, log=logger.info, defer_errors=True)
-    train = None if data_args.eval_only else read("train")
-    return train, read(data_args.eval_split)
+    def read(path):
+        image_dir = data_args.image_dir or Path(path).parent / "images"
+        return load_jsonl(path, image_dir, defer_errors=True)
+
+    train = None if data_args.eval_only else read(train_file)
+    return train, read(eval_file)
 
 
 # 2. How predictions are scored: exact class name after case/space/punctuation normalisation.

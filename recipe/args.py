@@ -118,14 +118,33 @@ class DataArguments:
         default=False, metadata={"help": "Validation fully decodes every image (catches truncated files; slower). "
                                          "Default: header and structure check."}
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N examples."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on a random N of the training examples (seeded by --seed, kept in "
+                                        "file order)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate a random N of the evaluation examples (seeded by --seed)."}
+    )
     eval_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of generation in evaluation."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length limit in evaluation."})
     eval_only: bool = field(
         default=False, metadata={"help": "Only evaluate the model, once (eval_after.json); no training."}
     )
     skip_eval_before: bool = field(default=False, metadata={"help": "Do not evaluate before training."})
+    eval_turns: str = field(
+        default="last",
+        metadata={"help": "Which answers of a multi-turn example evaluation scores: 'last' (earlier turns and "
+                          "their reference answers are the prompt) or 'all' (every assistant turn, each a "
+                          "prediction of its own whose prompt is the conversation up to it).",
+                  "choices": ["last", "all"]},
+    )
+
+    def check(self) -> None:
+        """The data flags' own checks (called with the other flag checks, before anything loads)."""
+        for name in ("max_train_samples", "max_eval_samples", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise FlagError(f"--{name} {value} must be at least 1 (or left out: no limit)")
 
 
 @dataclass

@@ -1,385 +1,42 @@
-"""From data rows to model batches: one path shared by every recipe.
+"""Conversations to model batches: tokenisation, the dataset and the collator.
 
-1. Rows become `Conversation`s: the documented jsonl layout (`read_jsonl`) or hub rows
-   (`from_cauldron`, `from_docvqa`). A conversation is a list of turns, each with its own
-   images, user text and assistant answer.
-2. `validate` checks everything that could fail later (types, image files, tags, length)
-   before the first step, and either raises one `DataError` naming file:line for each
-   problem or, with skip_bad=True, drops the bad examples and reports why.
-3. `tokenize_conversation` applies the chat template once to the whole conversation, numbers
-   `<|image_k|>` tags across it, and labels only the assistant answers and their `<|end|>`.
-   The ids are exactly the official processor's (BOS after each image block included).
-4. `ConversationDataset` loads images lazily; its `lengths` come from image headers without
-   decoding pixels, for length-grouped batching. `Collator` pads (right for training, left
-   for generation) and concatenates the images of the batch.
+`tokenize_conversation` applies the chat template once to the whole conversation, numbers
+`<|image_k|>` tags across it, and labels only the assistant answers and their `<|end|>`. The
+ids are exactly the official processor's (BOS after each image block included).
+`ConversationDataset` decodes images only in `__getitem__`; its `lengths` (for length-grouped
+batching and evaluation order) are the ones `recipe.validation.validate` measured. `Collator`
+pads (right for training, left for generation) and concatenates the images of the batch.
 
-Documented jsonl layout (one example per line; image paths relative to the image directory):
-
-    {"id": "v_ApplyEyeMakeup_g01_c01", "source": "ucf101",
-     "conversations": [{"images": ["train/ApplyEyeMakeup/v_..._0.jpg", ...],
-                        "user": "Classify the video into one of the following classes: ...",
-                        "assistant": "ApplyEyeMakeup"}]}
-
-Tags: a turn whose user text has no `<|image_k|>` tags gets one `<|image_k|>\\n` per image
-put in front of its text (numbered across the conversation); a turn that places its own tags
-must use exactly the numbers of its images, in order.
+The data path, by module: `recipe.records` (examples and the jsonl layout), `recipe.hub` (hub
+rows), `recipe.validation` (checks and lengths, before the first step), this module (batches).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from phi3v.image_processing_phi3v import hd_image_size, num_image_tokens
 from phi3v.processing_phi3v import IMAGE_TAG_RE, image_tag
 
+from .records import Conversation, image_size, load_image
+
 __all__ = [
-    "Turn",
-    "Conversation",
-    "Problem",
-    "DataError",
-    "read_jsonl",
-    "load_jsonl",
-    "Conversations",
-    "from_cauldron",
-    "from_docvqa",
-    "validate",
-    "resolve_image_path",
-    "load_image",
-    "DatasetImage",
-    "lazy_images",
-    "image_size",
+    "IGNORE_INDEX",
     "build_messages",
     "tokenize_conversation",
     "TokenizedConversation",
+    "image_token_counts",
+    "conversation_length",
     "ConversationDataset",
     "Collator",
 ]
 
 IGNORE_INDEX = -100
 END_TOKEN = "<|end|>"
-MAX_PROBLEMS_SHOWN = 20
-
-
-# -- records ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Turn:
-    user: str
-    assistant: str
-    images: list[Any] = field(default_factory=list)  # PIL images or paths
-
-
-@dataclass
-class Conversation:
-    id: str
-    turns: list[Turn]
-    source: str = ""
-    where: str = ""  # "file.jsonl:12" or "train row 5": where problems are reported
-    references: list[str] | None = None  # every accepted answer of the last turn (evaluation)
-
-    @property
-    def images(self) -> list[Any]:
-        return [image for turn in self.turns for image in turn.images]
-
-    @property
-    def answer(self) -> str:
-        return self.turns[-1].assistant
-
-
-@dataclass
-class Problem:
-    where: str
-    message: str
-    reason: str  # short category for the skip summary
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
-
-
-class DataError(ValueError):
-    """Raised with every problem found, so a dataset is fixed in one pass, not one per run."""
-
-    def __init__(self, problems: Sequence[Problem], what: str = "the data"):
-        self.problems = list(problems)
-        shown = "\n  ".join(str(p) for p in self.problems[:MAX_PROBLEMS_SHOWN])
-        more = len(self.problems) - MAX_PROBLEMS_SHOWN
-        tail = f"\n  ... and {more} more" if more > 0 else ""
-        super().__init__(
-            f"{len(self.problems)} problem(s) in {what}:\n  {shown}{tail}\n"
-            "Fix them, or pass --skip_bad_examples to train without these examples."
-        )
-
-
-# -- reading -------------------------------------------------------------------------------
-
-
-_TURN_KEYS = {"images", "user", "assistant"}
-
-
-def _parse_record(obj: Any, where: str, image_dir: Path) -> tuple[Conversation | None, list[Problem]]:
-    def bad(message: str, reason: str) -> tuple[None, list[Problem]]:
-        return None, [Problem(where, message, reason)]
-
-    if not isinstance(obj, dict):
-        return bad(f"expected a JSON object, got {type(obj).__name__}", "not an object")
-    turns_raw = obj.get("conversations")
-    if turns_raw is None:
-        return bad("missing key 'conversations'", "missing key")
-    if not isinstance(turns_raw, list) or not turns_raw:
-        return bad("'conversations' must be a non-empty list of turns", "wrong type")
-    record_id = obj.get("id", where)
-    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
-        return bad(f"'id' must be a string or integer, got {type(record_id).__name__}", "wrong type")
-    source = obj.get("source", "")
-    if not isinstance(source, str):
-        return bad(f"'source' must be a string, got {type(source).__name__}", "wrong type")
-    turns, problems = [], []
-    for t, turn in enumerate(turns_raw):
-        at = f"conversations[{t}]"
-        if not isinstance(turn, dict):
-            problems.append(Problem(where, f"{at} must be an object", "wrong type"))
-            continue
-        unknown = set(turn) - _TURN_KEYS
-        if unknown:
-            problems.append(
-                Problem(where, f"{at} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_TURN_KEYS)}",
-                        "unknown key")
-            )
-        for key in ("user", "assistant"):
-            if key not in turn:
-                problems.append(Problem(where, f"{at} is missing key '{key}'", "missing key"))
-            elif not isinstance(turn[key], str):
-                problems.append(
-                    Problem(where, f"{at}.{key} must be a string, got {type(turn[key]).__name__}", "wrong type")
-                )
-        images = turn.get("images", [])
-        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-            problems.append(Problem(where, f"{at}.images must be a list of path strings", "wrong type"))
-            images = []
-        paths = []
-        for p in images:
-            try:
-                paths.append(resolve_image_path(p, image_dir))
-            except ValueError as err:
-                problems.append(Problem(where, f"{at}.images: {err}", "unsafe path"))
-        if not problems:
-            turns.append(Turn(user=turn["user"], assistant=turn["assistant"], images=paths))
-    if problems:
-        return None, problems
-    return Conversation(id=str(record_id), turns=turns, source=source, where=where), []
-
-
-def resolve_image_path(relative: str, image_dir: str | Path) -> Path:
-    """`image_dir / relative`, refusing absolute paths and paths that leave `image_dir`.
-
-    The check is on the written path (not on symlink targets), so an image directory that is
-    itself a symlink, or holds symlinked sub-trees, keeps working.
-    """
-    if not relative:
-        raise ValueError("empty image path")
-    if os.path.isabs(relative) or Path(relative).drive:
-        raise ValueError(f"absolute image path {relative!r} is not allowed; give it relative to the image directory")
-    normalized = os.path.normpath(relative)
-    if normalized == ".." or normalized.startswith(".." + os.sep):
-        raise ValueError(f"image path {relative!r} escapes the image directory")
-    return Path(image_dir) / normalized
-
-
-def read_jsonl(path: str | Path, image_dir: str | Path) -> tuple[list[Conversation], list[Problem]]:
-    """Reads the documented jsonl layout. Returns conversations and the problems of bad lines.
-
-    Bad lines (invalid JSON, missing keys, wrong types, unsafe paths) are reported with
-    file:line and never stop the reading, so every problem is listed at once.
-    """
-    path, image_dir = Path(path), Path(image_dir)
-    conversations: list[Conversation] = []
-    problems: list[Problem] = []
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(Problem(where, f"invalid JSON ({err.msg} at column {err.colno})", "invalid JSON"))
-                continue
-            conversation, found = _parse_record(obj, where, image_dir)
-            problems += found
-            if conversation is not None:
-                conversations.append(conversation)
-    return conversations, problems
-
-
-class Conversations(list):
-    """Conversations read from a file, with the `problems` of the lines that could not be read.
-
-    `validate` reports these together with its own findings, so every problem of a dataset
-    shows in one error.
-    """
-
-    def __init__(self, items=(), problems: Sequence[Problem] = ()):
-        super().__init__(items)
-        self.problems = list(problems)
-
-
-def load_jsonl(
-    path: str | Path, image_dir: str | Path, skip_bad: bool = False, log=print, defer_errors: bool = False
-) -> Conversations:
-    """`read_jsonl` that stops on bad lines (one DataError listing them all) or, with
-    `skip_bad`, drops them and logs how many and why. With `defer_errors` the problems travel
-    on the returned list instead, for `validate` to report along with everything else."""
-    conversations, problems = read_jsonl(path, image_dir)
-    if problems and defer_errors and not skip_bad:
-        return Conversations(conversations, problems)
-    if problems and not skip_bad:
-        raise DataError(problems, str(path))
-    if problems:
-        bad_lines = len({p.where for p in problems})
-        reasons = Counter(p.reason for p in problems)
-        summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
-        log(f"skipped {bad_lines} malformed line(s) in {path} ({summary}); first: {problems[0]}")
-    return Conversations(conversations)
-
-
-def from_cauldron(
-    row: dict, index: int, split: str = "train", source: str = "the_cauldron", images: list | None = None
-) -> Conversation:
-    """A the_cauldron row (`images` + `texts[{user, assistant}]`): the images go with the first turn.
-
-    `images` overrides row["images"] (e.g. lazy `DatasetImage` references).
-    """
-    texts = row["texts"]
-    turns = [Turn(user=t["user"], assistant=t["assistant"]) for t in texts]
-    if turns:
-        turns[0].images = list(images if images is not None else row.get("images") or [])
-    return Conversation(id=f"{split}-{index}", turns=turns, source=source, where=f"{split} row {index}")
-
-
-def from_docvqa(
-    row: dict, index: int, split: str = "train", answer_index: int = 0, image: Any = None
-) -> Conversation:
-    """A docvqa_1200_examples row (`image`, `query.en`, `answers`); all answers kept as references.
-
-    `image` overrides row["image"] (e.g. a lazy `DatasetImage`).
-    """
-    query = row["query"]
-    question = query["en"] if isinstance(query, dict) else query
-    answers = list(row["answers"])
-    record_id = row.get("id", f"{split}-{index}")
-    return Conversation(
-        id=str(record_id),
-        turns=[Turn(user=question, assistant=answers[answer_index] if answers else "",
-                    images=[image if image is not None else row["image"]])],
-        source="docvqa",
-        where=f"{split} row {index}",
-        references=answers,
-    )
-
-
-# -- images --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DatasetImage:
-    """An image inside a `datasets.Dataset` (memory-mapped Arrow), decoded only when used.
-
-    Building conversations from hub rows this way keeps a 39k-document DocVQA in the Arrow
-    file instead of in RAM. `dataset` must have the column cast to `Image(decode=False)`
-    (see `lazy_images`).
-    """
-
-    dataset: Any
-    row: int
-    column: str
-    position: int | None = None  # index within a list-of-images column
-
-    def open(self) -> Image.Image:
-        value = self.dataset[self.row][self.column]
-        if self.position is not None:
-            value = value[self.position]
-        if value.get("bytes"):
-            return Image.open(io.BytesIO(value["bytes"]))
-        return Image.open(value["path"])
-
-    def __str__(self) -> str:
-        where = f"{self.column}[{self.position}]" if self.position is not None else self.column
-        return f"{where} of row {self.row}"
-
-
-def lazy_images(dataset, column: str) -> list[list[DatasetImage]]:
-    """Per row, references to the images of `column` (one image or a list), decoding nothing."""
-    import datasets
-    import pyarrow.compute as pc
-
-    feature = dataset.features[column]
-    if isinstance(feature, datasets.Image):
-        undecoded = dataset.cast_column(column, datasets.Image(decode=False))
-        return [[DatasetImage(undecoded, i, column)] for i in range(len(dataset))]
-    undecoded = dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
-    arrow = undecoded.with_format("arrow")
-    counts: list[int] = []
-    for start in range(0, len(undecoded), 10_000):  # list lengths from Arrow offsets, no image bytes read
-        counts += pc.list_value_length(arrow[start : start + 10_000][column]).fill_null(0).to_pylist()
-    return [[DatasetImage(undecoded, i, column, k) for k in range(n)] for i, n in enumerate(counts)]
-
-
-
-def _open(image: Any) -> Image.Image:
-    """A lazily opened PIL image (header read only) from a path or a DatasetImage."""
-    return image.open() if isinstance(image, DatasetImage) else Image.open(image)
-
-
-def load_image(image: Any) -> Image.Image:
-    """A decoded PIL image from a PIL image, a path or a DatasetImage (errors name the file)."""
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with _open(image) as opened:
-            opened.load()
-            return opened.copy()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {image} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"image {image} cannot be decoded: {err}") from None
-
-
-def image_size(image: Any) -> tuple[int, int]:
-    """(width, height) from the header only: no pixel decoding."""
-    if isinstance(image, Image.Image):
-        return image.size
-    with _open(image) as opened:
-        return opened.size
-
-
-def _check_image(image: Any, decode: bool) -> str | None:
-    """None if the image is usable, else the reason (reported with the example's file:line)."""
-    if isinstance(image, Image.Image):
-        return None
-    if not isinstance(image, DatasetImage) and not Path(image).is_file():
-        return f"image {image} does not exist"
-    try:
-        if decode:
-            load_image(image)
-        else:
-            with _open(image) as opened:
-                opened.verify()  # structure check without a full decode
-    except Exception as err:  # noqa: BLE001 - any decoder error means the image is unusable
-        return f"image {image} is unreadable: {err}"
-    return None
 
 
 # -- conversation -> tokens ----------------------------------------------------------------
@@ -485,70 +142,6 @@ def tokenize_conversation(
     return TokenizedConversation(input_ids, labels, list(image_token_counts))
 
 
-# -- validation ------------------------------------------------------------------------------
-
-
-def validate(
-    conversations: Sequence[Conversation],
-    tokenizer,
-    num_crops: int,
-    max_length: int | None = None,
-    decode_images: bool = False,
-    skip_bad: bool = False,
-    what: str = "the data",
-    log=print,
-) -> list[Conversation]:
-    """Checks every conversation before training; returns the usable ones.
-
-    Problems: image tags that do not match the images, missing or unreadable images, empty
-    answers, duplicate ids, and sequences longer than `max_length` (never cut: an example
-    that does not fit is skipped, or reported). With `skip_bad=False` any problem raises
-    `DataError` listing them all with file:line; with `skip_bad=True` bad examples are
-    dropped and a summary by reason is logged.
-    """
-    problems: list[Problem] = list(getattr(conversations, "problems", []))  # lines that could not be read
-    unreadable = len({p.where for p in problems})
-    good: list[Conversation] = []
-    seen_ids: dict[str, str] = {}
-    for conversation in conversations:
-        where = conversation.where or conversation.id
-        found: list[Problem] = []
-        if conversation.id in seen_ids:
-            found.append(Problem(where, f"duplicate id {conversation.id!r} (first at {seen_ids[conversation.id]})",
-                                 "duplicate id"))
-        else:
-            seen_ids[conversation.id] = where
-        if not conversation.turns:
-            found.append(Problem(where, "no turns", "empty"))
-        for t, turn in enumerate(conversation.turns):
-            if not turn.assistant.strip():
-                found.append(Problem(where, f"turn {t} has an empty assistant answer", "empty answer"))
-        try:
-            build_messages(conversation)
-        except ValueError as err:
-            found.append(Problem(where, str(err), "tag mismatch"))
-        for image in conversation.images:
-            error = _check_image(image, decode=decode_images)
-            if error:
-                found.append(Problem(where, error, "bad image"))
-        if not found and max_length is not None:
-            length = conversation_length(conversation, tokenizer, num_crops)
-            if length > max_length:
-                found.append(Problem(where, f"{length} tokens > --max_length {max_length}", "too long"))
-        if found:
-            problems += found
-        else:
-            good.append(conversation)
-    if problems and not skip_bad:
-        raise DataError(problems, what)
-    if problems:
-        reasons = Counter(p.reason for p in problems)
-        total = len(conversations) + unreadable
-        summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
-        log(f"skipped {total - len(good)} of {total} examples in {what} ({summary}); first: {problems[0]}")
-    return good
-
-
 def image_token_counts(images: Iterable[Any], num_crops: int) -> list[int]:
     """Token count of each image from its size alone (header read, no pixel decoding)."""
     counts = []
@@ -589,10 +182,14 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self) -> list[int]:
+        """Token counts, for length grouping and evaluation order: the lengths `validate`
+        measured (whole conversation) where it ran, else measured here."""
         if self._lengths is None:
             tokenizer = self.processor.tokenizer
             self._lengths = [
-                conversation_length(c, tokenizer, self.num_crops, self.for_generation) for c in self.conversations
+                c.tokens.total if c.tokens is not None
+                else conversation_length(c, tokenizer, self.num_crops, self.for_generation)
+                for c in self.conversations
             ]
         return self._lengths
 

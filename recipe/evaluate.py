@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from phi3v.modeling_phi3v import Phi3VModel
 
-from .data import Collator, Conversation, ConversationDataset
+from .data import Collator, ConversationDataset
+from .records import Conversation, scored_turns
 
 __all__ = ["generate_predictions", "evaluate", "write_json_atomic", "end_token_ids"]
 
@@ -128,18 +129,26 @@ def evaluate(
     score: Callable[[list[str], list[list[str]]], float],
     metric_name: str,
     output_file: str | Path | None,
+    eval_turns: str = "last",
     **generation_kwargs,
 ) -> dict:
-    """Generates, scores and (rank 0) writes per-example predictions and the metric."""
+    """Generates, scores and (rank 0) writes per-example predictions and the metric.
+
+    `eval_turns` (see `recipe.records.scored_turns`): "last" scores each example's last answer,
+    "all" every assistant turn (each prediction then also names its `turn`).
+    """
+    conversations = scored_turns(conversations, eval_turns)
     predictions = generate_predictions(model, processor, conversations, **generation_kwargs)
     references = [list(c.references) if c.references else [c.answer] for c in conversations]
     value = score(predictions, references) if conversations else None  # (no NaN: not valid JSON)
+    turn = (lambda c: {"turn": len(c.turns) - 1}) if eval_turns == "all" else (lambda c: {})
     result = {
         "metric": metric_name,
         metric_name: value,
         "num_examples": len(conversations),
         "predictions": [
-            {"id": c.id, "prediction": p, "references": r} for c, p, r in zip(conversations, predictions, references)
+            {"id": c.id, **turn(c), "prediction": p, "references": r}
+            for c, p, r in zip(conversations, predictions, references)
         ],
     }
     rank, _ = _rank_world()

@@ -38,11 +38,13 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from phi3v.processing_phi3v import Phi3VProcessor
 
 from .args import RUN_COMPLETE_FILE, DataArguments, ModelArguments, RecipeTrainingArguments, parse_args, world_size
-from .data import Collator, Conversation, ConversationDataset, Conversations, validate
+from .data import Collator, ConversationDataset
 from .errors import DataError
 from .evaluate import end_token_ids, evaluate
 from .model import SEPARATORS, count_parameters, load_model, parameter_groups
+from .records import Conversation, subset
 from .report import Throughput, write_report
+from .validation import validate
 
 __all__ = ["Task", "run", "RecipeTrainer", "GroupedByLengthSampler", "merge_adapter"]
 
@@ -99,6 +101,7 @@ class TaskEvaluator:
         self.kwargs = dict(
             batch_size=data_args.eval_batch_size,
             max_new_tokens=data_args.max_new_tokens,
+            eval_turns=data_args.eval_turns,
             autocast_dtype=torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None),
             disable_tqdm=training_args.disable_tqdm,
         )
@@ -132,9 +135,9 @@ class RecipeTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        # Grouping by length saves padding only when a device gets more than one example per step.
-        if (self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths")
-                and self.args.train_batch_size > 1):
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            if self.args.train_batch_size == 1:  # nothing to pad: grouping would only order each step's examples
+                return torch.utils.data.RandomSampler(dataset)
             group = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return GroupedByLengthSampler(dataset.lengths, group, self.args.seed)
         return super()._get_train_sampler(train_dataset)
@@ -234,20 +237,16 @@ def _setup_logging(training_args: RecipeTrainingArguments) -> None:
 def setup_data(task: Task, model_args, data_args, training_args, processor):
     """The task's conversations, validated (and measured) once."""
     train, eval_ = task.load_data(data_args, model_args)
-    tokenizer = processor.tokenizer
-    common = dict(tokenizer=tokenizer, num_crops=model_args.num_crops, decode_images=data_args.decode_images,
-                  skip_bad=data_args.skip_bad_examples, log=logger.info)
-
-    def limit(conversations, n):
-        # Keep the problems of unreadable lines (see recipe.data.Conversations) for validate.
-        return Conversations(list(conversations)[:n], getattr(conversations, "problems", []))
-
+    common = dict(tokenizer=processor.tokenizer, num_crops=model_args.num_crops, decode_images=data_args.decode_images,
+                  skip_bad=data_args.skip_bad_examples, progress=not training_args.disable_tqdm)
+    seed = training_args.seed
     if train is not None and not data_args.eval_only:
-        train = limit(train, data_args.max_train_samples)
-        train = validate(train, max_length=data_args.max_length, what=f"{task.name} training data", **common)
+        train = subset(train, data_args.max_train_samples, seed)
+        train = validate(train, max_length=data_args.max_length, what=f"{task.name} training data", training=True,
+                         **common)
         if not train:
             raise DataError(f"no usable {task.name} training examples")
-    eval_ = limit(eval_, data_args.max_eval_samples)
+    eval_ = subset(eval_, data_args.max_eval_samples, seed)
     eval_ = validate(eval_, max_length=None, what=f"{task.name} evaluation data", **common)
     if not eval_:
         raise DataError(f"no usable {task.name} evaluation examples")

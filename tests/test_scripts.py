@@ -14,6 +14,7 @@ import finetune_hf_trainer_nlvr2
 import finetune_hf_trainer_ucf101
 from phi3v.configuration_phi3v import PHI3V_128K
 from phi3v.tiny import save_tiny_checkpoint
+from recipe.errors import DataError
 
 
 def picture(i, size=(120, 90)):
@@ -90,20 +91,25 @@ def test_nlvr2(tiny, tmp_path):
     assert before["predictions"][0]["references"][0] in ("True", "False")
 
 
-def test_ucf101(tiny, tmp_path):
-    data = tmp_path / "ucf"
+def synthetic_ucf101(data: Path) -> Path:
+    """convert_ucf101.py output: 2 classes, 4 training and 2 test videos of 2 frames."""
     assert convert_ucf101.main(["--synthetic", "--out_dir", str(data), "--num_frames", "2", "--no-tqdm",
                                 "--synthetic_classes", "2", "--synthetic_videos_per_class", "2",
                                 "--synthetic_eval_videos_per_class", "1", "--synthetic_frames", "4"]) == 0
+    return data
+
+
+def test_ucf101(tiny, tmp_path):
+    data = synthetic_ucf101(tmp_path / "ucf")
     out = tmp_path / "out"
     finetune_hf_trainer_ucf101.main(common(tiny, out) + ["--data_dir", str(data)])
     check_outputs(out, "accuracy", 2)
 
 
 def test_eval_only_and_missing_data_message(tiny, tmp_path):
-    with pytest.raises(FileNotFoundError, match="convert_ucf101.py"):
+    with pytest.raises(DataError, match="convert_ucf101.py"):
         finetune_hf_trainer_ucf101.main(common(tiny, tmp_path / "o") + ["--data_dir", str(tmp_path / "nope")])
-    with pytest.raises(RuntimeError, match="--dataset_name_or_path DIR"):
+    with pytest.raises(DataError, match="--dataset_name_or_path DIR"):
         finetune_hf_trainer_nlvr2.main(common(tiny, tmp_path / "o2") + ["--dataset_name_or_path",
                                                                        "no-such-org/no-such-dataset"])
 
@@ -123,3 +129,36 @@ def test_every_task_script_on_a_phi3v_128k_checkpoint(run_task, tiny_128k, tmp_p
     assert json.loads((out / "config.json").read_text())["model_family"] == PHI3V_128K
     auto_map = json.loads((out / "preprocessor_config.json").read_text())["auto_map"]
     assert auto_map["AutoImageProcessor"] == "image_processing_phi3_v.Phi3VImageProcessor"
+
+
+def test_ucf101_with_own_file_names(tiny, tmp_path):
+    data = synthetic_ucf101(tmp_path / "ucf")
+    mine = tmp_path / "shapes"
+    mine.mkdir()
+    train_file, eval_file = mine / "my train set.jsonl", mine / "dev-2024.jsonl"
+    (data / "ucf101_train.jsonl").rename(train_file)
+    (data / "ucf101_test.jsonl").rename(eval_file)
+    out = tmp_path / "out"
+    finetune_hf_trainer_ucf101.main(common(tiny, out) + ["--train_file", str(train_file), "--eval_file",
+                                                         str(eval_file), "--image_dir", str(data / "images")])
+    check_outputs(out, "accuracy", 2)
+    # Without --image_dir the images are looked up in images/ beside each file.
+    (mine / "images").symlink_to(data / "images")
+    args = finetune_hf_trainer_ucf101.Ucf101Arguments(train_file=str(train_file), eval_file=str(eval_file))
+    args.check()
+    train, eval_ = finetune_hf_trainer_ucf101.load_data(args, None)
+    assert len(train) == 4 and len(eval_) == 2 and not train.problems
+    assert all(str(path).startswith(str(mine / "images")) and path.is_file() for c in train for path in c.images)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train_file", "a.jsonl"], "--train_file needs --eval_file"),
+    (["--eval_file", "b.jsonl"], "--eval_file needs --train_file to train"),
+    (["--train_file", "a.jsonl", "--eval_file", "b.jsonl", "--data_dir", "d"], "exclusive"),
+    (["--data_dir", "d", "--image_dir", "i"], "--image_dir goes with --train_file"),
+])
+def test_ucf101_file_flag_conflicts(tiny, tmp_path, flags, message):
+    from recipe.errors import FlagError
+
+    with pytest.raises(FlagError, match=message):
+        finetune_hf_trainer_ucf101.main(common(tiny, tmp_path / "o") + flags)

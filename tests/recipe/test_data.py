@@ -1,43 +1,20 @@
-"""Conversations -> tokens -> labels -> batches, and validation of bad data."""
-
-import json
+"""Conversations -> tokens -> labels -> batches."""
 
 import pytest
 import torch
-from PIL import Image
 
-from phi3v.image_processing_phi3v import Phi3VImageProcessor
-from phi3v.processing_phi3v import Phi3VProcessor
-from phi3v.tokenization import build_tokenizer
-from recipe.data import (
-    IGNORE_INDEX,
-    Collator,
-    Conversation,
-    ConversationDataset,
-    DataError,
-    Turn,
-    from_cauldron,
-    from_docvqa,
-    read_jsonl,
-    resolve_image_path,
-    tokenize_conversation,
-    validate,
-)
+from data_samples import image, make_processor
+from recipe.data import IGNORE_INDEX, Collator, ConversationDataset, build_messages, tokenize_conversation
+from recipe.records import Conversation, Turn
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return Phi3VProcessor(image_processor=Phi3VImageProcessor(num_crops=4), tokenizer=build_tokenizer())
-
-
-def image(w, h, color=(200, 30, 30)):
-    return Image.new("RGB", (w, h), color)
+    return make_processor()
 
 
 def official_ids(processor, conversation, for_generation=False):
     """What the official processor gives for the whole rendered conversation."""
-    from recipe.data import build_messages
-
     messages = build_messages(conversation, for_generation)
     text = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=for_generation)
     images = conversation.images
@@ -132,106 +109,6 @@ def test_wrong_tags_in_user_text_are_rejected(processor):
         encode(processor, conv)
 
 
-def test_hub_row_adapters():
-    img = image(336, 336)
-    cauldron = from_cauldron({"images": [img], "texts": [{"user": "q1", "assistant": "a1", "source": "x"},
-                                                         {"user": "q2", "assistant": "a2", "source": "x"}]}, 3)
-    assert [t.images for t in cauldron.turns] == [[img], []] and cauldron.answer == "a2"
-    docvqa = from_docvqa({"image": img, "query": {"en": "Total?"}, "answers": ["12", "twelve"]}, 0)
-    assert docvqa.turns[0].user == "Total?" and docvqa.answer == "12" and docvqa.references == ["12", "twelve"]
-
-
-# -- jsonl and validation -------------------------------------------------------------------
-
-
-def write_jsonl(path, lines):
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
-    return path
-
-
-def good_record(i, images):
-    return {"id": f"ex{i}", "source": "test",
-            "conversations": [{"images": images, "user": "What colour?", "assistant": "red"}]}
-
-
-def test_read_jsonl_reports_each_bad_line_with_file_and_line(tmp_path):
-    (tmp_path / "img").mkdir()
-    image(336, 336).save(tmp_path / "img" / "a.png")
-    data = write_jsonl(tmp_path / "d.jsonl", [
-        good_record(0, ["a.png"]),
-        "{not json",
-        {"id": "x"},
-        {"conversations": [{"user": 3, "assistant": "a"}]},
-        {"conversations": [{"user": "u", "asistant": "a"}]},
-        {"conversations": [{"images": ["/etc/passwd"], "user": "u", "assistant": "a"}]},
-        {"conversations": [{"images": ["../secret.png"], "user": "u", "assistant": "a"}]},
-        {"conversations": [{"images": "a.png", "user": "u", "assistant": "a"}]},
-    ])
-    conversations, problems = read_jsonl(data, tmp_path / "img")
-    assert [c.id for c in conversations] == ["ex0"]
-    by_line = {}
-    for p in problems:
-        line = int(p.where.rsplit(":", 1)[1])
-        by_line[line] = by_line.get(line, "") + p.message + "; "
-    assert set(by_line) == {2, 3, 4, 5, 6, 7, 8}
-    assert "invalid JSON" in by_line[2]
-    assert "conversations" in by_line[3]
-    assert "user must be a string" in by_line[4]
-    assert "asistant" in by_line[5]
-    assert "absolute" in by_line[6]
-    assert "escapes" in by_line[7]
-    assert "list of path strings" in by_line[8]
-    assert all(str(data) in p.where for p in problems)
-
-
-def test_path_traversal_refused():
-    for bad in ["../x.png", "a/../../x.png", "/abs.png", ""]:
-        with pytest.raises(ValueError):
-            resolve_image_path(bad, "/data/images")
-    assert str(resolve_image_path("a/./b/../c.png", "/data/images")) == "/data/images/a/c.png"
-
-
-def test_validate_lists_every_problem_then_skip_mode_counts_them(tmp_path, processor):
-    img_dir = tmp_path / "img"
-    img_dir.mkdir()
-    image(336, 336).save(img_dir / "ok.png")
-    (img_dir / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 3)
-    data = write_jsonl(tmp_path / "d.jsonl", [
-        good_record(0, ["ok.png"]),
-        good_record(1, ["missing.png"]),
-        good_record(2, ["corrupt.jpg"]),
-        {"id": "ex3", "conversations": [{"images": ["ok.png"], "user": "<|image_2|>", "assistant": "a"}]},
-        {"id": "ex4", "conversations": [{"images": [], "user": "long " * 400, "assistant": "a"}]},
-        good_record(0, ["ok.png"]),  # duplicate id
-        {"id": "ex6", "conversations": [{"images": [], "user": "q", "assistant": "  "}]},
-    ])
-    conversations, problems = read_jsonl(data, img_dir)
-    assert not problems
-    with pytest.raises(DataError) as err:
-        validate(conversations, processor.tokenizer, num_crops=1, max_length=600, what=str(data))
-    message = str(err.value)
-    assert message.startswith("6 problem(s)"), message
-    for line, needle in [(2, "missing.png does not exist"), (3, "corrupt.jpg is unreadable"), (4, "<|image_2|>"),
-                         (5, "> --max_length 600"), (6, "duplicate id 'ex0'"), (7, "empty assistant")]:
-        assert f"d.jsonl:{line}: " in message and needle in message, needle
-    assert "--skip_bad_examples" in message
-
-    logged = []
-    kept = validate(conversations, processor.tokenizer, num_crops=1, max_length=600, skip_bad=True,
-                    log=logged.append)
-    assert [c.id for c in kept] == ["ex0"]
-    assert "skipped 6 of 7" in logged[0] and "too long" in logged[0] and "bad image" in logged[0]
-
-
-def test_truncated_image_is_caught_when_decoding(tmp_path, processor):
-    path = tmp_path / "t.jpg"
-    image(800, 600).save(path, quality=95)
-    path.write_bytes(path.read_bytes()[:400])
-    conv = Conversation("t", [Turn("q", "a", [path])], where="t.jsonl:1")
-    with pytest.raises(DataError, match="t.jsonl:1: image .*t.jpg is unreadable"):
-        validate([conv], processor.tokenizer, num_crops=4, decode_images=True)
-
-
 # -- dataset and collator -----------------------------------------------------------------
 
 
@@ -287,22 +164,17 @@ def test_left_padding_for_generation_and_crop_padding(processor, tmp_path):
     assert batch["pixel_values"].shape[1] == 5 and batch["pixel_values"][0, 3:].abs().sum() == 0
 
 
-def test_unreadable_lines_and_bad_examples_are_reported_together(tmp_path, processor):
-    from recipe.data import load_jsonl
+def test_length_grouping_only_with_more_than_one_example_per_device():
+    from types import SimpleNamespace
 
-    (tmp_path / "img").mkdir()
-    data = write_jsonl(tmp_path / "d.jsonl", [
-        "{broken", good_record(0, ["missing.png"]), {"conversations": "nope"}, good_record(3, []),
-    ])
-    conversations = load_jsonl(data, tmp_path / "img", defer_errors=True)
-    assert [c.id for c in conversations] == ["ex0", "ex3"] and len(conversations.problems) == 2
-    with pytest.raises(DataError) as err:
-        validate(conversations, processor.tokenizer, num_crops=1)
-    message = str(err.value)
-    assert message.startswith("3 problem(s)")
-    assert all(f"d.jsonl:{line}: " in message for line in (1, 2, 3))
-    logged = []
-    kept = validate(conversations, processor.tokenizer, num_crops=1, skip_bad=True, log=logged.append)
-    assert [c.id for c in kept] == ["ex3"] and "skipped 3 of 4" in logged[0]
-    with pytest.raises(DataError, match="d.jsonl:1: invalid JSON"):
-        load_jsonl(data, tmp_path / "img")  # without defer_errors: stops right away
+    from recipe.train import GroupedByLengthSampler, RecipeTrainer
+
+    dataset = type("D", (), {"lengths": [5, 1, 9, 3], "__len__": lambda self: 4})()
+
+    def sampler(per_device):
+        args = SimpleNamespace(train_sampling_strategy="group_by_length", train_batch_size=per_device,
+                               gradient_accumulation_steps=2, seed=0)
+        return RecipeTrainer._get_train_sampler(SimpleNamespace(args=args, train_dataset=dataset))
+
+    assert isinstance(sampler(2), GroupedByLengthSampler)
+    assert isinstance(sampler(1), torch.utils.data.RandomSampler)

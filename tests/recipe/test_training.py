@@ -26,6 +26,7 @@ from phi3v.modeling_phi3v import Phi3VForCausalLM
 from phi3v.processing_phi3v import Phi3VProcessor
 from recipe.args import RUN_COMPLETE_FILE, FlagError, check_args, parse_args
 from recipe.data import Collator, ConversationDataset
+from recipe.records import subset
 from recipe.evaluate import evaluate
 from recipe.model import load_model
 from recipe.train import GroupedByLengthSampler, RecipeTrainer, run
@@ -397,7 +398,7 @@ def test_run_writes_its_outputs(lora_run, ucf101_data):
         written = read_json(out / f"{name}.json")
         assert written["metric"] == "accuracy" and written["num_examples"] == 3
         assert written["accuracy"] == results[name]
-        assert [p["id"] for p in written["predictions"]] == test_ids[:3]
+        assert [p["id"] for p in written["predictions"]] == list(subset(test_ids, 3, seed=42))  # --max_eval_samples
         assert all(isinstance(p["prediction"], str) and p["references"] for p in written["predictions"])
     summary = read_json(out / RUN_COMPLETE_FILE)
     assert summary["results"]["global_step"] == 3 and summary["model_args"]["use_lora"]
@@ -619,7 +620,8 @@ def test_two_rank_evaluation_equals_one_rank(two_rank_run, tiny_checkpoint, ucf1
     for name in ("eval_before", "eval_after"):
         if name == "eval_after":
             model = PeftModel.from_pretrained(model, str(out))  # (adds the adapter in place)
-        one_rank = evaluate(model, processor, conversations[:3], ucf.score, "accuracy", None,
+        # --max_eval_samples 3: the seeded subset (default --seed 42)
+        one_rank = evaluate(model, processor, subset(conversations, 3, seed=42), ucf.score, "accuracy", None,
                             batch_size=2, max_new_tokens=4)
         assert read_json(out / f"{name}.json") == one_rank, name
     assert read_json(out / "eval_before.json") != read_json(out / "eval_after.json")
