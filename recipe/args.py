@@ -71,7 +71,13 @@ class ModelArguments:
     )
     merge_lora: bool = field(
         default=False, metadata={"help": "After LoRA training, also write the merged full model to "
-                                         "OUTPUT_DIR/merged (official format)."}
+                                         "OUTPUT_DIR/merged (official format). With --use_qlora the adapter is "
+                                         "merged into the unquantised base and merged/ is evaluated again "
+                                         "(eval_merged.json)."}
+    )
+    save_dtype: str = field(
+        default="bfloat16", metadata={"help": "dtype of the saved full model and merged/ (the release's bfloat16, "
+                                              "or float32).", "choices": ["bfloat16", "float32"]}
     )
 
 

@@ -30,6 +30,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from phi3v.export import SAVE_DTYPES, finalize_output, load_merged, merge_lora
 from phi3v.processing_phi3v import Phi3VProcessor
 
 from .args import (
@@ -46,7 +47,7 @@ from .data import Collator, Conversation, ConversationDataset, Conversations, va
 from .evaluate import end_token_ids, evaluate, write_json_atomic
 from .model import count_parameters, load_model, parameter_groups
 
-__all__ = ["Task", "run", "RecipeTrainer", "GroupedByLengthSampler", "merge_adapter"]
+__all__ = ["Task", "run", "RecipeTrainer", "GroupedByLengthSampler"]
 
 logger = logging.getLogger("recipe")
 
@@ -155,20 +156,6 @@ def _resolve_resume(training_args: RecipeTrainingArguments) -> str | None:
     return resume
 
 
-def merge_adapter(adapter_dir: str | Path, base_model: str, output_dir: str | Path, processor=None) -> Path:
-    """Base model (full precision, not the 4-bit copy) + adapter -> merged model in the official format."""
-    from peft import PeftModel
-
-    from phi3v.modeling_phi3v import Phi3VForCausalLM
-
-    base = Phi3VForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(output_dir)
-    if processor is not None:
-        processor.save_pretrained(output_dir)
-    return Path(output_dir)
-
-
 def _prepare(task: Task, model_args, data_args, training_args, processor):
     train, eval_ = task.load_data(data_args, model_args)
     num_crops = model_args.num_crops
@@ -197,7 +184,8 @@ def _start_over(output_dir: Path) -> None:
     if not _is_main() or not output_dir.is_dir():
         return
     old = [p for p in output_dir.glob("checkpoint-*") if p.is_dir()]
-    old += [output_dir / n for n in (RUN_COMPLETE_FILE, "eval_before.json", "eval_after.json", "training_curves.png")
+    old += [output_dir / n for n in (RUN_COMPLETE_FILE, "eval_before.json", "eval_after.json", "eval_merged.json",
+                                     "training_curves.png")
             if (output_dir / n).exists()]
     for path in old:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -302,8 +290,13 @@ def run(task: Task, argv: list[str] | None = None) -> dict:
         trainer.save_model(str(output_dir))
         if trainer.is_world_process_zero():
             processor.save_pretrained(output_dir)
+            finalize_output(output_dir, model_args.model_name_or_path, SAVE_DTYPES[model_args.save_dtype])
         if model_args.merge_lora and trainer.is_world_process_zero():
-            merge_adapter(output_dir, model_args.model_name_or_path, output_dir / "merged", processor)
+            merge_lora(output_dir, output_dir / "merged", model_args.model_name_or_path, processor,
+                       SAVE_DTYPES[model_args.save_dtype])
+        if model_args.merge_lora and model_args.use_qlora:
+            # Merged into the unquantised base, so eval_after (4-bit + adapter) does not describe merged/.
+            results["eval_merged"] = run_eval("eval_merged", load_merged(output_dir / "merged", generation_model))
         model = trainer.model
         log_history = trainer.state.log_history
     else:
