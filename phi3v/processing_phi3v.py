@@ -28,6 +28,7 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -194,6 +195,22 @@ def check_image_tags(text: str, num_images: int, where: str = "the prompt") -> N
     )
 
 
+class _ImageTags(Sequence):
+    """`<|image_1|>`, `<|image_2|>`, ... as a read-only sequence, without building a long list."""
+
+    _LIMIT = 1_000_000
+
+    def __len__(self) -> int:
+        return self._LIMIT
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [image_tag(k + 1) for k in range(*index.indices(self._LIMIT))]
+        if not -self._LIMIT <= index < self._LIMIT:
+            raise IndexError(index)
+        return image_tag(index % self._LIMIT + 1)
+
+
 class Phi3VProcessor(ProcessorMixin):
     r"""Phi-3.5-vision processor: `Phi3VImageProcessor` + the Phi-3.5 tokenizer.
 
@@ -331,6 +348,16 @@ class Phi3VProcessor(ProcessorMixin):
             tokenize=False,
             **kwargs,
         )
+
+    @property
+    def img_tokens(self) -> "_ImageTags":
+        """The image tags by position: `img_tokens[k]` is `<|image_{k+1}|>` (the official
+        processor's attribute, which vLLM's Phi-3-V support reads)."""
+        return _ImageTags()
+
+    def calc_num_image_tokens_from_image_size(self, width: int, height: int) -> int:
+        """Feature positions of an image of this size (official API, used by vLLM)."""
+        return self.image_processor.calc_num_image_tokens_from_image_size(width, height)
 
     @property
     def model_input_names(self) -> list[str]:

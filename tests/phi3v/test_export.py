@@ -174,3 +174,13 @@ def test_merge_lora_equals_the_adapter(tiny, tmp_path):
         got = merged.float()(**inputs).logits
     assert (plain - expected).abs().max() > 0.1  # the adapter does something
     torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
+
+
+def test_processor_has_the_official_attributes_vllm_reads(tiny):
+    processor = Phi3VProcessor.from_pretrained(tiny)
+    assert processor.img_tokens[:3] == ["<|image_1|>", "<|image_2|>", "<|image_3|>"]
+    assert processor.img_tokens[9] == "<|image_10|>"
+    inputs = image_prompt(processor, 2)
+    ids = inputs["input_ids"][0]
+    for k, (height, width) in enumerate(((60, 40), (60, 70))):
+        assert processor.calc_num_image_tokens_from_image_size(width, height) == int((ids == -(k + 1)).sum())
