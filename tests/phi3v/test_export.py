@@ -184,3 +184,57 @@ def test_processor_has_the_official_attributes_vllm_reads(tiny):
     ids = inputs["input_ids"][0]
     for k, (height, width) in enumerate(((60, 40), (60, 70))):
         assert processor.calc_num_image_tokens_from_image_size(width, height) == int((ids == -(k + 1)).sum())
+
+
+# -- through the runner: what a finetuning run leaves behind ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ucf101(tmp_path_factory) -> Path:
+    import convert_ucf101
+
+    out = tmp_path_factory.mktemp("ucf101") / "data"
+    assert convert_ucf101.main([
+        "--synthetic", "--out_dir", str(out), "--no-tqdm", "--num_frames", "2", "--synthetic_frames", "2",
+        "--synthetic_classes", "2", "--synthetic_videos_per_class", "1", "--synthetic_eval_videos_per_class", "1",
+    ]) == 0
+    return out
+
+
+def short_run(tiny, data, out, *extra):
+    import finetune_hf_trainer_ucf101 as ucf
+    from recipe.train import run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(ucf.TASK, [
+            "--model_name_or_path", str(tiny), "--data_dir", str(data), "--output_dir", str(out), "--num_crops", "1",
+            "--no-tqdm", "--deepspeed", "none", "--max_steps", "1", "--batch_size", "2", "--batch_size_per_gpu", "2",
+            "--eval_batch_size", "2", "--max_new_tokens", "2", "--skip_eval_before", "--save_strategy", "no",
+            "--dataloader_num_workers", "0", *extra,
+        ])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_full_finetuning_output_has_the_released_layout(tiny, ucf101, tmp_path):
+    out = tmp_path / "full"
+    short_run(tiny, ucf101, out, "--learning_rate", "1e-3")
+    assert_released_layout(out)
+    assert type(AutoProcessor.from_pretrained(out)) is Phi3VProcessor
+    trained = Phi3VForCausalLM.from_pretrained(out, dtype=torch.float32)
+    base = Phi3VForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    assert not torch.equal(trained.lm_head.weight, base.lm_head.weight)  # the trained weights, not the base
+
+
+def test_qlora_merge_is_evaluated_and_saved_in_the_released_layout(tiny, ucf101, tmp_path):
+    out = tmp_path / "qlora"
+    results = short_run(tiny, ucf101, out, "--use_qlora", "--merge_lora", "--learning_rate", "1e-2")
+    merged_eval = read(out / "eval_merged.json")
+    assert merged_eval["accuracy"] == results["eval_merged"] and merged_eval["num_examples"] == 2
+    assert_released_layout(out / "merged")
+    assert type(AutoProcessor.from_pretrained(out / "merged")) is Phi3VProcessor
+    # The adapter directory: processor files as released too.
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "special_tokens_map.json"} <= names and "processor_config.json" not in names
