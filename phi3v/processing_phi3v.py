@@ -28,6 +28,7 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "Phi3VProcessor",
     "check_image_tags",
     "image_tag",
+    "write_released_special_tokens",
 ]
 
 logger = logging.get_logger(__name__)
@@ -89,6 +91,53 @@ def _write_official_tokenizer_config(save_directory: str | os.PathLike, tokenize
         config.pop(key, None)
     with open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    write_released_special_tokens(save_directory)
+
+
+def write_released_special_tokens(save_directory: str | os.PathLike) -> None:
+    """Declares the special tokens as the release does, in tokenizer_config.json and
+    special_tokens_map.json.
+
+    transformers 5 saves the additional special tokens as a list under "extra_special_tokens"
+    and writes no special_tokens_map.json; transformers 4.57 expects a dict under that key
+    ("'list' object has no attribute 'keys'") and 4.45 ignores it, so neither sees `<|end|>` as
+    special and vLLM's detokenisation diverges. The released key "additional_special_tokens"
+    is read by every version (transformers 5 maps it to extra_special_tokens). A tokenizer that
+    declares none gets the released list. Works on the files alone (idempotent).
+    """
+    from .tokenization import ADDITIONAL_SPECIAL_TOKENS
+
+    path = os.path.join(save_directory, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, dict):  # named model-specific tokens: not part of the released layout
+        extra = None
+    additional = [str(t) for t in (extra or config.get("additional_special_tokens") or ADDITIONAL_SPECIAL_TOKENS)]
+    config["additional_special_tokens"] = additional
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+    # The named tokens as the release writes them: their AddedToken flags from tokenizer.json.
+    flags = {}
+    tokenizer_file = os.path.join(save_directory, "tokenizer.json")
+    if os.path.isfile(tokenizer_file):
+        with open(tokenizer_file, encoding="utf-8") as f:
+            flags = {token["content"]: token for token in json.load(f).get("added_tokens", [])}
+    special_map: dict[str, Any] = {"additional_special_tokens": additional}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        content = config.get(name)
+        if isinstance(content, dict):
+            content = content.get("content")
+        if content is None:
+            continue
+        token = flags.get(content, {})
+        special_map[name] = {
+            "content": content,
+            **{key: bool(token.get(key, False)) for key in ("lstrip", "normalized", "rstrip", "single_word")},
+        }
+    with open(os.path.join(save_directory, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
 
 
 def image_tag(k: int) -> str:
@@ -139,6 +188,22 @@ def check_image_tags(text: str, num_images: int, where: str = "the prompt") -> N
     )
 
 
+class _ImageTags(Sequence):
+    """`<|image_1|>`, `<|image_2|>`, ... as a read-only sequence, without building a long list."""
+
+    _LIMIT = 1_000_000
+
+    def __len__(self) -> int:
+        return self._LIMIT
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [image_tag(k + 1) for k in range(*index.indices(self._LIMIT))]
+        if not -self._LIMIT <= index < self._LIMIT:
+            raise IndexError(index)
+        return image_tag(index % self._LIMIT + 1)
+
+
 class Phi3VProcessor(ProcessorMixin):
     r"""Phi-3.5-vision processor: `Phi3VImageProcessor` + the Phi-3.5 tokenizer.
 
@@ -149,10 +214,11 @@ class Phi3VProcessor(ProcessorMixin):
         chat_template (`str`, *optional*): overrides the tokenizer's chat template in
             `apply_chat_template`.
 
-    Saving writes the transformers 5 files (`processor_config.json`, `tokenizer.json`,
-    `tokenizer_config.json`, `chat_template.jinja`) and also, as the released checkpoint has it,
-    `preprocessor_config.json` (the image processor's settings with
-    `"processor_class": "Phi3VProcessor"`), so that tools reading the official layout find it.
+    Saving writes the released layout: `preprocessor_config.json` (the image processor's settings
+    with `"processor_class": "Phi3VProcessor"` and the auto_map), `tokenizer.json`,
+    `tokenizer_config.json` and `special_tokens_map.json` (special tokens as released), plus
+    transformers 5's `chat_template.jinja`; no `processor_config.json`, which would hide the
+    processor from `AutoProcessor` in any process that has not imported this package.
     """
 
     def __init__(
@@ -277,6 +343,16 @@ class Phi3VProcessor(ProcessorMixin):
         )
 
     @property
+    def img_tokens(self) -> "_ImageTags":
+        """The image tags by position: `img_tokens[k]` is `<|image_{k+1}|>` (the official
+        processor's attribute, which vLLM's Phi-3-V support reads)."""
+        return _ImageTags()
+
+    def calc_num_image_tokens_from_image_size(self, width: int, height: int) -> int:
+        """Feature positions of an image of this size (official API, used by vLLM)."""
+        return self.image_processor.calc_num_image_tokens_from_image_size(width, height)
+
+    @property
     def model_input_names(self) -> list[str]:
         # ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
         names = [*self.tokenizer.model_input_names, *self.image_processor.model_input_names]
@@ -296,16 +372,16 @@ class Phi3VProcessor(ProcessorMixin):
         with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps(legacy, indent=2, sort_keys=True) + "\n")
         _write_official_tokenizer_config(save_directory, self.tokenizer)
-        # One source of truth: transformers 5 would read the nested copy in processor_config.json
-        # before preprocessor_config.json, so an edit of the released file would be ignored here
-        # while other tools obey it.
+        # No processor_config.json, as in the release: transformers' AutoProcessor reads that file
+        # first, and a bare {"processor_class": "Phi3VProcessor"} without our package imported
+        # resolves to nothing, so it never reaches the auto_map in preprocessor_config.json and
+        # returns a plain tokenizer (vLLM then refuses the directory). Everything the processor
+        # needs is in preprocessor_config.json and the tokenizer files; one source of truth also
+        # means an edit of the released file is obeyed here as by other tools.
         processor_config = os.path.join(save_directory, "processor_config.json")
         if os.path.isfile(processor_config):
-            with open(processor_config, encoding="utf-8") as f:
-                nested = json.load(f)
-            if nested.pop("image_processor", None) is not None:
-                with open(processor_config, "w", encoding="utf-8") as f:
-                    f.write(json.dumps(nested, indent=2, sort_keys=True) + "\n")
+            os.remove(processor_config)
+        files = [f for f in files if os.path.basename(str(f)) != "processor_config.json"]
         return [*files, path]
 
     @classmethod

@@ -20,7 +20,8 @@ What is copied from the released files, because model inputs depend on it:
 - normalizer Prepend("▁") + Replace(" ", "▁") and no pre-tokenizer: every text segment
   between two special tokens gets its own leading "▁" (the well-known extra "▁" after
   `<|user|>`), BOS added by the post-processor, no EOS;
-- eos = pad = `<|endoftext|>`, and the chat template.
+- eos = pad = `<|endoftext|>`, the additional special tokens `<|system|>`, `<|end|>`,
+  `<|user|>`, `<|end|>` (sic), and the chat template.
 
 Digits are never merged (Llama splits numbers into single digits) and newlines, tabs and
 non-ASCII characters outside the corpus go through byte fallback.
@@ -40,6 +41,7 @@ from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 __all__ = [
     "ADDED_TOKENS",
+    "ADDITIONAL_SPECIAL_TOKENS",
     "BASE_SPECIAL_TOKENS",
     "CHAT_TEMPLATE",
     "DEFAULT_CORPUS",
@@ -80,6 +82,11 @@ ADDED_TOKENS = [
 ]
 
 SPECIAL_TOKENS = BASE_SPECIAL_TOKENS + ADDED_TOKENS
+
+# The released tokenizer_config.json and special_tokens_map.json declare these (the repeated
+# "<|end|>" included) as additional special tokens: transformers 4.x reports them as special and
+# skips them when decoding with skip_special_tokens, and vLLM relies on that.
+ADDITIONAL_SPECIAL_TOKENS = ("<|system|>", "<|end|>", "<|user|>", "<|end|>")
 
 # Official added-token flags: these swallow the whitespace that follows them, so
 # "<|assistant|>\n" is one token while "<|end|>\n" is `<|end|>` + "▁" + "<0x0A>".
@@ -340,6 +347,7 @@ def build_tokenizer(
         eos_token="<|endoftext|>",
         unk_token="<unk>",
         pad_token="<|endoftext|>",
+        extra_special_tokens=list(ADDITIONAL_SPECIAL_TOKENS),
         add_bos_token=True,
         add_eos_token=False,
         clean_up_tokenization_spaces=False,

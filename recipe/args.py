@@ -99,7 +99,13 @@ class ModelArguments:
     )
     merge_lora: bool = field(
         default=False, metadata={"help": "After LoRA training, also write the merged full model to "
-                                         "OUTPUT_DIR/merged (official format)."}
+                                         "OUTPUT_DIR/merged (official format). With --use_qlora the adapter is "
+                                         "merged into the unquantised base and merged/ is evaluated again "
+                                         "(eval_merged.json)."}
+    )
+    save_dtype: str = field(
+        default="bfloat16", metadata={"help": "dtype of the saved full model and merged/ (the release's bfloat16, "
+                                              "or float32).", "choices": ["bfloat16", "float32"]}
     )
 
 
@@ -202,11 +208,6 @@ class RecipeTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Metric that picks the best checkpoint with --load_best_model_at_end "
                                         "(default: the task's metric, computed by generation)."}
     )
-    save_dtype: str = field(
-        default="bfloat16",
-        metadata={"help": "dtype of the saved full model and merged/ (the release's is bfloat16).",
-                  "choices": ["bfloat16", "float32"]},
-    )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=500, metadata={"help": "Checkpoint every N optimizer steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
@@ -256,7 +257,7 @@ TRAINING_FLAGS = {
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "batch_size", "batch_size_per_gpu",
     "learning_rate", "num_train_epochs", "max_steps", "wd", "adam_beta1", "adam_beta2", "adam_epsilon",
     "lr_scheduler_type", "warmup_steps", "max_grad_norm", "activation_checkpointing", "bf16", "fp16",
-    "deepspeed", "seed", "save_strategy", "save_steps", "save_total_limit", "save_dtype", "logging_steps",
+    "deepspeed", "seed", "save_strategy", "save_steps", "save_total_limit", "logging_steps",
     "report_to", "train_sampling_strategy", "dataloader_num_workers", "dataloader_prefetch_factor", "no_tqdm",
     "log_level", "log_level_replica",
 }

@@ -35,6 +35,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from phi3v.export import SAVE_DTYPES, finalize_output, load_merged, merge_lora
 from phi3v.processing_phi3v import Phi3VProcessor
 
 from .args import RUN_COMPLETE_FILE, DataArguments, ModelArguments, RecipeTrainingArguments, parse_args, world_size
@@ -46,7 +47,7 @@ from .records import Conversation, subset
 from .report import Throughput, write_report
 from .validation import validate
 
-__all__ = ["Task", "run", "RecipeTrainer", "GroupedByLengthSampler", "merge_adapter"]
+__all__ = ["Task", "run", "RecipeTrainer", "GroupedByLengthSampler"]
 
 logger = logging.getLogger("recipe")
 
@@ -359,28 +360,31 @@ def whole_run_loss(log_history: Sequence[dict], global_step: int, fallback: floa
 
 
 def save(trainer: RecipeTrainer, processor, model_args, training_args) -> None:
-    """The final model (full) or adapter (LoRA/QLoRA) and the processor, in the official format."""
+    """The final model (full) or adapter (LoRA/QLoRA) and the processor, in the release's layout
+    and dtype (phi3v.export.finalize_output: special tokens, eos, auto_map, --save_dtype)."""
     output_dir = Path(training_args.output_dir)
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     model.config.use_cache = True  # off for training only; saved as released
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
+        finalize_output(output_dir, model_args.model_name_or_path, SAVE_DTYPES[model_args.save_dtype])
     _barrier()
 
 
-def merge_adapter(adapter_dir: str | Path, base_model: str, output_dir: str | Path, processor=None) -> Path:
-    """Base model (full precision, not the 4-bit copy) + adapter -> merged model in the official format."""
-    from peft import PeftModel
-
-    from phi3v.modeling_phi3v import Phi3VForCausalLM
-
-    base = Phi3VForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(output_dir)
-    if processor is not None:
-        processor.save_pretrained(output_dir)
-    return Path(output_dir)
+def merge(trainer: RecipeTrainer, processor, evaluator: TaskEvaluator, model_args, training_args, results) -> None:
+    """--merge_lora: base + adapter -> merged/ (a full model in the release's layout). A QLoRA
+    adapter is merged into the unquantised base, which eval_after (4-bit + adapter) does not
+    describe: merged/ is evaluated as saved (eval_merged.json)."""
+    output_dir = Path(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        logger.info("--merge_lora: merging the adapter into %s", output_dir / "merged")
+        merge_lora(output_dir, output_dir / "merged", model_args.model_name_or_path, processor,
+                   SAVE_DTYPES[model_args.save_dtype])
+    if model_args.use_qlora:
+        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        results["eval_merged"] = evaluator(load_merged(output_dir / "merged", base), "eval_merged")
+    _barrier()
 
 
 def run(task: Task, argv: list[str] | None = None) -> dict:
@@ -404,9 +408,8 @@ def run(task: Task, argv: list[str] | None = None) -> dict:
     save(trainer, processor, model_args, training_args)
     results["eval_after"] = evaluator(trainer.model, "eval_after", trainer)
     results["num_eval_examples"] = len(eval_data)
-    if model_args.merge_lora and trainer.is_world_process_zero():
-        merge_adapter(training_args.output_dir, model_args.model_name_or_path,
-                      Path(training_args.output_dir) / "merged", processor)
+    if model_args.merge_lora:
+        merge(trainer, processor, evaluator, model_args, training_args, results)
     if _is_main():
         write_report(task, results, trainer, model_args, data_args, training_args)
     _barrier()
