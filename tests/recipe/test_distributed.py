@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM
 import finetune_hf_trainer_ucf101 as ucf
 from phi3v.modeling_phi3v import Phi3VForCausalLM
 from phi3v.processing_phi3v import Phi3VProcessor
-from recipe.data import Collator, Conversation, ConversationDataset, Turn
+from recipe.data import Collator, ConversationDataset
+from recipe.records import Conversation, Turn
 from recipe.model import count_parameters
 
 LAUNCHER = Path(__file__).with_name("distributed_launcher.py")
