@@ -28,68 +28,57 @@ from typing import Any
 
 import torch
 
+from .configuration_phi3v import PHI3_5V, PHI3V_128K, detect_model_family
+from .image_processing_phi3v import RELEASED_AUTO_MAPS
 from .processing_phi3v import write_released_special_tokens
 
 __all__ = [
     "RELEASE_REPOS",
     "RELEASED_EOS_TOKEN_ID",
     "SAVE_DTYPES",
-    "detect_family",
     "finalize_output",
     "load_merged",
     "merge_lora",
     "release_auto_maps",
+    "write_json_atomic",
 ]
 
 # config.json of both releases: bos 1, eos 2 (`</s>`); generation stops on <|end|> through
 # generation_config.json.
 RELEASED_EOS_TOKEN_ID = 2
 SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-RELEASE_REPOS = {
-    "phi-3.5-vision": "microsoft/Phi-3.5-vision-instruct",
-    "phi-3-vision-128k": "microsoft/Phi-3-vision-128k-instruct",
-}
-# Phi-3-vision-128k's config.json differs from 3.5's only in values; its sliding_window is
-# 131072 (3.5: 262144), see PHI3V_SPEC.md §8.1.
-_128K_SLIDING_WINDOW = 131072
+RELEASE_REPOS = {PHI3_5V: "microsoft/Phi-3.5-vision-instruct", PHI3V_128K: "microsoft/Phi-3-vision-128k-instruct"}
 
 
 def release_auto_maps(family: str) -> dict[str, dict[str, str]]:
     """The auto_map of each released file, by file name (module names differ between releases)."""
-    image_module = "image_processing_phi3_v" if family == "phi-3-vision-128k" else "processing_phi3_v"
     maps = {
         "config.json": {
             "AutoConfig": "configuration_phi3_v.Phi3VConfig",
             "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM",
         },
-        "preprocessor_config.json": {
-            "AutoImageProcessor": f"{image_module}.Phi3VImageProcessor",
-            "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
-        },
+        "preprocessor_config.json": dict(RELEASED_AUTO_MAPS[family]),
     }
-    if family == "phi-3.5-vision":  # (the 128k tokenizer_config.json has no auto_map)
+    if family == PHI3_5V:  # (the 128k tokenizer_config.json has no auto_map)
         maps["tokenizer_config.json"] = {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"}
     return maps
-
-
-def detect_family(config: dict[str, Any], source: str | os.PathLike | None = None) -> str:
-    """"phi-3-vision-128k" or "phi-3.5-vision", from the source's name or the config's values."""
-    names = f"{source or ''} {config.get('_name_or_path', '')}".lower()
-    if "128k" in names:
-        return "phi-3-vision-128k"
-    if "3.5" in names or "phi-3_5" in names:
-        return "phi-3.5-vision"
-    return "phi-3-vision-128k" if config.get("sliding_window") == _128K_SLIDING_WINDOW else "phi-3.5-vision"
 
 
 def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+def write_json_atomic(path: str | os.PathLike, data: Any, sort_keys: bool = False) -> None:
+    """JSON written to a temporary file beside `path`, then renamed over it: a reader (or a crash)
+    never sees half a file. The one JSON writer of the package and the recipes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    write_json_atomic(path, data, sort_keys=True)
 
 
 def _code_files(source: str | os.PathLike | None) -> list[Path]:
@@ -153,9 +142,9 @@ def finalize_output(
         output_dir: a full model (config.json + safetensors), `merged/`, or a LoRA adapter
             directory (only its processor files are fixed).
         source: the `--model_name_or_path` the model was trained from: a local release copy
-            whose .py files are copied, or a hub id; it also tells 128k from 3.5.
+            whose .py files are copied, or a hub id.
         dtype: the weights' dtype on disk (the release's bf16 by default); None keeps them.
-        family: "phi-3.5-vision" or "phi-3-vision-128k"; default: `detect_family`.
+        family: "phi3.5v" or "phi3v-128k"; default: what config.json says (detect_model_family).
     Idempotent: running it twice gives the same files.
     """
     output_dir = Path(output_dir)
@@ -172,7 +161,7 @@ def finalize_output(
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         config.pop("dtype", None)
     _write(config_path, config)
-    _resolvable_auto_maps(output_dir, family or detect_family(config, source), source)
+    _resolvable_auto_maps(output_dir, family or detect_model_family(config), source)
     return output_dir
 
 

@@ -122,7 +122,9 @@ def answer(model, processor, messages: list[dict[str, str]], images: list, max_n
     tokenizer = processor.tokenizer
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(prompt, images or None, return_tensors="pt")
-    ends = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>")]
+    from .tokenization import end_token_ids
+
+    ends = end_token_ids(tokenizer)
     inputs = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,

@@ -44,6 +44,8 @@ __all__ = [
     "IMAGE_TAG_RE",
     "Phi3VProcessor",
     "check_image_tags",
+    "image_positions",
+    "image_tag_chunks",
     "image_tag",
     "write_released_special_tokens",
 ]
@@ -55,7 +57,6 @@ logger = logging.get_logger(__name__)
 IMAGE_TAG_PATTERN = r"<\|image_\d+\|>"
 # Same, capturing the number.
 IMAGE_TAG_RE = re.compile(r"<\|image_(\d+)\|>")
-_SPLIT_RE = re.compile(IMAGE_TAG_PATTERN)
 
 
 def _write_official_tokenizer_config(save_directory: str | os.PathLike, tokenizer: Any) -> None:
@@ -188,6 +189,25 @@ def check_image_tags(text: str, num_images: int, where: str = "the prompt") -> N
     )
 
 
+def image_tag_chunks(text: str, num_images: int, where: str = "the prompt") -> list[tuple[int, int]]:
+    """How a prompt with images becomes ids, as in the official processor: the (start, end)
+    character spans of the text chunks around the `<|image_k|>` tags (checked: 1..num_images, in
+    order). Each chunk is tokenized on its own (so each starts with BOS, empty chunks included),
+    and chunk k (0-based) is followed by image k+1's positions (`image_positions`). The one
+    expansion routine of the processor and of the recipes' training tokenisation."""
+    check_image_tags(text, num_images, where)
+    spans, start = [], 0
+    for tag in IMAGE_TAG_RE.finditer(text):
+        spans.append((start, tag.start()))
+        start = tag.end()
+    return spans + [(start, len(text))]
+
+
+def image_positions(k: int, num_tokens: int) -> list[int]:
+    """The ids of image k's (1-based) positions: -k, once per image token (the model puts the
+    image's features there)."""
+    return [-k] * num_tokens
+
 class _ImageTags(Sequence):
     """`<|image_1|>`, `<|image_2|>`, ... as a read-only sequence, without building a long list."""
 
@@ -286,22 +306,18 @@ class Phi3VProcessor(ProcessorMixin):
                 "(as in the official processor): truncating could cut an image block; shorten "
                 "the text instead."
             )
-        # Validate before the (slow) image processing: fail fast on bad data.
-        check_image_tags(text, len(images))
+        # Validated before the (slow) image processing: fail fast on bad data.
+        spans = image_tag_chunks(text, len(images))
         image_inputs = self.image_processor(list(images), return_tensors="pt")
         counts = [int(n) for n in image_inputs["num_img_tokens"]]
 
         # Quirk kept from the official code: each chunk, empty ones included, is a separate normal
         # tokenizer call, so it starts with BOS and gets its own leading "▁".
-        chunks = _SPLIT_RE.split(text)
-        chunk_ids = self.tokenizer(chunks, padding=False, truncation=False)["input_ids"]
-        pieces = []
-        for k, ids in enumerate(chunk_ids):
-            pieces.append(torch.tensor(ids, dtype=torch.long))
-            if k < len(counts):
-                # The k-th tag is <|image_{k+1}|> (checked above): id -(k+1), once per feature.
-                pieces.append(torch.full((counts[k],), -(k + 1), dtype=torch.long))
-        input_ids = torch.cat(pieces).unsqueeze(0)
+        chunk_ids = self.tokenizer([text[a:b] for a, b in spans], padding=False, truncation=False)["input_ids"]
+        ids: list[int] = []
+        for k, chunk in enumerate(chunk_ids):
+            ids += chunk + (image_positions(k + 1, counts[k]) if k < len(counts) else [])
+        input_ids = torch.tensor([ids], dtype=torch.long)
         return BatchFeature(
             data={
                 "input_ids": input_ids,

@@ -88,7 +88,7 @@ def save_tiny_checkpoint(
     `num_crops` defaults to the release's (3.5: 4, 128k: 16)."""
     from .image_processing_phi3v import RELEASED_AUTO_MAPS, Phi3VImageProcessor
     from .processing_phi3v import Phi3VProcessor
-    from .tokenization import build_tokenizer
+    from .tokenization import build_tokenizer, end_token_ids
 
     output_dir = Path(output_dir)
     tokenizer = build_tokenizer()
@@ -96,8 +96,7 @@ def save_tiny_checkpoint(
     vocab_size = int(math.ceil(len(tokenizer) / 64) * 64)
     config = tiny_config(vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id, family=family)
     model = build_tiny_model(config, seed=seed)
-    end_ids = [tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.pad_token_id]
-    model.generation_config.eos_token_id = end_ids
+    model.generation_config.eos_token_id = end_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = Phi3VImageProcessor(
         num_crops=RELEASE_NUM_CROPS[family] if num_crops is None else num_crops,

@@ -40,6 +40,8 @@ from tokenizers.trainers import BpeTrainer
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 __all__ = [
+    "END_TOKENS",
+    "end_token_ids",
     "ADDED_TOKENS",
     "ADDITIONAL_SPECIAL_TOKENS",
     "BASE_SPECIAL_TOKENS",
@@ -358,3 +360,13 @@ def build_tokenizer(
         padding_side="right",
         chat_template=CHAT_TEMPLATE,
     )
+
+
+# Generation ends at <|end|> (the end of an answer) or <|endoftext|>.
+END_TOKENS = ("<|end|>", "<|endoftext|>")
+
+
+def end_token_ids(tokenizer) -> list[int]:
+    """The ids generation stops at (END_TOKENS that the tokenizer has, in order, once each)."""
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in END_TOKENS]
+    return [i for i in dict.fromkeys(ids) if i is not None and i != tokenizer.unk_token_id]

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from phi3v.image_processing_phi3v import hd_image_size, num_image_tokens
-from phi3v.processing_phi3v import IMAGE_TAG_RE, image_tag
+from phi3v.processing_phi3v import IMAGE_TAG_RE, image_positions, image_tag, image_tag_chunks
 
 from .records import Conversation, image_size, load_image
 
@@ -116,29 +116,23 @@ def tokenize_conversation(
             )
         spans.append((start, end + len(END_TOKEN)))
 
-    # Cut points: image tags (replaced by image ids) and answer boundaries.
-    tags = [(m.start(), m.end(), int(m.group(1))) for m in IMAGE_TAG_RE.finditer(text)]
-    if [k for _, _, k in tags] != list(range(1, len(image_token_counts) + 1)):
-        raise ValueError(
-            f"{len(tags)} image tag(s) in the conversation but {len(image_token_counts)} image(s)"
-        )
+    # The processor's expansion (phi3v.processing_phi3v.image_tag_chunks), with each chunk further
+    # cut at answer boundaries to place the labels.
+    chunks = image_tag_chunks(text, len(image_token_counts), where="the conversation")
     input_ids: list[int] = []
     labels: list[int] = []
-    chunk_start = 0
-    for chunk_end, next_start, k in [*tags, (len(text), len(text), None)]:
-        # Within one chunk (text between tags): BOS once at its start, answer pieces labelled.
-        cuts = sorted({chunk_start, chunk_end, *[p for s, e in spans for p in (s, e)
-                                                 if chunk_start < p < chunk_end]})
+    for k, (chunk_start, chunk_end) in enumerate(chunks):
+        # Within one chunk: BOS once at its start (the chunk's own tokenizer call), answers labelled.
+        cuts = sorted({chunk_start, chunk_end, *[p for s, e in spans for p in (s, e) if chunk_start < p < chunk_end]})
         for i, (a, b) in enumerate(zip(cuts, cuts[1:] or [chunk_end])):
             piece = text[a:b]
             ids = tokenizer(piece, add_special_tokens=(i == 0))["input_ids"] if (piece or i == 0) else []
             is_answer = any(s <= a and b <= e for s, e in spans) and a < b
             input_ids += ids
             labels += ids if is_answer else [IGNORE_INDEX] * len(ids)
-        if k is not None:
-            input_ids += [-k] * image_token_counts[k - 1]
-            labels += [IGNORE_INDEX] * image_token_counts[k - 1]
-        chunk_start = next_start
+        if k < len(image_token_counts):
+            input_ids += image_positions(k + 1, image_token_counts[k])
+            labels += [IGNORE_INDEX] * image_token_counts[k]
     return TokenizedConversation(input_ids, labels, list(image_token_counts))
 
 

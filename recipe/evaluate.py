@@ -10,41 +10,23 @@ calls, so DeepSpeed ZeRO-3 (which needs every rank in each forward) works too.
 
 from __future__ import annotations
 
-import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from phi3v.export import write_json_atomic
 from phi3v.modeling_phi3v import Phi3VModel
+from phi3v.tokenization import end_token_ids
 
 from .data import Collator, ConversationDataset
 from .records import Conversation, scored_turns
 
-__all__ = ["generate_predictions", "evaluate", "write_json_atomic", "end_token_ids"]
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def end_token_ids(tokenizer) -> list[int]:
-    """Generation stops at <|end|> (end of an answer) and <|endoftext|>."""
-    ids = [tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    return [i for i in dict.fromkeys(ids) if i is not None and i != tokenizer.unk_token_id]
-
-
-def write_json_atomic(path: str | Path, data) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+__all__ = ["generate_predictions", "evaluate"]
 
 
 def generate_predictions(
@@ -59,17 +41,15 @@ def generate_predictions(
     disable_tqdm: bool = True,
 ) -> list[str]:
     """Greedy answers for all conversations (last answer left out), on every rank, in order."""
-    rank, world = _rank_world()
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
     mine = list(range(rank, len(conversations), world))
     dataset = ConversationDataset([conversations[i] for i in mine], processor, for_generation=True)
     order = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     # Equal number of generate calls on every rank (ZeRO-3 runs forwards in lockstep).
     n_batches = len(batches)
-    if world > 1:
-        counts = [None] * world
-        dist.all_gather_object(counts, n_batches)
-        n_batches = max(counts)
+    n_batches = max(gather_object([n_batches]))
     tokenizer = processor.tokenizer
     collate = Collator(pad_token_id=tokenizer.pad_token_id, padding_side="left")
     device = device or next(model.parameters()).device
@@ -114,11 +94,8 @@ def generate_predictions(
         module.vision_lockstep = False
     if was_training:
         model.train()
-    if world > 1:
-        gathered: list[dict[int, str]] = [None] * world
-        dist.all_gather_object(gathered, local)
-        for part in gathered:
-            local.update(part)
+    for part in gather_object([local]):
+        local.update(part)
     return [local[i] for i in range(len(conversations))]
 
 
@@ -151,7 +128,6 @@ def evaluate(
             for c, p, r in zip(conversations, predictions, references)
         ],
     }
-    rank, _ = _rank_world()
-    if output_file is not None and rank == 0:
+    if output_file is not None and PartialState().is_main_process:
         write_json_atomic(output_file, result)
     return result

@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from accelerate.utils import gather_object
+
+from phi3v.export import write_json_atomic
 
 from .args import RUN_COMPLETE_FILE, world_size
-from .evaluate import write_json_atomic
 
 __all__ = ["Throughput", "write_report", "model_card"]
 
@@ -47,11 +48,9 @@ class Throughput:
             self.crops += int(sum((int(h) // CROP) * (int(w) // CROP) + 1 for h, w in sizes.tolist()))
 
     def _totals(self) -> list[int]:
-        counts = torch.tensor([self.images, self.crops, self.tokens], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            counts = counts.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(counts)  # every rank calls summary once, at the end of training
-        return [int(c) for c in counts.tolist()]
+        """Summed over the ranks (every rank calls `summary` once, at the end of training)."""
+        per_rank = gather_object([(self.images, self.crops, self.tokens)])
+        return [sum(column) for column in zip(*per_rank)]
 
     def summary(self, runtime: float | None, device: torch.device, model=None) -> dict:
         """Rates over the training time of this run (a resumed run: its own part).

@@ -29,19 +29,20 @@ from typing import Callable, Sequence
 
 import datasets
 import torch
-import torch.distributed as dist
 import transformers
+from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from phi3v.export import SAVE_DTYPES, finalize_output, load_merged, merge_lora
 from phi3v.processing_phi3v import Phi3VProcessor
+from phi3v.tokenization import end_token_ids
 
 from .args import RUN_COMPLETE_FILE, DataArguments, ModelArguments, RecipeTrainingArguments, parse_args, world_size
 from .data import Collator, ConversationDataset
 from .errors import DataError
-from .evaluate import end_token_ids, evaluate
+from .evaluate import evaluate
 from .model import SEPARATORS, count_parameters, load_model, parameter_groups
 from .records import Conversation, subset
 from .report import Throughput, write_report
@@ -200,12 +201,11 @@ class _EvalAtTrainBegin(TrainerCallback):
 
 
 def _is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return PartialState().is_main_process
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    PartialState().wait_for_everyone()
 
 
 # -- phases ------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 import phi3v  # noqa: F401  (registers the Auto classes)
-from phi3v.export import detect_family, finalize_output, merge_lora, release_auto_maps
+from phi3v.configuration_phi3v import PHI3_5V, PHI3V_128K
+from phi3v.export import finalize_output, merge_lora, release_auto_maps
 from phi3v.modeling_phi3v import Phi3VForCausalLM
 from phi3v.processing_phi3v import Phi3VProcessor
 from phi3v.tiny import save_tiny_checkpoint, tiny_config
@@ -53,10 +54,10 @@ def assert_released_layout(directory: Path, dtype: str = "bfloat16"):
     assert "dtype" not in config
     assert tensor_dtypes(directory) == {getattr(torch, dtype)}
     # auto_map: the release's entries, resolvable as hub references (no code files here).
-    for name, auto_map in release_auto_maps("phi-3.5-vision").items():
+    for name, auto_map in release_auto_maps(PHI3_5V).items():
         written = read(directory / name)["auto_map"]
         assert written == {k: f"microsoft/Phi-3.5-vision-instruct--{v}" for k, v in auto_map.items()}, name
-    assert read(RELEASE_35 / "preprocessor_config.json")["auto_map"] == release_auto_maps("phi-3.5-vision")[
+    assert read(RELEASE_35 / "preprocessor_config.json")["auto_map"] == release_auto_maps(PHI3_5V)[
         "preprocessor_config.json"]
 
 
@@ -136,23 +137,16 @@ def test_release_code_in_the_source_is_copied_and_auto_map_resolves(tiny, tmp_pa
     Phi3VProcessor.from_pretrained(tiny).save_pretrained(out)
     finalize_output(out, source=str(source))
     assert {f"{m}.py" for m in classes} <= {p.name for p in out.iterdir()}
-    for name, auto_map in release_auto_maps("phi-3.5-vision").items():
+    for name, auto_map in release_auto_maps(PHI3_5V).items():
         assert read(out / name)["auto_map"] == auto_map
         for reference in auto_map.values():
             cls = get_class_from_dynamic_module(reference, str(out))
             assert cls.__name__ == reference.rsplit(".", 1)[1] and cls.source == reference.split(".")[0]
 
 
-def test_128k_is_told_apart_from_35():
-    released = {name: read(RELEASE / name / "config.json")
-                for name in ("phi-3.5-vision-instruct", "phi-3-vision-128k-instruct")}
-    assert detect_family(released["phi-3-vision-128k-instruct"]) == "phi-3-vision-128k"
-    assert detect_family(released["phi-3.5-vision-instruct"]) == "phi-3.5-vision"
-    # A saved config loses _name_or_path: the values still tell (sliding_window), or the source.
-    for name, config in released.items():
-        config.pop("_name_or_path")
-        assert detect_family(config) == detect_family({}, source=f"microsoft/{name}")
-    maps = release_auto_maps("phi-3-vision-128k")
+def test_128k_release_auto_maps_are_its_own():
+    # (which family a config means is phi3v.configuration_phi3v.detect_model_family's job, tested there)
+    maps = release_auto_maps(PHI3V_128K)
     preprocessor = read(RELEASE / "phi-3-vision-128k-instruct" / "preprocessor_config.json")
     assert maps["preprocessor_config.json"] == preprocessor["auto_map"] and "tokenizer_config.json" not in maps
 
