@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(PY) convert_ucf101.py --synthetic --out_dir $(DEMO)/data --num_frames 4 --overwrite --no-tqdm
 	$(PY) finetune_hf_trainer_ucf101.py --model_name_or_path $(DEMO)/tiny --data_dir $(DEMO)/data \
 		--output_dir $(DEMO)/run --overwrite_output_dir --deepspeed none --num_crops 1 \
-		--num_train_epochs 8 --batch_size 4 --batch_size_per_gpu 4 --learning_rate 2e-3 --warmup_steps 4 \
+		--num_train_epochs 8 --batch_size 4 --batch_size_per_gpu 4 --learning_rate 4e-3 --warmup_steps 4 \
 		--eval_batch_size 12 --save_strategy no --logging_steps 8 --no-tqdm
 	$(PY) -c "import json; r = [json.load(open('$(DEMO)/run/eval_' + s + '.json'))['accuracy'] for s in ('before', 'after')]; print(f'ucf101 accuracy: before {r[0]:.3f} -> after {r[1]:.3f}')"
 

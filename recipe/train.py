@@ -156,6 +156,20 @@ class RecipeTrainer(Trainer):
             return self.optimizer
         return super().create_optimizer(model)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The Trainer reads the checkpoint's config.json with the generic PreTrainedConfig, only to
+        compare transformers versions; that class warns about the release's RoPE keys (rope_scaling,
+        type "su"), which our config class reads fine. The throw-away object's warnings are muted."""
+        names = ("transformers.configuration_utils", "transformers.modeling_rope_utils")
+        levels = [logging.getLogger(name).level for name in names]
+        for name in names:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        finally:
+            for name, level in zip(names, levels):
+                logging.getLogger(name).setLevel(level)
+
     def get_decay_parameter_names(self, model) -> list[str]:
         """transformers' rule (no decay for biases and norms), and none for other vectors (CLIP's
         class embedding) or the image separators, which are embeddings; the same rule with or
