@@ -6,9 +6,9 @@ draws up to three panels over the optimizer step:
   1. loss: the training loss ("loss") and, when evaluated, the eval loss ("eval_loss") on
      the same axis, since their gap is what shows over- or underfitting;
   2. learning rate ("learning_rate"), to see warmup and decay;
-  3. eval metrics: every other "eval_*" number (e.g. eval_accuracy, eval_anls), except the
-     timing keys the Trainer adds (eval_runtime, eval_*_per_second, ...), plus optional
-     extra points such as the score before finetuning and after the final evaluation.
+  3. eval metrics: every other "eval_*" number (e.g. eval_accuracy, eval_anls: the recipes log
+     the task metric before, during and after training), except the timing keys the Trainer
+     adds (eval_runtime, eval_*_per_second, ...).
 
 Panels without data are left out; with no data at all nothing is written. A NaN or inf
 value (a diverged loss) leaves a gap in its line and is counted in the legend, so a run
@@ -113,7 +113,6 @@ def plot_training_curves(
     log_history: Sequence[Mapping[str, Any]],
     path: str | os.PathLike,
     title: str | None = None,
-    extra_metrics: Mapping[str, Sequence[tuple[float, float]]] | None = None,
 ) -> Path | None:
     """Write a PNG of loss, learning rate and eval metrics against the training step.
 
@@ -123,25 +122,18 @@ def plot_training_curves(
         path: where to write the PNG; its directory is created if needed, and an existing
             file is replaced atomically.
         title: figure title, e.g. the task and training mode.
-        extra_metrics: points drawn as large markers on the metric panel, label ->
-            [(step, value), ...]; e.g. {"eval_anls before finetuning": [(0, 0.41)]}.
 
     Returns:
         The path written, or None when there was nothing to plot (no file is written).
 
     Raises:
-        ValueError: an entry with values to plot has no numeric "step", or an extra
-            metric point is not a (step, value) pair of numbers.
+        ValueError: an entry with values to plot has no numeric "step".
     """
     metric_keys = eval_metric_keys(log_history)
     series, dropped = _series(log_history, ["loss", "eval_loss", "learning_rate", *metric_keys])
-    extras = _extra_points(extra_metrics)
-
-    # Training logs come every few steps, so lines; evaluations are sparse, so lines with
-    # dots; extra points (before/after) stand alone, so big markers.
+    # Training logs come every few steps, so lines; evaluations are sparse, so lines with dots.
     train_style = {}
     eval_style = {"marker": "o", "markersize": 4}
-    extra_style = {"linestyle": "none", "marker": "*", "markersize": 13}
 
     def lines(keys, style):
         # Points between NaN gaps, or a lone point, have no segment to draw: give them dots.
@@ -154,7 +146,7 @@ def plot_training_curves(
     panels = [  # (y label, [(legend label, steps, values, style), ...])
         ("loss", lines(["loss"], train_style) + lines(["eval_loss"], eval_style)),
         ("learning rate", lines(["learning_rate"], train_style)),
-        ("eval metric", lines(metric_keys, eval_style) + [(label, *xy, extra_style) for label, xy in extras.items()]),
+        ("eval metric", lines(metric_keys, eval_style)),
     ]
     panels = [(ylabel, panel_lines) for ylabel, panel_lines in panels if panel_lines]
     if not panels:
@@ -182,23 +174,6 @@ def plot_training_curves(
     path = Path(path)
     _save_atomically(figure, path)
     return path
-
-
-def _extra_points(extra_metrics: Mapping[str, Sequence[tuple[float, float]]] | None) -> Series:
-    points: Series = {}
-    for label, pairs in (extra_metrics or {}).items():
-        steps, values, dropped = [], [], 0
-        for pair in pairs:
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_number(v) for v in pair)):
-                raise ValueError(f"extra_metrics[{label!r}]: expected (step, value) pairs of numbers, got {pair!r}")
-            if math.isfinite(pair[1]):
-                steps.append(float(pair[0]))
-                values.append(float(pair[1]))
-            else:
-                dropped += 1
-        if steps or dropped:
-            points[_label(label, {label: dropped})] = (steps, values)
-    return points
 
 
 def _save_atomically(figure: Figure, path: Path) -> None:

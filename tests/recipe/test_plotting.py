@@ -59,7 +59,6 @@ def test_realistic_history_writes_a_png_with_three_panels(tmp_path):
         realistic_log_history(),
         path,
         title="DocVQA, LoRA",
-        extra_metrics={"eval_anls before finetuning": [(0, 0.38)], "eval_anls final": [(300, 0.71)]},
     )
     assert written == path
     image_format, (width, height) = read_png(path)
@@ -92,11 +91,6 @@ def test_eval_only_history_gives_only_the_metric_panel(tmp_path):
     assert plt.get_fignums() == []
 
 
-def test_extra_metrics_alone_are_enough_to_plot(tmp_path):
-    path = plot_training_curves([], tmp_path / "extra.png", extra_metrics={"eval_accuracy before": [(0, 0.5)]})
-    assert path is not None and read_png(path)[0] == "PNG"
-
-
 def test_metric_keys_exclude_loss_timings_and_non_numbers():
     history = realistic_log_history() + [
         {"eval_model_preparation_time": 0.1, "eval_tokens_per_second": 5.0, "eval_note": "x", "step": 1}
@@ -127,7 +121,5 @@ def test_non_finite_values_are_reported_not_fatal(tmp_path):
 def test_bad_input_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"log_history\[1\] has 'loss' but no numeric 'step'"):
         plot_training_curves([{"loss": 1.0, "step": 1}, {"loss": 0.9}], tmp_path / "x.png")
-    with pytest.raises(ValueError, match="expected \\(step, value\\) pairs"):
-        plot_training_curves([], tmp_path / "x.png", extra_metrics={"before": [0.5]})
     assert list(tmp_path.iterdir()) == []
     assert plt.get_fignums() == []
