@@ -171,8 +171,10 @@ def merge_lora(
     base_model: str | os.PathLike | None = None,
     processor: Any = None,
     dtype: torch.dtype | None = torch.bfloat16,
+    progress: bool = False,
 ):
     """Base model + LoRA adapter -> one full model in `output_dir`, finalized; returns it.
+    `progress`: PEFT's progress bar over the merged layers.
 
     The base is loaded unquantised in fp32 whatever the training used (a QLoRA adapter is merged
     into the full-precision base: 4-bit weights cannot be saved merged), the merge is done in
@@ -187,7 +189,7 @@ def merge_lora(
     if base_model is None:
         base_model = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     base = Phi3VForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(progressbar=progress)
     if dtype is not None:
         merged = merged.to(dtype)
     merged.save_pretrained(output_dir)

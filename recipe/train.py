@@ -394,7 +394,7 @@ def merge(trainer: RecipeTrainer, processor, evaluator: TaskEvaluator, model_arg
     if trainer.is_world_process_zero():
         logger.info("--merge_lora: merging the adapter into %s", output_dir / "merged")
         merge_lora(output_dir, output_dir / "merged", model_args.model_name_or_path, processor,
-                   SAVE_DTYPES[model_args.save_dtype])
+                   SAVE_DTYPES[model_args.save_dtype], progress=not training_args.disable_tqdm)
     if model_args.use_qlora:
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
         results["eval_merged"] = evaluator(load_merged(output_dir / "merged", base), "eval_merged")
