@@ -359,6 +359,33 @@ def test_original_optimisation_settings_are_the_defaults(tmp_path):
     assert args.weight_decay == 0
 
 
+@pytest.mark.parametrize("flags, ours, libraries", [
+    ([], logging.INFO, None),  # default: the recipe's progress lines, the libraries as they are
+    (["--log_level", "error"], logging.ERROR, logging.ERROR),
+    (["--log_level", "debug"], logging.DEBUG, logging.DEBUG),
+])
+def test_log_level_sets_the_process_log_levels(flags, ours, libraries, tmp_path):
+    import datasets
+    import transformers
+
+    from recipe.train import _setup_logging
+
+    before = transformers.utils.logging.get_verbosity(), datasets.utils.logging.get_verbosity()
+    try:
+        *_, args = parse_args(ucf.Ucf101Arguments, ["--output_dir", str(tmp_path), "--use_lora", *flags],
+                              ucf.TASK.defaults)
+        _setup_logging(args)
+        assert logging.getLogger("recipe").level == ours
+        if libraries is None:
+            assert (transformers.utils.logging.get_verbosity(), datasets.utils.logging.get_verbosity()) == before
+        else:
+            assert transformers.utils.logging.get_verbosity() == datasets.utils.logging.get_verbosity() == libraries
+    finally:
+        transformers.utils.logging.set_verbosity(before[0])
+        datasets.utils.logging.set_verbosity(before[1])
+        logging.getLogger("recipe").setLevel(logging.NOTSET)
+
+
 def test_script_ends_a_user_error_with_one_line_and_status_2(tmp_path):
     script = Path(ucf.__file__)
     proc = subprocess.run([sys.executable, str(script), "--learning_rat", "5", "--output_dir", str(tmp_path)],
