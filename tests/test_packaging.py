@@ -1,4 +1,4 @@
-"""`pip install .` gives `import phi3v, recipe` outside the checkout, with the pinned requirements."""
+"""`pip install .` gives `import phi3v, recipe, ucf101` outside the checkout, with the pinned requirements."""
 
 import shutil
 import subprocess
@@ -16,7 +16,7 @@ def test_pip_install_gives_importable_packages_with_pinned_requirements(tmp_path
     source.mkdir()
     for name in ("pyproject.toml", "requirements.txt", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    for package in ("phi3v", "recipe"):
+    for package in ("phi3v", "recipe", "ucf101"):
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
@@ -24,8 +24,8 @@ def test_pip_install_gives_importable_packages_with_pinned_requirements(tmp_path
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import phi3v, recipe.train, phi3v.generate, phi3v.vllm_plugin; "
-            "print(phi3v.__file__); print(recipe.train.__file__)")
+    code = ("import phi3v, recipe.train, phi3v.generate, phi3v.vllm_plugin, ucf101.tree; "
+            "print(phi3v.__file__); print(recipe.train.__file__); print(ucf101.tree.__file__)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env={"PYTHONPATH": str(target)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
