@@ -291,5 +291,7 @@ def test_model_family_flag_of_the_scripts(flag, family, tiny_128k, tmp_path):
         "--model_name_or_path", str(tiny_128k), "--output_dir", str(tmp_path), "--deepspeed", "none",
         "--model_family", flag])
     assert load_model(model_args, training_args).config.model_family == family
-    with pytest.raises(SystemExit):  # argparse choices: an unknown family is a one-line usage error
+    from recipe.errors import FlagError
+
+    with pytest.raises(FlagError, match=r"--model_family.*invalid choice: 'phi4'"):  # one `error:` line
         parse_args(argv=["--output_dir", str(tmp_path), "--model_family", "phi4"])
