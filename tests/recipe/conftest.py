@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 import convert_ucf101
 from phi3v.tiny import save_tiny_checkpoint
@@ -24,3 +25,13 @@ def ucf101_data(tmp_path_factory) -> Path:
     ])
     assert code == 0
     return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tiny model's matrices are too small for a second thread to help (on 2 busy cores it
+    # costs 5x), and subprocesses get the same setting so float results match across runs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,14 +16,6 @@ from recipe.model import count_parameters, load_model
 from recipe.train import RecipeTrainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def loaded_dtypes(monkeypatch):
     """--use_flash_attention needs a CUDA GPU and flash-attn: from_pretrained is run with SDPA

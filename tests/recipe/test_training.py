@@ -35,16 +35,6 @@ LAUNCHER = Path(__file__).with_name("ucf101_launcher.py")
 SUBPROCESS_TIMEOUT = 900  # the first DeepSpeed run on a machine JIT-compiles its CPU comm op
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny model's matrices are too small for a second thread to help (on 2 busy cores it
-    # costs 5x), and subprocesses get the same setting so float results match across runs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def flags(tiny, data, out, *extra) -> list[str]:
     return ["--model_name_or_path", str(tiny), "--data_dir", str(data), "--output_dir", str(out), "--num_crops", "1",
             "--no-tqdm", "--logging_steps", "1", "--eval_batch_size", "2", "--max_new_tokens", "4",
