@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from .packing import MAX_TOKENS_PER_ROW
+
 __all__ = [
     "ModelArguments",
     "DataArguments",
@@ -98,6 +100,16 @@ class DataArguments:
         default=False, metadata={"help": "Only evaluate the model, once (eval_after.json); no training."}
     )
     skip_eval_before: bool = field(default=False, metadata={"help": "Do not evaluate before training."})
+    padding_free: bool = field(
+        default=False, metadata={"help": "Pack each micro-batch's examples whole into rows of at most "
+                                         "--max_tokens_per_row tokens, attention kept within each example: no "
+                                         "padding tokens (raise --batch_size_per_gpu to pack more per row)."}
+    )
+    max_tokens_per_row: int = field(
+        default=MAX_TOKENS_PER_ROW,
+        metadata={"help": "Row length limit of --padding_free (at most 4096, the original context, so rotary "
+                          "factors stay those of each example alone)."},
+    )
 
 
 @dataclass
@@ -261,4 +273,9 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
         raise FlagError(f"--resume_from_checkpoint {resume}: no such checkpoint directory (or use 'auto')")
     if data_args.eval_batch_size < 1:
         raise FlagError("--eval_batch_size must be >= 1")
+    if not 1 <= data_args.max_tokens_per_row <= MAX_TOKENS_PER_ROW:
+        raise FlagError(
+            f"--max_tokens_per_row {data_args.max_tokens_per_row} is outside 1..{MAX_TOKENS_PER_ROW}: a longer row "
+            "would switch LongRoPE to the long factors for examples that use the short ones alone"
+        )
 
