@@ -143,6 +143,48 @@ def test_packing_keeps_attention_within_examples():
     torch.testing.assert_close(a[0, 30:], b[0, 30:])
 
 
+VARLEN_CALLS = []
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """flash-attention's varlen contract on CPU: the rows flattened into one sequence, causal
+    attention within each [cu_seq_lens_q[i], cu_seq_lens_q[i + 1]) and nowhere else."""
+    cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    assert attention_mask is None and torch.equal(cu, kwargs["cu_seq_lens_k"]) and isinstance(longest, int)
+    batch, heads, length, dim = query.shape
+    q, k, v = (x.transpose(1, 2).reshape(batch * length, heads, dim).transpose(0, 1) for x in (query, key, value))
+    out = torch.cat([
+        torch.nn.functional.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True, scale=scaling)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())
+    ], dim=1)
+    assert max(b - a for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())) == longest
+    VARLEN_CALLS.append(cu.tolist())
+    return out.transpose(0, 1).reshape(batch, length, heads, dim), None
+
+
+def test_flash_path_gets_varlen_boundaries_across_rows():
+    """With a flash backend the model hands transformers' varlen boundaries (from position_ids,
+    over the flattened rows) to the attention function; checked with a CPU stand-in for
+    flash_attn_varlen_func registered under a flash name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("flash_varlen_cpu_test", varlen_attention)
+    config = tiny_config(vocab_size=256, pad_token_id=PAD)
+    model = build_tiny_model(config, seed=0)
+    g = torch.Generator().manual_seed(2)
+    items = [text_item(g, 30, 256), text_item(g, 25, 256), text_item(g, 40, 256), text_item(g, 12, 256)]
+    batch = Collator(pad_token_id=PAD, max_tokens_per_row=60)(items)
+    assert batch["input_ids"].shape == (2, 55)  # [30 + 25], [40 + 12 + 3 padding]
+    with torch.no_grad():
+        reference = model(**batch).logits  # SDPA, block-diagonal mask
+        model.config._attn_implementation = "flash_varlen_cpu_test"
+        model.config.vision_config._attn_implementation = "sdpa"
+        flash = model(**batch).logits
+    torch.testing.assert_close(flash, reference, rtol=1e-5, atol=1e-5)
+    # One call per decoder layer; row 1's padding (3 tokens) is a segment of its own.
+    assert VARLEN_CALLS == [[0, 30, 55, 95, 107, 110]] * config.num_hidden_layers
+
+
 def packed_trainer(tiny, data, out, *extra) -> RecipeTrainer:
     argv = ["--model_name_or_path", str(tiny), "--data_dir", str(data), "--output_dir", str(out), "--num_crops", "1",
             "--no-tqdm", "--deepspeed", "none", "--batch_size", "4", "--learning_rate", "1e-3",
