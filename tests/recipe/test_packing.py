@@ -5,6 +5,8 @@ its own positions, its own LongRoPE choice), gradients accumulated with the Trai
 normalisation (summed loss / label count of the whole step).
 """
 
+import math
+
 import pytest
 import torch
 
@@ -237,3 +239,29 @@ def test_row_limit_above_original_context_is_refused(tmp_path):
     model_args, data_args, training_args = parse_args(argv=argv)
     with pytest.raises(FlagError, match="max_tokens_per_row 4097 is outside 1..4096"):
         check_args(model_args, data_args, training_args)
+
+
+def test_run_trains_padding_free(tiny_checkpoint, ucf101_data, tmp_path, monkeypatch):
+    """`--padding_free` reaches the training collator of `recipe.train.run`, and the run completes."""
+    import recipe.train
+
+    batches = []
+
+    class Recording(Collator):
+        def __call__(self, items):
+            batch = super().__call__(items)
+            if self.padding_side == "right":
+                batches.append(batch)
+            return batch
+
+    monkeypatch.setattr(recipe.train, "Collator", Recording)
+    results = recipe.train.run(ucf.TASK, [
+        "--model_name_or_path", str(tiny_checkpoint), "--data_dir", str(ucf101_data), "--output_dir",
+        str(tmp_path / "out"), "--num_crops", "1", "--no-tqdm", "--deepspeed", "none", "--padding_free",
+        "--max_tokens_per_row", "1500", "--batch_size", "4", "--batch_size_per_gpu", "4", "--max_steps", "1",
+        "--save_strategy", "no", "--skip_eval_before", "--max_eval_samples", "1", "--max_new_tokens", "2",
+        "--dataloader_num_workers", "0",
+    ])
+    assert results["global_step"] == 1 and math.isfinite(results["train_loss"])
+    assert batches and all("position_ids" in b and "attention_mask" not in b for b in batches)
+    assert batches[0]["input_ids"].shape[0] == 2  # 4 examples of ~700 tokens: two rows of two
