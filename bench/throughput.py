@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/throughput.py            # CPU, small model, DocVQA-like data, ~5-10 min
+    .venv/bin/python bench/throughput.py            # CPU, small model, DocVQA-like data, ~10-25 min
     .venv/bin/python bench/throughput.py --quick    # tiny sizes, well under a minute (smoke test)
     .venv/bin/python bench/throughput.py --real_size --mode lora   # CUDA only: released dimensions
 
@@ -21,8 +21,11 @@ access) and `Collator`, i.e. whole training steps including the data side:
 * ours+padding_free: the defaults plus `--padding_free`, the whole global batch in one
   micro-batch (`--batch_size_per_gpu` = `--batch_size`), packed into rows of <= 4096 tokens.
 
-The columns alternate (A B C, C B A, ...) over `--repeats`. In every run the first optimizer
-step is a warm-up (data workers starting, first allocations) and is not timed: images/s and
+Each column first runs once untimed (2 steps: the process' first steps of each shape set pay
+for allocator growth and kernel selection, which must not count against whichever column
+runs first; a first measurement without it gave the original setup 0.12 then 0.26 images/s).
+Then the columns alternate (A B C, C B A, ...) over `--repeats`. In every run the first
+optimizer step (data workers starting) is not timed either: images/s and
 real (non-padding) tokens/s are counted over the later steps from what the model really
 received (a forward pre-hook), divided by their wall time. Printed per column: median
 images/s and tokens/s, and peak memory; then the ratios to the original setup (median of
@@ -32,7 +35,8 @@ original setup. `main()` returns everything printed as a dict.
 Peak memory: on CUDA, `torch.cuda.max_memory_allocated` over the whole run. On CPU the
 process' max RSS only grows, so it cannot tell columns apart in one process: there it is the
 peak net CPU-allocator memory of one micro-batch forward+backward of that column (weights and
-optimizer state not included), from torch's profiler (`bench/attention.py`'s `peak_memory`).
+optimizer state not included), from torch's profiler (`bench/attention.py`'s `peak_memory`),
+measured once, after the column's warm-up run.
 
 Data (default): DocVQA-like, the original's speed-table workload at --num_crops 16: scanned
 pages (1700x2200 -> 17 real crops, 2,509 image tokens) and, one in three, meme-like pictures
@@ -160,10 +164,10 @@ def set_attention(model, mode: str) -> None:
 # -- one column ---------------------------------------------------------------------------------
 
 
-def column_flags(column: str, args, output_dir: Path) -> list[str]:
+def column_flags(column: str, args, output_dir: Path, steps: int) -> list[str]:
     """The recipe flags of a column: what is common, then what the original setup changes."""
     flags = ["--output_dir", str(output_dir), "--deepspeed", "none", "--batch_size", args.batch_size,
-             "--max_steps", args.steps, "--save_strategy", "no", "--logging_steps", 10**6, "--no-tqdm",
+             "--max_steps", steps, "--save_strategy", "no", "--logging_steps", 10**6, "--no-tqdm",
              "--learning_rate", "1e-5", "--num_crops", args.num_crops, "--seed", args.seed]
     if args.real_size:
         flags += ["--bf16"]
@@ -203,9 +207,12 @@ class Meter(TrainerCallback):
                     images=i1 - i0, tokens=k1 - k0)
 
 
-def run_column(column: str, model, initial: dict, dataset, processor, args, work: Path) -> dict:
-    """One training run of a column from the initial weights; its throughput."""
-    _, data_args, training_args = parse_args(DataArguments, column_flags(column, args, work / column))
+def run_column(column: str, model, initial: dict, dataset, processor, args, work: Path, steps: int,
+               measure_peak: bool) -> dict:
+    """One training run of a column from the initial weights; its throughput (and, with
+    `measure_peak` on CPU, the peak memory of one of its micro-batches)."""
+    flags = column_flags(column, args, work / column, steps)
+    _, data_args, training_args = parse_args(DataArguments, flags)
     model.load_state_dict(initial)
     set_attention(model, "eager" if column == "original" else "sdpa")
     embedding = (model.get_base_model() if hasattr(model, "get_base_model") else model).model.vision_embed_tokens
@@ -232,7 +239,7 @@ def run_column(column: str, model, initial: dict, dataset, processor, args, work
     )
     if torch.cuda.is_available():
         result["peak_mb"] = torch.cuda.max_memory_allocated() / MB
-    else:
+    elif measure_peak:
         result["peak_mb"] = step_peak_mb(model, embedding, trainer, column)
     return result
 
@@ -264,7 +271,8 @@ def build_parser():
     p.add_argument("--examples", type=int, default=None, help="default: batch_size * steps")
     p.add_argument("--batch_size", type=int, default=4, help="global batch (examples per optimizer step)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is not timed)")
-    p.add_argument("--repeats", type=int, default=2, help="runs per column, alternating")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per column, alternating (after one "
+                   "untimed warm-up run each)")
     p.add_argument("--text_hidden", type=int, default=256)
     p.add_argument("--text_layers", type=int, default=2)
     p.add_argument("--text_heads", type=int, default=4)
@@ -327,10 +335,18 @@ def main(argv=None) -> dict:
         print(f"data: {args.examples} examples, images {args.images} at num_crops {args.num_crops}, "
               f"{min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}); global batch "
               f"{args.batch_size}, {args.steps} steps per run (first untimed), {args.repeats} repeats per column")
+        # One untimed 2-step run per column first: the process' first steps of each shape set
+        # (allocator growth, oneDNN kernel selection) must not count against whichever runs first.
+        # On CPU its peak memory is the column's (measuring it in every run would only add time).
+        peaks = {}
+        for column in COLUMNS:
+            peaks[column] = run_column(column, model, initial, dataset, processor, args, work, 2, True).get("peak_mb")
+            print(f"  warm-up {column} done", flush=True)
         runs = {column: [] for column in COLUMNS}
         for r in range(args.repeats):
             for column in COLUMNS if r % 2 == 0 else COLUMNS[::-1]:
-                run = run_column(column, model, initial, dataset, processor, args, work)
+                run = run_column(column, model, initial, dataset, processor, args, work, args.steps, False)
+                run.setdefault("peak_mb", peaks[column])
                 runs[column].append(run)
                 print(f"  repeat {r + 1}/{args.repeats} {column}: {run['images_per_s']:.3f} images/s over "
                       f"{run['seconds']:.1f} s", flush=True)
