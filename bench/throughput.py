@@ -27,7 +27,10 @@ runs first; a first measurement without it gave the original setup 0.12 then 0.2
 Then the columns alternate (A B C, C B A, ...) over `--repeats`. In every run the first
 optimizer step (data workers starting) is not timed either: images/s and
 real (non-padding) tokens/s are counted over the later steps from what the model really
-received (a forward pre-hook), divided by their wall time. Printed per column: median
+received (a forward pre-hook), divided by their wall time. Also printed: images per second of
+this process' CPU time (all its threads), which another job taking the cores changes much
+less than wall time -- but which does not see data workers' time, so it is only comparable
+between columns with the same number of workers. Printed per column: median
 images/s and tokens/s, and peak memory; then the ratios to the original setup (median of
 the per-repeat ratios, "paired", in brackets). The last line is the images/s ratio ours /
 original setup. `main()` returns everything printed as a dict.
@@ -183,7 +186,7 @@ class Meter(TrainerCallback):
 
     def __init__(self, model, pad_token_id: int):
         self.images = self.tokens = 0
-        self.marks: list[tuple[float, int, int]] = []
+        self.marks: list[tuple[float, float, int, int]] = []
         self.hook = model.register_forward_pre_hook(self.count, with_kwargs=True)
         self.pad = pad_token_id
 
@@ -193,18 +196,18 @@ class Meter(TrainerCallback):
         self.tokens += int(kwargs["input_ids"].ne(self.pad).sum())
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.marks.append((time.perf_counter(), 0, 0))
+        self.marks.append((time.perf_counter(), time.process_time(), 0, 0))
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.marks.append((time.perf_counter(), self.images, self.tokens))
+        self.marks.append((time.perf_counter(), time.process_time(), self.images, self.tokens))
 
     def rates(self) -> dict:
         """Over every step but the first (warm-up)."""
-        (t0, i0, k0), (t1, i1, k1) = self.marks[1], self.marks[-1]
+        (t0, c0, i0, k0), (t1, c1, i1, k1) = self.marks[1], self.marks[-1]
         return dict(images_per_s=(i1 - i0) / (t1 - t0), tokens_per_s=(k1 - k0) / (t1 - t0), seconds=t1 - t0,
-                    images=i1 - i0, tokens=k1 - k0)
+                    images_per_cpu_s=(i1 - i0) / (c1 - c0), images=i1 - i0, tokens=k1 - k0)
 
 
 def run_column(column: str, model, initial: dict, dataset, processor, args, work: Path, steps: int,
@@ -303,10 +306,10 @@ def summarise(runs: dict) -> dict:
     out = {}
     for column, results in runs.items():
         out[column] = {key: statistics.median(r[key] for r in results)
-                       for key in ("images_per_s", "tokens_per_s", "peak_mb")}
+                       for key in ("images_per_s", "tokens_per_s", "images_per_cpu_s", "peak_mb")}
         out[column]["runs"] = results
     for column in COLUMNS[1:]:
-        for key in ("images_per_s", "tokens_per_s"):
+        for key in ("images_per_s", "tokens_per_s", "images_per_cpu_s"):
             out[column][f"{key}_ratio"] = out[column][key] / out["original"][key]
             out[column][f"{key}_paired_ratio"] = statistics.median(
                 a[key] / b[key] for a, b in zip(runs[column], runs["original"]))
@@ -349,7 +352,7 @@ def main(argv=None) -> dict:
                 run.setdefault("peak_mb", peaks[column])
                 runs[column].append(run)
                 print(f"  repeat {r + 1}/{args.repeats} {column}: {run['images_per_s']:.3f} images/s over "
-                      f"{run['seconds']:.1f} s", flush=True)
+                      f"{run['seconds']:.1f} s ({run['images_per_cpu_s']:.3f} images per CPU-second)", flush=True)
     result = summarise(runs)
     for column in COLUMNS:
         c = result[column]
@@ -365,6 +368,9 @@ def main(argv=None) -> dict:
           f"(paired {packed['images_per_s_paired_ratio']:.2f}x), peak memory "
           f"{packed['peak_mb'] / result['original']['peak_mb']:.2f}x")
     ours = result["ours"]
+    print(f"ours / original setup, per CPU-second of this process (steadier on a shared machine; "
+          f"data workers' time not included): {ours['images_per_cpu_s_ratio']:.2f}x, padding_free "
+          f"{packed['images_per_cpu_s_ratio']:.2f}x")
     print(f"ours / original setup: tokens/s {ours['tokens_per_s_ratio']:.2f}x, peak memory "
           f"{ours['peak_mb'] / result['original']['peak_mb']:.2f}x")
     print(f"ours / original setup: {ours['images_per_s_ratio']:.2f}x images/s "

@@ -132,7 +132,7 @@ def test_throughput_quick(capsys):
         run = result[column]["runs"][0]
         # The timed step (the second of two) saw a whole global batch: 2 one-image examples.
         assert run["images"] == 2 and run["tokens"] > 2 * 300
-        for key in ("images_per_s", "tokens_per_s", "peak_mb"):
+        for key in ("images_per_s", "tokens_per_s", "images_per_cpu_s", "peak_mb"):
             assert positive_finite(result[column][key]), (column, key)
     ratio = float(lines[-1].split()[4].rstrip("x"))
     assert ratio == pytest.approx(result["ours"]["images_per_s_ratio"], abs=0.006)
