@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(PY) bench/vision_crops.py
 	$(PY) bench/attention.py
 	$(PY) bench/padding.py
+	$(PY) bench/throughput.py
 
 clean:
 	rm -rf $(VENV)

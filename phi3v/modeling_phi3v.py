@@ -32,6 +32,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import PreTrainedModel
@@ -49,6 +50,7 @@ __all__ = [
     "Phi3VImageEmbedding",
     "Phi3VRotaryEmbedding",
     "real_crop_counts",
+    "packed_sequence_lengths",
 ]
 
 
@@ -60,6 +62,17 @@ def real_crop_counts(image_sizes: torch.Tensor, crop_size: int) -> torch.Tensor:
     """
     image_sizes = image_sizes.to(torch.long)
     return 1 + (image_sizes[:, 0] // crop_size) * (image_sizes[:, 1] // crop_size)
+
+
+def packed_sequence_lengths(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """For a padding-free batch (recipe/packing.py: every row starts at position 0, and position
+    ids restart at 0 for each example packed after it), the length of each token's example,
+    shaped like `position_ids`; None when every row holds one sequence."""
+    starts = position_ids == 0
+    if position_ids.shape[-1] < 2 or not bool(starts[:, 0].all()) or not bool(starts[:, 1:].any()):
+        return None
+    example = starts.reshape(-1).cumsum(0) - 1  # index of each token's example, across rows
+    return torch.bincount(example)[example].view_as(position_ids)
 
 
 class Phi3VRotaryEmbedding(nn.Module):
@@ -408,6 +421,19 @@ class Phi3VModel(Phi3VPreTrainedModel):
             return bool(flag.item()) and not has_images
         return not has_images and self.training and torch.is_grad_enabled()
 
+    def _packed_position_embeddings(self, hidden_states, position_ids, lengths):
+        """cos/sin of a padding-free batch, each example's rotary factors chosen as for the example
+        alone (key length = its own length), whatever the rotary rule is."""
+        cos = sin = None
+        for length in lengths.unique().tolist():
+            c, s = self.rotary_emb(hidden_states, position_ids, key_length=length)
+            if cos is None:
+                cos, sin = c, s
+            else:
+                here = (lengths == length)[..., None]
+                cos, sin = torch.where(here, c, cos), torch.where(here, s, sin)
+        return cos, sin
+
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -427,6 +453,16 @@ class Phi3VModel(Phi3VPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
 
+        # Padding-free rows (recipe/packing.py): no attention mask, position ids restarting at each
+        # example. Such a batch is never continued, so it gets no cache (transformers' mask builders
+        # read the packing from position_ids only without one).
+        packed = None
+        if attention_mask is None and position_ids is not None and position_ids.shape[0] == inputs_embeds.shape[0]:
+            if past_key_values is None or past_key_values.get_seq_length() == 0:
+                packed = packed_sequence_lengths(position_ids)
+        if packed is not None:
+            use_cache, past_key_values = False, None
+
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -435,7 +471,13 @@ class Phi3VModel(Phi3VPreTrainedModel):
             # Official: plain positions, left padding ignored (generate() passes its own).
             position_ids = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)[None]
 
+        if packed is not None and "flash" in self.config._attn_implementation:
+            # Varlen boundaries computed once here rather than in every layer (transformers' helper).
+            (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+            kwargs.update(cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=int(max_q), max_length_k=int(max_k))
+
         mask_fn = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        # (With attention_mask None, transformers makes the mask block-diagonal from position_ids.)
         causal_mask = mask_fn(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -444,7 +486,10 @@ class Phi3VModel(Phi3VPreTrainedModel):
             position_ids=position_ids,
         )
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids, key_length=past_seen + seq_len)
+        if packed is None:
+            position_embeddings = self.rotary_emb(hidden_states, position_ids, key_length=past_seen + seq_len)
+        else:
+            position_embeddings = self._packed_position_embeddings(hidden_states, position_ids, packed)
         for decoder_layer in self.layers:
             hidden_states = decoder_layer(
                 hidden_states,

@@ -26,6 +26,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 
 from .errors import FlagError
+from .packing import MAX_TOKENS_PER_ROW
 
 __all__ = [
     "ModelArguments",
@@ -137,6 +138,16 @@ class DataArguments:
         default=False, metadata={"help": "Only evaluate the model, once (eval_after.json); no training."}
     )
     skip_eval_before: bool = field(default=False, metadata={"help": "Do not evaluate before training."})
+    padding_free: bool = field(
+        default=False, metadata={"help": "Pack each micro-batch's examples whole into rows of at most "
+                                         "--max_tokens_per_row tokens, attention kept within each example: no "
+                                         "padding tokens (raise --batch_size_per_gpu to pack more per row)."}
+    )
+    max_tokens_per_row: int = field(
+        default=MAX_TOKENS_PER_ROW,
+        metadata={"help": "Row length limit of --padding_free (at most 4096, the original context, so rotary "
+                          "factors stay those of each example alone)."},
+    )
     eval_turns: str = field(
         default="last",
         metadata={"help": "Which answers of a multi-turn example evaluation scores: 'last' (earlier turns and "
@@ -259,7 +270,7 @@ TRAINING_FLAGS = {
     "lr_scheduler_type", "warmup_steps", "max_grad_norm", "activation_checkpointing", "bf16", "fp16",
     "deepspeed", "seed", "save_strategy", "save_steps", "save_total_limit", "logging_steps",
     "report_to", "train_sampling_strategy", "dataloader_num_workers", "dataloader_prefetch_factor", "no_tqdm",
-    "log_level", "log_level_replica",
+    "log_level", "log_level_replica", "padding_free", "max_tokens_per_row",
 }
 EVALUATION_FLAGS = {
     "eval_strategy", "eval_steps", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
@@ -302,6 +313,8 @@ class RecipeArgumentParser(HfArgumentParser):
                 action.help = argparse.SUPPRESS
             elif dest in EVALUATION_FLAGS or (dest in data and ("eval" in dest or dest == "max_new_tokens")):
                 title = "evaluation"
+            elif dest in TRAINING_FLAGS:
+                title = "training"
             elif dest in data:
                 title = "task data"
             elif dest in model:
@@ -489,6 +502,12 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
         )
     if data_args.eval_batch_size < 1:
         raise FlagError("--eval_batch_size must be >= 1")
+    if not 1 <= data_args.max_tokens_per_row <= MAX_TOKENS_PER_ROW:
+        raise FlagError(
+            f"--max_tokens_per_row {data_args.max_tokens_per_row} is outside 1..{MAX_TOKENS_PER_ROW}: a longer row "
+            "would switch LongRoPE to the long factors for examples that use the short ones alone"
+        )
+
     if getattr(t, "load_best_model_at_end", False) and str(getattr(t, "eval_strategy", "no")) in ("no", "IntervalStrategy.NO"):
         raise FlagError("--load_best_model_at_end needs --eval_strategy steps (or epoch) and a matching --save_strategy")
     if hasattr(data_args, "check"):

@@ -24,6 +24,8 @@ from phi3v.processing_phi3v import IMAGE_TAG_RE, image_positions, image_tag, ima
 
 from .records import Conversation, image_size, load_image
 
+from .packing import pack_examples
+
 __all__ = [
     "IGNORE_INDEX",
     "build_messages",
@@ -215,17 +217,37 @@ class Collator:
     Images of all rows are concatenated in row order (the order the model consumes them);
     rows without images add none, and a batch without images has no pixel_values at all.
     Rows with different crop counts are padded with all-zero crops, which the model skips.
+    With `max_tokens_per_row` (--padding_free), examples are packed whole into rows instead
+    (recipe/packing.py).
     """
 
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
+    max_tokens_per_row: int | None = None
 
     def __post_init__(self):
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if self.max_tokens_per_row:
+            batch, items = pack_examples(items, self.pad_token_id, self.max_tokens_per_row)
+        else:
+            batch = self._pad(items)
+        pixels = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
+        if pixels:
+            crops = max(p.shape[1] for p in pixels)
+            pixels = [
+                torch.cat([p, p.new_zeros(p.shape[0], crops - p.shape[1], *p.shape[2:])], dim=1)
+                if p.shape[1] < crops else p
+                for p in pixels
+            ]
+            batch["pixel_values"] = torch.cat(pixels)
+            batch["image_sizes"] = torch.cat([item["image_sizes"] for item in items if item.get("pixel_values") is not None])
+        return batch
+
+    def _pad(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         length = max(len(item["input_ids"]) for item in items)
         if self.pad_to_multiple_of:
             length = int(math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of)
@@ -243,14 +265,4 @@ class Collator:
         batch: dict[str, Any] = {"input_ids": batch_ids, "attention_mask": mask}
         if labels is not None:
             batch["labels"] = labels
-        pixels = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
-        if pixels:
-            crops = max(p.shape[1] for p in pixels)
-            pixels = [
-                torch.cat([p, p.new_zeros(p.shape[0], crops - p.shape[1], *p.shape[2:])], dim=1)
-                if p.shape[1] < crops else p
-                for p in pixels
-            ]
-            batch["pixel_values"] = torch.cat(pixels)
-            batch["image_sizes"] = torch.cat([item["image_sizes"] for item in items if item.get("pixel_values") is not None])
         return batch

@@ -306,7 +306,7 @@ def setup_model(model_args, training_args, processor):
     return model
 
 
-def setup_trainer(model, train, eval_conversations, processor, evaluator, model_args, training_args):
+def setup_trainer(model, train, eval_conversations, processor, evaluator, model_args, data_args, training_args):
     callbacks = [_LogAtSaveAndEnd()]
     eval_before = None
     if not training_args.resume_from_checkpoint and not evaluator.skip_before:
@@ -318,7 +318,8 @@ def setup_trainer(model, train, eval_conversations, processor, evaluator, model_
         train_dataset=ConversationDataset(train, processor),
         # Mid-training evaluation generates (TaskEvaluator); the Trainer only needs to know there is a set.
         eval_dataset=ConversationDataset(eval_conversations, processor, for_generation=True),
-        data_collator=Collator(pad_token_id=processor.tokenizer.pad_token_id),
+        data_collator=Collator(pad_token_id=processor.tokenizer.pad_token_id,
+                               max_tokens_per_row=data_args.max_tokens_per_row if data_args.padding_free else None),
         # No processing_class: the Trainer would align the model's eos_token_id with the tokenizer's
         # (32000) instead of the release's 2; the processor is saved with each checkpoint below.
         processing_class=None,
@@ -416,7 +417,7 @@ def run(task: Task, argv: list[str] | None = None) -> dict:
         _barrier()
         return results
 
-    trainer, eval_before = setup_trainer(model, train_data, eval_data, processor, evaluator, model_args,
+    trainer, eval_before = setup_trainer(model, train_data, eval_data, processor, evaluator, model_args, data_args,
                                          training_args)
     train(trainer, eval_before, results)
     save(trainer, processor, model_args, training_args)

@@ -113,3 +113,33 @@ def test_peak_memory_meter(attention):
 
     peak, end, _ = attention.peak_memory(step)
     assert (peak, end) == (8 * attention.MB, 0)
+
+
+def test_throughput_quick(capsys):
+    throughput = load("throughput")
+    result = throughput.main(["--quick"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("ours / original setup: ") and lines[-1].split()[5] == "images/s"
+    assert any(line.startswith("ours+padding_free / original setup: ") for line in lines)
+
+    assert [r["settings"]["attention"] for c in throughput.COLUMNS for r in result[c]["runs"]] == [
+        "eager", "sdpa", "sdpa"]
+    original, ours, packed = (result[c]["runs"][0]["settings"] for c in throughput.COLUMNS)
+    assert original["all_crop_slots"] and not ours["all_crop_slots"]
+    assert (original["batch_size_per_gpu"], original["workers"], original["sampling"]) == (1, 0, "random")
+    assert packed["padding_free"] and packed["batch_size_per_gpu"] == 2 and packed["gradient_accumulation_steps"] == 1
+    for column in throughput.COLUMNS:
+        run = result[column]["runs"][0]
+        # The timed step (the second of two) saw a whole global batch: 2 one-image examples.
+        assert run["images"] == 2 and run["tokens"] > 2 * 300
+        for key in ("images_per_s", "tokens_per_s", "images_per_cpu_s", "peak_mb"):
+            assert positive_finite(result[column][key]), (column, key)
+    ratio = float(lines[-1].split()[4].rstrip("x"))
+    assert ratio == pytest.approx(result["ours"]["images_per_s_ratio"], abs=0.006)
+
+
+def test_throughput_real_size_needs_cuda():
+    if __import__("torch").cuda.is_available():
+        pytest.skip("CUDA present: --real_size is allowed here")
+    with pytest.raises(SystemExit, match="--real_size needs a CUDA device"):
+        load("throughput").main(["--real_size"])
