@@ -83,7 +83,8 @@ from phi3v.processing_phi3v import Phi3VProcessor  # noqa: E402
 from phi3v.tiny import build_tiny_model, tiny_config  # noqa: E402
 from phi3v.tokenization import build_tokenizer  # noqa: E402
 from recipe.args import DataArguments, parse_args  # noqa: E402
-from recipe.data import Collator, Conversation, ConversationDataset, Turn  # noqa: E402
+from recipe.data import Collator, ConversationDataset  # noqa: E402
+from recipe.records import Conversation, Turn  # noqa: E402
 from recipe.model import freeze_vision, lora_target_modules  # noqa: E402
 from recipe.train import RecipeTrainer  # noqa: E402
 
