@@ -36,11 +36,15 @@ PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A800": 312e1
 class Throughput:
     """Counts what this process trained on; `summary` turns the counts into rates over the run."""
 
-    def __init__(self):
+    def __init__(self, pad_token_id: int | None = None):
+        self.pad_token_id = pad_token_id
         self.images = self.crops = self.tokens = 0
 
     def count(self, inputs: dict) -> None:
-        self.tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else 0
+        if "attention_mask" in inputs:
+            self.tokens += int(inputs["attention_mask"].sum())
+        elif self.pad_token_id is not None:  # packed rows (--padding_free) carry no mask, only end padding
+            self.tokens += int((inputs["input_ids"] != self.pad_token_id).sum())
         sizes = inputs.get("image_sizes")
         if sizes is not None:
             self.images += len(sizes)

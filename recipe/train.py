@@ -132,8 +132,8 @@ class RecipeTrainer(Trainer):
     def __init__(self, *args, model_args: ModelArguments | None = None, task_eval: TaskEvaluator | None = None,
                  **kwargs):
         self.model_args, self.task_eval = model_args, task_eval
-        self.throughput = Throughput()
         super().__init__(*args, **kwargs)
+        self.throughput = Throughput(getattr(self.data_collator, "pad_token_id", None))
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -284,10 +284,12 @@ def setup_output_dir(data_args, training_args) -> None:
     known to be good) removes the earlier run's outputs, so they can neither be resumed by mistake
     nor mixed with (or rotated instead of) the new ones."""
     output_dir = Path(training_args.output_dir)
+    # (--eval_only: the directory may hold the very model being evaluated; its eval_after.json is
+    # simply replaced.)
+    starting_over = training_args.overwrite_output_dir and not training_args.resume_from_checkpoint
     if _is_main():
-        if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint and output_dir.is_dir():
-            old = sorted({p for pattern in RUN_OUTPUTS for p in output_dir.glob(pattern)
-                          if not (data_args.eval_only and p.name.startswith("checkpoint-"))})
+        if starting_over and not data_args.eval_only and output_dir.is_dir():
+            old = sorted({p for pattern in RUN_OUTPUTS for p in output_dir.glob(pattern)})
             for path in old:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             if old:

@@ -264,3 +264,8 @@ def test_run_trains_padding_free(tiny_checkpoint, ucf101_data, tmp_path, monkeyp
     assert results["global_step"] == 1 and math.isfinite(results["train_loss"])
     assert batches and all("position_ids" in b and "attention_mask" not in b for b in batches)
     assert batches[0]["input_ids"].shape[0] == 2  # 4 examples of ~700 tokens: two rows of two
+    # the run's throughput counts the packed rows' real tokens (no attention_mask to sum) and images
+    speed, rows = results["throughput"], batches[0]["input_ids"]
+    pad = Phi3VProcessor.from_pretrained(tiny_checkpoint).tokenizer.pad_token_id
+    assert 0 < speed["real_tokens"] == int((rows != pad).sum()) < rows.numel()
+    assert speed["images"] == len(batches[0]["image_sizes"])

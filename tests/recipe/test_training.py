@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -506,6 +507,19 @@ def test_eval_only_evaluates_once(tiny_checkpoint, ucf101_data, tmp_path, monkey
     assert list(results) == ["eval_after"]
     assert [p.name for p in out.iterdir()] == ["eval_after.json"]
     assert read_json(out / "eval_after.json")["num_examples"] == 2
+
+
+def test_eval_only_overwrite_keeps_the_model_it_evaluates(tiny_checkpoint, ucf101_data, tmp_path, monkeypatch):
+    """--overwrite_output_dir with --eval_only replaces eval_after.json, never the model in that directory."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    out = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, out)
+    (out / "eval_after.json").write_text("{}")
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "eval_after.json"}
+    flags_ = flags(out, ucf101_data, out, "--eval_only", "--max_eval_samples", 1, "--overwrite_output_dir")
+    run(ucf.TASK, flags_)
+    assert read_json(out / "eval_after.json")["num_examples"] == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "eval_after.json"} == files
 
 
 # -- 4. a killed run resumes to exactly the weights of an uninterrupted one ------------------
