@@ -18,6 +18,7 @@ import difflib
 import importlib.util
 import logging
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -319,7 +320,7 @@ class RecipeArgumentParser(HfArgumentParser):
                 title = "task data"
             elif dest in model:
                 title = "model and method"
-            elif dest in TRAINING_FLAGS or dest in ours:
+            elif dest in ours:
                 title = "training"
             else:
                 title = "other transformers flags"
@@ -368,11 +369,10 @@ def parse_args(data_args_class=DataArguments, argv: list[str] | None = None, def
     Every check (check_args) runs before TrainingArguments sets up devices, distributed or
     DeepSpeed, so a wrong flag costs nothing.
     """
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    for name in sorted(_given(argv) & REFUSED.keys()):
-        raise FlagError(f"--{name} is not used by these recipes; use {REFUSED[name]}")
+    refused = sorted(_given(argv) & REFUSED.keys())
+    if refused:
+        raise FlagError(f"--{refused[0]} is not used by these recipes; use {REFUSED[refused[0]]}")
     parser = RecipeArgumentParser(data_args_class, dict(defaults or {}))
     namespace, rest = parser.parse_known_args(argv)
     if rest:
