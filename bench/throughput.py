@@ -72,9 +72,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
-from attention import peak_memory  # noqa: E402
+from attention import peak_memory, set_mode  # noqa: E402
 from vision_crops import encode_all_crops  # noqa: E402
 
 from phi3v.image_processing_phi3v import Phi3VImageProcessor  # noqa: E402
@@ -154,15 +153,7 @@ def build_model(args, vocab_size: int, pad_token_id: int):
 
 def set_attention(model, mode: str) -> None:
     """Decoder and CLIP both switched (the CLIP blocks read vision_config at every forward)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "set the sub-config without finding the sub-model" notice
-    try:
-        base.set_attn_implementation(mode)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if base.config._attn_implementation != mode or base.config.vision_config._attn_implementation != mode:
-        raise AssertionError(f"set_attn_implementation({mode!r}) did not switch the config")
+    set_mode(model.get_base_model() if hasattr(model, "get_base_model") else model, mode)
 
 
 # -- one column ---------------------------------------------------------------------------------

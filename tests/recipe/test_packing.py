@@ -24,14 +24,6 @@ PAD = 100
 ROW = 700  # row limit of the model-level tests; also the tiny model's original context there
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_rows_first_fit_in_order_and_overlong_alone():
     assert pack_rows([300, 100, 250, 50, 900, 150], 512) == [[0, 1, 3], [2, 5], [4]]
     assert pack_rows([512, 1, 513, 2], 512) == [[0], [1, 3], [2]]
