@@ -199,10 +199,10 @@ def merge_lora(
     return merged.eval()
 
 
-def load_merged(merged_dir: str | os.PathLike, like: Any = None):
+def load_merged(merged_dir: str | os.PathLike, generation_config: Any = None):
     """`merged/` as saved, for evaluation on every rank (waits until rank 0 has written it).
 
-    `like`: a model whose generation settings (end tokens, pad id) the merged one should use.
+    `generation_config`: the generation settings (end tokens, pad id) the merged one should use.
     """
     import torch.distributed as dist
 
@@ -211,6 +211,6 @@ def load_merged(merged_dir: str | os.PathLike, like: Any = None):
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     model = Phi3VForCausalLM.from_pretrained(merged_dir).eval()
-    if like is not None:
-        model.generation_config = like.generation_config
+    if generation_config is not None:
+        model.generation_config = generation_config
     return model

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-__all__ = ["GenerateError", "load", "answer", "read_examples", "main"]
+from .processing_phi3v import IMAGE_TAG_RE
 
-_TAG_RE = re.compile(r"<\|image_(\d+)\|>")
+__all__ = ["GenerateError", "load", "answer", "read_examples", "main"]
 
 
 class GenerateError(Exception):
@@ -84,6 +83,7 @@ def load(model: str, adapter: str | None = None, dtype: torch.dtype = torch.floa
         from peft import PeftModel
 
         base = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    base.to("cuda" if torch.cuda.is_available() else "cpu")  # (a GPU when there is one)
     processor_dir = adapter if adapter is not None and (Path(adapter) / "preprocessor_config.json").is_file() else model
     kwargs = {} if num_crops is None else {"num_crops": num_crops}
     processor = Phi3VProcessor.from_pretrained(processor_dir, **kwargs)
@@ -105,7 +105,7 @@ def _open_image(path: str | Path, where: str) -> Any:
 def tagged(text: str, first: int, count: int, where: str) -> str:
     """`text` with tags for images first..first+count-1: put in front when it has none."""
     numbers = list(range(first, first + count))
-    found = [int(k) for k in _TAG_RE.findall(text)]
+    found = [int(k) for k in IMAGE_TAG_RE.findall(text)]
     if not found:
         return "".join(f"<|image_{k}|>\n" for k in numbers) + text
     if found != numbers:
@@ -125,7 +125,8 @@ def answer(model, processor, messages: list[dict[str, str]], images: list, max_n
     from .tokenization import end_token_ids
 
     ends = end_token_ids(tokenizer)
-    inputs = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    inputs = {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
+              for k, v in inputs.items()}
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=ends, pad_token_id=tokenizer.pad_token_id)
@@ -145,9 +146,10 @@ def read_examples(path: Path, image_dir: Path) -> Iterator[tuple[str, list[dict[
             try:
                 record = json.loads(line)
                 turns = record["conversations"]
-                assert isinstance(turns, list) and turns
+                if not isinstance(turns, list) or not turns:
+                    raise TypeError("no conversation turns")
                 turns = [(t["user"], t["assistant"], t.get("images", [])) for t in turns]
-            except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            except (json.JSONDecodeError, KeyError, TypeError):
                 raise GenerateError(
                     f"{where}: not a data line (expected {{\"id\", \"conversations\": [{{\"images\", \"user\", "
                     "\"assistant\"}, ...]}})"

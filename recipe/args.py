@@ -500,6 +500,12 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
             f"--output_dir {output_dir} already holds eval_after.json; choose another --output_dir for "
             "--eval_only or pass --overwrite_output_dir"
         )
+    if (t.overwrite_output_dir and not data_args.eval_only and not t.resume_from_checkpoint
+            and output_dir.resolve() == Path(model_args.model_name_or_path).resolve()):
+        raise FlagError(
+            f"--overwrite_output_dir would delete the model being finetuned ({model_args.model_name_or_path} is also "
+            "--output_dir); choose another --output_dir"
+        )
     if data_args.eval_batch_size < 1:
         raise FlagError("--eval_batch_size must be >= 1")
     if not 1 <= data_args.max_tokens_per_row <= MAX_TOKENS_PER_ROW:

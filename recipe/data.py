@@ -32,6 +32,7 @@ __all__ = [
     "tokenize_conversation",
     "TokenizedConversation",
     "image_token_counts",
+    "image_tokens",
     "conversation_length",
     "ConversationDataset",
     "Collator",
@@ -138,14 +139,14 @@ def tokenize_conversation(
     return TokenizedConversation(input_ids, labels, list(image_token_counts))
 
 
+def image_tokens(width: int, height: int, num_crops: int) -> int:
+    """Image tokens of a width x height image at `num_crops` (the one size -> count rule)."""
+    return num_image_tokens(*hd_image_size(width, height, num_crops))
+
+
 def image_token_counts(images: Iterable[Any], num_crops: int) -> list[int]:
     """Token count of each image from its size alone (header read, no pixel decoding)."""
-    counts = []
-    for image in images:
-        width, height = image_size(image)
-        h, w = hd_image_size(width, height, num_crops)
-        counts.append(num_image_tokens(h, w))
-    return counts
+    return [image_tokens(*image_size(image), num_crops) for image in images]
 
 
 def conversation_length(conversation: Conversation, tokenizer, num_crops: int, for_generation: bool = False) -> int:

@@ -19,15 +19,24 @@ class UserError(Exception):
     """A problem the user can fix; the message (one line) says what, where and what to do.
 
     `details` are further lines shown above it (e.g. every problem found in a data file).
+    `everywhere`: every process of a distributed run finds the same problem (flags, validated
+    data), so only the first prints it; otherwise (a file missing on one node, a hub failure on
+    one rank) each process that hits it prints it, prefixed with its rank.
     """
 
-    def __init__(self, message: str, details: list[str] | tuple[str, ...] = ()):
+    everywhere = False
+
+    def __init__(self, message: str, details: list[str] | tuple[str, ...] = (), everywhere: bool | None = None):
         super().__init__(message)
         self.details = list(details)
+        if everywhere is not None:
+            self.everywhere = everywhere
 
 
 class FlagError(UserError, ValueError):
     """A flag or combination of flags that cannot work; the message says what to do."""
+
+    everywhere = True  # every rank parses the same command line
 
 
 class DataError(UserError, ValueError):
@@ -35,14 +44,16 @@ class DataError(UserError, ValueError):
 
 
 def cli(main: Callable[[], object]) -> int:
-    """Runs `main()`; a user error ends with one `error:` line on stderr (its details above it;
-    the first process only prints) and exit status 2. Use: `sys.exit(cli(main))`."""
+    """Runs `main()`; a user error ends with one `error:` line on stderr (its details above it)
+    and exit status 2. Use: `sys.exit(cli(main))`."""
     try:
         main()
     except UserError as err:
-        if os.environ.get("RANK", "0") == "0":
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or not err.everywhere:
+            prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
             for line in err.details:
                 print(f"  {line}", file=sys.stderr)
-            print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+            print(f"{prefix}error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
         return 2
     return 0

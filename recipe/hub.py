@@ -88,7 +88,11 @@ def split_for_eval(dataset, eval_split: str | None, eval_size: int, seed: int):
 
 
 def _require_columns(dataset, columns: Sequence[str], schema: str) -> None:
-    """A local copy in another schema fails here, by name, not later as a KeyError."""
+    """A local copy in another schema (or without a training split) fails here, by name, not later
+    as a KeyError or AttributeError."""
+    if dataset is None:
+        raise DataError("the dataset has no 'train' split to train on (see --dataset_name_or_path; "
+                        "--eval_only evaluates a copy without one)")
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise DataError(

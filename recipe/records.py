@@ -20,10 +20,8 @@ must use exactly the numbers of its images, in order (see `recipe.data.build_mes
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -51,7 +49,6 @@ __all__ = [
     "image_size",
 ]
 
-logger = logging.getLogger("recipe.records")
 
 MAX_PROBLEMS_SHOWN = 20
 
@@ -106,6 +103,7 @@ def problems_error(problems: Sequence[Problem], what: str) -> DataError:
         f"{len(problems)} problem(s) in {what} (first: {problems[0]}); fix them, or pass --skip_bad_examples "
         "to train without these examples",
         details=shown,
+        everywhere=True,  # (every rank reads and validates the same data)
     )
 
 
@@ -226,29 +224,22 @@ class Conversations(list):
     shows in one error.
     """
 
-    def __init__(self, items=(), problems: Sequence[Problem] = ()):
+    def __init__(self, items=(), problems: Sequence[Problem] = (), count_problems: bool = True):
         super().__init__(items)
         self.problems = list(problems)
+        # False for a subset: its unreadable lines are reported, but they are not among the
+        # sampled examples and do not count as dropped ones.
+        self.count_problems = count_problems
 
 
-def load_jsonl(
-    path: str | Path, image_dir: str | Path, skip_bad: bool = False, defer_errors: bool = False
-) -> Conversations:
-    """`read_jsonl` that stops on bad lines (one DataError listing them all) or, with
-    `skip_bad`, drops them with a WARNING saying how many and why. With `defer_errors` the
-    problems travel on the returned list instead, for `validate` to report (or, skipping, to
-    count) along with everything else."""
+def load_jsonl(path: str | Path, image_dir: str | Path, defer_errors: bool = False) -> Conversations:
+    """`read_jsonl` that stops on bad lines (one DataError listing them all), or with
+    `defer_errors` lets the problems travel on the returned list, for `validate` to report (or,
+    with --skip_bad_examples, to count) along with everything else."""
     conversations, problems = read_jsonl(path, image_dir)
-    if problems and defer_errors:
-        return Conversations(conversations, problems)
-    if problems and not skip_bad:
+    if problems and not defer_errors:
         raise problems_error(problems, str(path))
-    if problems:
-        bad_lines = len({p.where for p in problems})
-        reasons = Counter(p.reason for p in problems)
-        summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
-        logger.warning(f"skipped {bad_lines} malformed line(s) in {path} ({summary}); first: {problems[0]}")
-    return Conversations(conversations)
+    return Conversations(conversations, problems)
 
 
 def subset(conversations: Sequence[Conversation], n: int | None, seed: int) -> Conversations:
@@ -256,13 +247,14 @@ def subset(conversations: Sequence[Conversation], n: int | None, seed: int) -> C
 
     Not the first `n`: converted data is sorted by class, so its first lines would be one class.
     The same seed gives the same subset on every rank and every run. The problems of unreadable
-    lines (see `Conversations`) stay attached, for `validate` to report.
+    lines (see `Conversations`) stay attached, for `validate` to report, but do not count among
+    the subset's examples.
     """
     problems = getattr(conversations, "problems", [])
     if n is None or n >= len(conversations):
         return Conversations(conversations, problems)
     chosen = sorted(random.Random(seed).sample(range(len(conversations)), n))
-    return Conversations([conversations[i] for i in chosen], problems)
+    return Conversations([conversations[i] for i in chosen], problems, count_problems=False)
 
 
 def scored_turns(conversations: Sequence[Conversation], which: str = "last") -> list[Conversation]:

@@ -38,22 +38,24 @@ class Throughput:
 
     def __init__(self, pad_token_id: int | None = None):
         self.pad_token_id = pad_token_id
-        self.images = self.crops = self.tokens = 0
+        self.images = 0
+        # Sums stay tensors on the batch's device: reading them each step would wait for the GPU.
+        self._crops = self._tokens = 0
 
     def count(self, inputs: dict) -> None:
         if "attention_mask" in inputs:
-            self.tokens += int(inputs["attention_mask"].sum())
+            self._tokens = self._tokens + inputs["attention_mask"].sum()
         elif self.pad_token_id is not None:  # packed rows (--padding_free) carry no mask, only end padding
-            self.tokens += int((inputs["input_ids"] != self.pad_token_id).sum())
+            self._tokens = self._tokens + (inputs["input_ids"] != self.pad_token_id).sum()
         sizes = inputs.get("image_sizes")
         if sizes is not None:
             self.images += len(sizes)
             # Each image runs its h x w sub-crops plus one global crop through CLIP.
-            self.crops += int(sum((int(h) // CROP) * (int(w) // CROP) + 1 for h, w in sizes.tolist()))
+            self._crops = self._crops + ((sizes[:, 0] // CROP) * (sizes[:, 1] // CROP) + 1).sum()
 
     def _totals(self) -> list[int]:
         """Summed over the ranks (every rank calls `summary` once, at the end of training)."""
-        per_rank = gather_object([(self.images, self.crops, self.tokens)])
+        per_rank = gather_object([(self.images, int(self._crops), int(self._tokens))])
         return [sum(column) for column in zip(*per_rank)]
 
     def summary(self, runtime: float | None, device: torch.device, model=None) -> dict:

@@ -19,10 +19,12 @@ Outputs in --output_dir (rank 0 writes them):
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,13 +35,14 @@ import transformers
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from phi3v.export import SAVE_DTYPES, finalize_output, load_merged, merge_lora
 from phi3v.processing_phi3v import Phi3VProcessor
 from phi3v.tokenization import end_token_ids
 
-from .args import RUN_COMPLETE_FILE, DataArguments, ModelArguments, RecipeTrainingArguments, parse_args, world_size
+from .args import RUN_COMPLETE_FILE, DataArguments, ModelArguments, RecipeTrainingArguments, parse_args
 from .data import Collator, ConversationDataset
 from .errors import DataError
 from .evaluate import evaluate
@@ -100,6 +103,7 @@ class TaskEvaluator:
         self.output_dir = Path(training_args.output_dir)
         self.skip_before = data_args.skip_eval_before
         self.device = training_args.device
+        self.seconds = 0.0  # spent evaluating (the throughput figures leave it out of training time)
         self.kwargs = dict(
             batch_size=data_args.eval_batch_size,
             max_new_tokens=data_args.max_new_tokens,
@@ -113,12 +117,14 @@ class TaskEvaluator:
         return self.task.metric
 
     def __call__(self, model, name: str, trainer: Trainer | None = None) -> float:
+        start = time.perf_counter()
         if not getattr(model, "is_loaded_in_4bit", False) and next(model.parameters()).device != self.device:
             model.to(self.device)
         out = evaluate(model, self.processor, self.conversations, self.task.score, self.metric,
                        self.output_dir / f"{name}.json", device=self.device, synced_gpus=is_deepspeed_zero3_enabled(),
                        **self.kwargs)
         value = out[self.metric]
+        self.seconds += time.perf_counter() - start
         logger.info("%s %s = %.4f on %d examples", name, self.metric, value, out["num_examples"])
         if trainer is not None:
             trainer.log({f"eval_{self.metric}": value})
@@ -260,11 +266,11 @@ def setup_data(task: Task, model_args, data_args, training_args, processor):
         train = validate(train, max_length=data_args.max_length, what=f"{task.name} training data", training=True,
                          **common)
         if not train:
-            raise DataError(f"no usable {task.name} training examples")
+            raise DataError(f"no usable {task.name} training examples", everywhere=True)
     eval_ = subset(eval_, data_args.max_eval_samples, seed)
     eval_ = validate(eval_, max_length=None, what=f"{task.name} evaluation data", **common)
     if not eval_:
-        raise DataError(f"no usable {task.name} evaluation examples")
+        raise DataError(f"no usable {task.name} evaluation examples", everywhere=True)
     logger.info("%s: %s training / %d evaluation examples", task.name,
                 len(train) if train is not None else 0, len(eval_))
     return train, eval_
@@ -277,6 +283,8 @@ RUN_OUTPUTS = (
     "adapter_config.json", "tokenizer*.json", "special_tokens_map.json", "preprocessor_config.json",
     "processor_config.json", "chat_template.*", "training_args.bin", "*.py",
 )
+# Files that say a directory holds a run's outputs; without one, README.md and *.py are not ours.
+RUN_MARKERS = (RUN_COMPLETE_FILE, "config.json", "adapter_config.json", "trainer_state.json")
 
 
 def setup_output_dir(data_args, training_args) -> None:
@@ -289,7 +297,9 @@ def setup_output_dir(data_args, training_args) -> None:
     starting_over = training_args.overwrite_output_dir and not training_args.resume_from_checkpoint
     if _is_main():
         if starting_over and not data_args.eval_only and output_dir.is_dir():
-            old = sorted({p for pattern in RUN_OUTPUTS for p in output_dir.glob(pattern)})
+            ours = any((output_dir / marker).exists() for marker in RUN_MARKERS) or any(output_dir.glob("checkpoint-*"))
+            patterns = RUN_OUTPUTS if ours else [p for p in RUN_OUTPUTS if p not in ("README.md", "*.py")]
+            old = sorted({p for pattern in patterns for p in output_dir.glob(pattern)})
             for path in old:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             if old:
@@ -359,8 +369,9 @@ def train(trainer: RecipeTrainer, eval_before: _EvalAtTrainBegin | None, results
         results["eval_before"] = eval_before.result
     results["global_step"] = output.global_step
     results["train_loss"] = whole_run_loss(trainer.state.log_history, output.global_step, output.training_loss)
-    results["throughput"] = trainer.throughput.summary(output.metrics.get("train_runtime"), trainer.args.device,
-                                                       trainer.model)
+    # train_runtime includes the evaluations that ran inside training (before, mid-training).
+    runtime = output.metrics["train_runtime"] - trainer.task_eval.seconds
+    results["throughput"] = trainer.throughput.summary(runtime, trainer.args.device, trainer.model)
     logger.info("trained %d steps: mean loss %.4f over the whole run; %s", output.global_step,
                 results["train_loss"], trainer.throughput.describe(results["throughput"]))
 
@@ -396,11 +407,25 @@ def merge(trainer: RecipeTrainer, processor, evaluator: TaskEvaluator, model_arg
     output_dir = Path(training_args.output_dir)
     if trainer.is_world_process_zero():
         logger.info("--merge_lora: merging the adapter into %s", output_dir / "merged")
-        merge_lora(output_dir, output_dir / "merged", model_args.model_name_or_path, processor,
-                   SAVE_DTYPES[model_args.save_dtype], progress=not training_args.disable_tqdm)
+        # Rank 0 alone loads the base: outside ZeRO-3, whose zero.Init would partition it and wait
+        # for the other ranks (they are at the barrier below).
+        ds_config = getattr(training_args, "hf_deepspeed_config", None)
+        unset_hf_deepspeed_config()
+        try:
+            merge_lora(output_dir, output_dir / "merged", model_args.model_name_or_path, processor,
+                       SAVE_DTYPES[model_args.save_dtype], progress=not training_args.disable_tqdm)
+        finally:
+            if ds_config is not None:
+                set_hf_deepspeed_config(ds_config)
     if model_args.use_qlora:
-        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        results["eval_merged"] = evaluator(load_merged(output_dir / "merged", base), "eval_merged")
+        generation_config = trainer.model.get_base_model().generation_config
+        # The 4-bit model, its adapters and the optimizer state go before the full model loads.
+        trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+        trainer.accelerator.free_memory()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        results["eval_merged"] = evaluator(load_merged(output_dir / "merged", generation_config), "eval_merged")
     _barrier()
 
 

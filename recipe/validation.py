@@ -18,9 +18,8 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from phi3v.image_processing_phi3v import hd_image_size, num_image_tokens
 
-from .data import build_messages, tokenize_conversation
+from .data import build_messages, image_tokens, tokenize_conversation
 from .errors import DataError
 from .records import MAX_PROBLEMS_SHOWN, Conversation, Problem, load_image, open_image, problems_error
 
@@ -51,7 +50,7 @@ class TokenCount:
 
     def at_num_crops(self, num_crops: int) -> int:
         """The length this example would have at another --num_crops."""
-        return self.text + sum(num_image_tokens(*hd_image_size(w, h, num_crops)) for w, h in self.image_sizes)
+        return self.text + sum(image_tokens(w, h, num_crops) for w, h in self.image_sizes)
 
     def describe(self, num_crops: int) -> str:
         if not self.images:
@@ -99,7 +98,7 @@ def _check_one(
     counts = None
     if not found:
         try:
-            counts = [num_image_tokens(*hd_image_size(w, h, num_crops)) for w, h in sizes]
+            counts = [image_tokens(w, h, num_crops) for w, h in sizes]
         except ValueError as err:  # e.g. an aspect ratio so extreme that a side rounds to 0 pixels
             found.append(Problem(where, f"image cannot be resized for the model: {err}", "bad image"))
     try:
@@ -148,7 +147,7 @@ def validate(
     the work (progress bar on the first); every rank returns the same result.
     """
     problems: list[Problem] = list(getattr(conversations, "problems", []))  # lines that could not be read
-    unreadable = len({p.where for p in problems})
+    unreadable = len({p.where for p in problems}) if getattr(conversations, "count_problems", True) else 0
     total = len(conversations) + unreadable
     good: list[Conversation] = []
     seen_ids: dict[str, str] = {}
@@ -182,6 +181,7 @@ def validate(
                 f"--skip_bad_examples would drop {dropped} of {total} examples of {what} ({summary}; first: "
                 f"{problems[0]}), more than half; {advice}",
                 details=[str(p) for p in problems[:MAX_PROBLEMS_SHOWN]],
+                everywhere=True,
             )
         _warn(f"skipped {dropped} of {total} examples in {what} ({summary}); first: {problems[0]}")
     _warn_long(good, what, num_crops)

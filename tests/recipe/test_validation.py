@@ -7,7 +7,7 @@ import pytest
 from data_samples import good_record, image, make_processor, write_jsonl
 from recipe.data import ConversationDataset
 from recipe.errors import DataError
-from recipe.records import Conversation, Turn, load_jsonl, read_jsonl
+from recipe.records import Conversation, Turn, load_jsonl, read_jsonl, subset
 from recipe.validation import validate
 
 
@@ -78,9 +78,19 @@ def test_unreadable_lines_and_bad_examples_are_reported_together(tmp_path, proce
 
 def test_unreadable_lines_count_towards_the_skipped_share(tmp_path, processor):
     data = write_jsonl(tmp_path / "d.jsonl", ["{broken", "[1]", good_record(0, [])])
-    conversations = load_jsonl(data, tmp_path, skip_bad=True, defer_errors=True)
+    conversations = load_jsonl(data, tmp_path, defer_errors=True)
     with pytest.raises(DataError, match="would drop 2 of 3 examples.*fix the data"):
         validate(conversations, processor.tokenizer, num_crops=1, skip_bad=True, training=True)
+
+
+def test_a_subset_does_not_count_the_files_unreadable_lines(tmp_path, processor, caplog):
+    # 3 bad lines of 8: a --max_train_samples 2 subset holds only good examples, and nothing of
+    # it is dropped (the bad lines are still reported)
+    data = write_jsonl(tmp_path / "d.jsonl", ["{broken", "[1]", "{}", *[good_record(i, []) for i in range(5)]])
+    sampled = subset(load_jsonl(data, tmp_path, defer_errors=True), 2, seed=0)
+    kept = validate(sampled, processor.tokenizer, num_crops=1, skip_bad=True, training=True)
+    assert len(kept) == 2
+    assert "skipped 0 of 2 examples" in caplog.text and "d.jsonl:1" in caplog.text
 
 
 # -- lengths and length checks -----------------------------------------------------------------
