@@ -26,7 +26,7 @@ from phi3v.processing_phi3v import Phi3VProcessor
 
 pytestmark = pytest.mark.vllm
 
-RELEASE = Path(__file__).resolve().parents[1] / ".." / "shared" / "release" / "phi-3.5-vision-instruct"
+RELEASE = Path(__file__).resolve().parent / "fixtures" / "release" / "phi-3.5-vision-instruct"
 PROMPT = "<|user|>\n<|image_1|>\n<|image_2|>\nWhat do the two pictures show?<|end|>\n<|assistant|>\n"
 NEW_TOKENS = 8
 

@@ -19,7 +19,7 @@ from phi3v.modeling_phi3v import Phi3VForCausalLM
 from phi3v.processing_phi3v import Phi3VProcessor
 from phi3v.tiny import save_tiny_checkpoint, tiny_config
 
-RELEASE = Path(__file__).resolve().parents[2] / ".." / "shared" / "release"
+RELEASE = Path(__file__).resolve().parents[1] / "fixtures" / "release"
 RELEASE_35 = RELEASE / "phi-3.5-vision-instruct"
 # The release's file set, weights aside (128k: no generation_config.json).
 RELEASE_FILES = {"config.json", "generation_config.json", "preprocessor_config.json", "special_tokens_map.json",

@@ -21,7 +21,7 @@ from phi3v.modeling_phi3v import Phi3VForCausalLM
 from phi3v.tiny import TINY_VISION, build_tiny_model, tiny_config
 from phi3v.tiny import main as tiny_main
 
-RELEASE = Path(__file__).resolve().parents[3] / "shared" / "release"
+RELEASE = Path(__file__).resolve().parents[1] / "fixtures" / "release"
 R128K = RELEASE / "phi-3-vision-128k-instruct"
 R35 = RELEASE / "phi-3.5-vision-instruct"
 

@@ -13,7 +13,6 @@ from phi3v.configuration_phi3v import Phi3VConfig
 from phi3v.modeling_phi3v import Phi3VForCausalLM, Phi3VRotaryEmbedding
 from phi3v.tiny import build_tiny_model, tiny_config
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CROP = 336
 
@@ -50,13 +49,13 @@ def test_full_size_model_has_exactly_the_official_parameter_names_and_shapes():
     with torch.device("meta"):
         model = Phi3VForCausalLM(config)
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    official = json.loads((SHARED / "phi3v_official_keys.json").read_text())
+    official = json.loads((FIXTURES / "phi3v_official_keys.json").read_text())
     assert ours == official
     assert sum(math.prod(s) for s in ours.values()) == 4_146_621_440
 
 
 def _scaled_official_keys(n_text, n_vision):
-    official = json.loads((SHARED / "phi3v_official_keys.json").read_text())
+    official = json.loads((FIXTURES / "phi3v_official_keys.json").read_text())
     keep = set()
     for key in official:
         parts = key.split(".")
