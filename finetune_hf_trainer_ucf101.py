@@ -13,12 +13,15 @@ printed and saved before and after):
     # one consumer GPU: LoRA or QLoRA
     python finetune_hf_trainer_ucf101.py --data_dir data/ucf101 --use_qlora --bf16 --batch_size 16
 
-Every shared flag is described by `--help`. To train on another dataset in this layout, point
---data_dir at it, or name its files (any names; image paths relative to --image_dir, by default
-images/ beside each file):
+Every shared flag is described by `--help`. To train on more videos in this layout, point
+--data_dir at it, or name its files (any names, any layout finetune_hf_trainer_custom.py reads;
+image paths relative to --image_dir, by default images/ beside each file):
 
-    python finetune_hf_trainer_ucf101.py --train_file shapes/train.jsonl --eval_file shapes/dev.jsonl \
-        --use_lora --bf16 --output_dir out/shapes
+    python finetune_hf_trainer_ucf101.py --train_file more/train.jsonl --eval_file more/dev.jsonl \
+        --use_lora --bf16 --output_dir out/ucf101_more
+
+Data of another task (not video classification) goes to finetune_hf_trainer_custom.py, which
+names its outputs by --task_name.
 
 To build a new task, copy this file and change the three parts below.
 """
@@ -27,10 +30,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipe.args import DataArguments
+from recipe.args import FileDataArguments
 from recipe.errors import DataError, FlagError, cli
 from recipe.metrics import accuracy
-from recipe.records import load_jsonl
+from recipe.layouts import load_file
 from recipe.train import Task, run
 
 
@@ -38,7 +41,7 @@ DEFAULT_DATA_DIR = "data/ucf101"
 
 
 @dataclass
-class Ucf101Arguments(DataArguments):
+class Ucf101Arguments(FileDataArguments):
     data_dir: str | None = field(
         default=None,
         metadata={"help": f"Output of convert_ucf101.py: ucf101_{{train,val,test}}.jsonl and images/ "
@@ -46,12 +49,6 @@ class Ucf101Arguments(DataArguments):
     )
     eval_split: str = field(default="test", metadata={"help": "Split of --data_dir to evaluate on.",
                                                       "choices": ["val", "test"]})
-    train_file: str | None = field(
-        default=None, metadata={"help": "Training examples in this jsonl layout, any file name (instead of --data_dir)."}
-    )
-    eval_file: str | None = field(
-        default=None, metadata={"help": "Evaluation examples in this jsonl layout, any file name (instead of --data_dir)."}
-    )
     image_dir: str | None = field(
         default=None, metadata={"help": "Directory the image paths of --train_file/--eval_file are relative to "
                                         "(default: images/ beside each file)."}
@@ -87,9 +84,10 @@ def load_data(data_args: Ucf101Arguments, model_args):
         train_file, eval_file = data_dir / "ucf101_train.jsonl", data_dir / f"ucf101_{data_args.eval_split}.jsonl"
 
     # Bad lines are reported together with the other problems validation finds (file:line each).
+    # Files in the other layouts (LLaVA, messages, the_cauldron) are read into the same conversations.
     def read(path):
         image_dir = data_args.image_dir or Path(path).parent / "images"
-        return load_jsonl(path, image_dir, defer_errors=True)
+        return load_file(path, image_dir, data_args.data_format, data_args.allow_absolute_image_paths)
 
     train = None if data_args.eval_only else read(train_file)
     return train, read(eval_file)

@@ -32,6 +32,7 @@ from .packing import MAX_TOKENS_PER_ROW
 __all__ = [
     "ModelArguments",
     "DataArguments",
+    "FileDataArguments",
     "RecipeTrainingArguments",
     "FlagError",
     "parse_args",
@@ -163,6 +164,32 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise FlagError(f"--{name} {value} must be at least 1 (or left out: no limit)")
+
+
+@dataclass
+class FileDataArguments(DataArguments):
+    """Data files in any layout the recipes read (recipe.layouts): the flags of the scripts that
+    train on the user's own files."""
+
+    train_file: str | None = field(
+        default=None, metadata={"help": "Training examples: a JSON lines file or a JSON list, in our layout, LLaVA's, "
+                                        "the messages layout or the_cauldron's (see --data_format)."}
+    )
+    eval_file: str | None = field(
+        default=None, metadata={"help": "Evaluation examples, in any layout --train_file takes."}
+    )
+    image_dir: str | None = field(
+        default=None, metadata={"help": "Directory the image paths of --train_file/--eval_file are relative to."}
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "Layout of the data: detected from the first record (and logged), or forced.",
+                  "choices": ["auto", "ours", "llava", "messages", "cauldron"]},
+    )
+    allow_absolute_image_paths: bool = field(
+        default=False, metadata={"help": "Accept absolute image paths in the data (default: refused, so a file "
+                                         "moved to another machine cannot silently read other images)."}
+    )
 
 
 @dataclass
@@ -363,8 +390,13 @@ def _build(dtype, namespace: argparse.Namespace):
         raise FlagError(" ".join(str(err).split())) from None
 
 
-def parse_args(data_args_class=DataArguments, argv: list[str] | None = None, defaults: dict | None = None):
+def parse_args(data_args_class=DataArguments, argv: list[str] | None = None, defaults: dict | None = None,
+               late_defaults=None):
     """(model_args, data_args, training_args) from argv; `defaults` are the task's own defaults.
+
+    `late_defaults(data_args) -> {flag: value}`: defaults that follow from the data flags (a task
+    named and scored by its flags: its metric is --metric_for_best_model's default), applied to
+    the flags not given on the command line.
 
     Every check (check_args) runs before TrainingArguments sets up devices, distributed or
     DeepSpeed, so a wrong flag costs nothing.
@@ -379,6 +411,11 @@ def parse_args(data_args_class=DataArguments, argv: list[str] | None = None, def
         raise parser.unknown_flags(rest)
     model_args = _build(ModelArguments, namespace)
     data_args = _build(data_args_class, namespace)
+    if late_defaults is not None:
+        given = _given(argv)
+        for name, value in late_defaults(data_args).items():
+            if name not in given:
+                setattr(namespace, name, value)
     if model_args.use_qlora:
         model_args.use_lora = True
     if namespace.deepspeed == "auto":

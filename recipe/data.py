@@ -48,10 +48,13 @@ END_TOKEN = "<|end|>"
 def build_messages(conversation: Conversation, for_generation: bool = False) -> list[dict[str, str]]:
     """Chat messages with `<|image_k|>` tags numbered across the whole conversation.
 
-    With `for_generation`, the last assistant answer is left out (it is what the model must
+    A system message (`conversation.system`) comes first. With `for_generation`, the last
+    assistant answer is left out (it is what the model must
     produce). Raises ValueError when a turn's own tags do not match its images.
     """
     messages, first = [], 1
+    if conversation.system:
+        messages.append({"role": "system", "content": conversation.system})
     turns = conversation.turns
     for t, turn in enumerate(turns):
         numbers = list(range(first, first + len(turn.images)))

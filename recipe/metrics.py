@@ -1,7 +1,7 @@
-"""Scoring generated answers: exact-match accuracy and DocVQA's ANLS.
+"""Scoring generated answers: exact match, normalised exact-match accuracy and DocVQA's ANLS.
 
-Both metrics take the decoded generations (special tokens already removed by the caller)
-and the reference answers, one entry per example, and return the mean score in [0, 1].
+Each metric takes the decoded generations (special tokens already removed by the caller)
+and the reference answers, one entry per example, and returns the mean score in [0, 1].
 
 Accuracy (Hateful Memes yes/no, NLVR2 true/false, UCF-101 class names) is exact match
 after `normalize_answer`; a reference may list several acceptable answers.
@@ -37,6 +37,7 @@ from typing import Sequence
 __all__ = [
     "normalize_answer",
     "accuracy",
+    "exact_match",
     "levenshtein",
     "normalize_anls",
     "anls_score",
@@ -127,6 +128,19 @@ def accuracy(predictions: Sequence[str], references: Sequence[str | Sequence[str
     for i, (prediction, reference) in enumerate(zip(predictions, references)):
         wanted = {normalize_answer(answer) for answer in _acceptable(reference, i)}
         correct += normalize_answer(prediction) in wanted
+    return correct / len(predictions)
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+    """Fraction of predictions equal to one of their references as written, outer whitespace aside
+    (case and punctuation count: for answers whose exact form matters, e.g. codes or JSON).
+
+    Errors as `accuracy`.
+    """
+    _check_pairs(predictions, references, "exact_match")
+    correct = 0
+    for i, (prediction, reference) in enumerate(zip(predictions, references)):
+        correct += prediction.strip() in {answer.strip() for answer in _acceptable(reference, i)}
     return correct / len(predictions)
 
 

@@ -12,6 +12,10 @@ Documented jsonl layout (one example per line; image paths relative to the image
                         "user": "Classify the video into one of the following classes: ...",
                         "assistant": "ApplyEyeMakeup"}]}
 
+An optional top-level "system" string is a system message, rendered first as the release's chat
+template does. The other layouts users have (LLaVA, messages, the_cauldron) are read into the
+same records by `recipe.layouts`.
+
 Tags: a turn whose user text has no `<|image_k|>` tags gets one `<|image_k|>\\n` per image
 put in front of its text (numbered across the conversation); a turn that places its own tags
 must use exactly the numbers of its images, in order (see `recipe.data.build_messages`).
@@ -24,7 +28,7 @@ import os
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
@@ -38,6 +42,7 @@ __all__ = [
     "Conversation",
     "Problem",
     "problems_error",
+    "parse_record",
     "read_jsonl",
     "load_jsonl",
     "Conversations",
@@ -71,6 +76,7 @@ class Conversation:
     where: str = ""  # "file.jsonl:12" or "train row 5": where problems are reported
     references: list[str] | None = None  # every accepted answer of the last turn (evaluation)
     tokens: TokenCount | None = None  # measured by `validate` (length grouping and evaluation order reuse it)
+    system: str = ""  # a system message, rendered first by the release's chat template ("" = none)
 
     @property
     def images(self) -> list[Any]:
@@ -114,6 +120,15 @@ _TURN_KEYS = {"images", "user", "assistant"}
 
 
 def _parse_record(obj: Any, where: str, image_dir: Path) -> tuple[Conversation | None, list[Problem]]:
+    return parse_record(obj, where, lambda p: resolve_image_path(p, image_dir))
+
+
+def parse_record(
+    obj: Any, where: str, resolve: Callable[[Any], Any]
+) -> tuple[Conversation | None, list[Problem]]:
+    """One record of our layout; `resolve` turns an image entry into a path or image reference
+    (a ValueError says why it cannot)."""
+
     def bad(message: str, reason: str) -> tuple[None, list[Problem]]:
         return None, [Problem(where, message, reason)]
 
@@ -130,6 +145,9 @@ def _parse_record(obj: Any, where: str, image_dir: Path) -> tuple[Conversation |
     source = obj.get("source", "")
     if not isinstance(source, str):
         return bad(f"'source' must be a string, got {type(source).__name__}", "wrong type")
+    system = obj.get("system", "")
+    if not isinstance(system, str):
+        return bad(f"'system' must be a string, got {type(system).__name__}", "wrong type")
     turns, problems = [], []
     for t, turn in enumerate(turns_raw):
         at = f"conversations[{t}]"
@@ -156,14 +174,14 @@ def _parse_record(obj: Any, where: str, image_dir: Path) -> tuple[Conversation |
         paths = []
         for p in images:
             try:
-                paths.append(resolve_image_path(p, image_dir))
+                paths.append(resolve(p))
             except ValueError as err:
                 problems.append(Problem(where, f"{at}.images: {err}", "unsafe path"))
         if not problems:
             turns.append(Turn(user=turn["user"], assistant=turn["assistant"], images=paths))
     if problems:
         return None, problems
-    return Conversation(id=str(record_id), turns=turns, source=source, where=where), []
+    return Conversation(id=str(record_id), turns=turns, source=source, where=where, system=system), []
 
 
 def resolve_image_path(relative: str, image_dir: str | Path) -> Path:

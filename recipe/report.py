@@ -134,7 +134,8 @@ def model_card(task, results: dict, model_args, data_args, training_args) -> str
     from huggingface_hub import ModelCard, ModelCardData
 
     metric = task.metric
-    data = getattr(data_args, "dataset_name_or_path", None) or getattr(data_args, "data_dir", None) or "local data"
+    data = (getattr(data_args, "dataset_name_or_path", None) or getattr(data_args, "data_dir", None)
+            or getattr(data_args, "train_file", None) or "local data")
     card_data = ModelCardData(
         base_model=model_args.model_name_or_path if not Path(model_args.model_name_or_path).exists() else None,
         library_name="transformers" if not model_args.use_lora else "peft",
@@ -156,7 +157,7 @@ def model_card(task, results: dict, model_args, data_args, training_args) -> str
 
 # {task.name} finetune of {model_args.model_name_or_path}
 
-Finetuned with this repository's `finetune_hf_trainer_{task.name}.py` on {data}.
+Finetuned with this repository's `{task.script or f'finetune_hf_trainer_{task.name}.py'}` on {data}.
 All numbers below are from this run.
 
 | | |

@@ -62,6 +62,9 @@ class Task:
 
     load_data(data_args, model_args) -> (train conversations or None with --eval_only, eval conversations)
     score(predictions, references) -> float, references being every accepted answer per example.
+    from_flags(data_args) -> Task: for a task named and scored by its flags (finetune_hf_trainer_custom.py's
+    --task_name, --metric), the task those flags describe; its name goes into every output.
+    script: the script's file name, for the model card (default finetune_hf_trainer_<name>.py).
     """
 
     name: str
@@ -70,6 +73,11 @@ class Task:
     score: Callable[[list[str], list[list[str]]], float]
     data_args_class: type = DataArguments
     defaults: dict = field(default_factory=dict)
+    from_flags: Callable[[DataArguments], Task] | None = None
+    script: str | None = None
+
+    def resolve(self, data_args) -> Task:
+        return self.from_flags(data_args) if self.from_flags is not None else self
 
 
 class GroupedByLengthSampler(torch.utils.data.Sampler):
@@ -234,7 +242,8 @@ def _barrier() -> None:
 def parse_and_check(task: Task, argv: list[str] | None):
     """Flags (every check runs here, before anything loads) and process log levels."""
     defaults = {"metric_for_best_model": task.metric, **task.defaults}
-    model_args, data_args, training_args = parse_args(task.data_args_class, argv, defaults)
+    late = (lambda data_args: {"metric_for_best_model": task.resolve(data_args).metric}) if task.from_flags else None
+    model_args, data_args, training_args = parse_args(task.data_args_class, argv, defaults, late_defaults=late)
     _setup_logging(training_args)
     set_seed(training_args.seed)
     if training_args.resume_from_checkpoint:
@@ -340,9 +349,24 @@ def setup_trainer(model, train, eval_conversations, processor, evaluator, model_
         callbacks=callbacks,
     )
     trainer.add_callback(_SaveProcessor(processor))
+    _name_tensorboard_run(trainer, evaluator.task.name)
     if eval_before is not None:
         eval_before.trainer = trainer
     return trainer, eval_before
+
+
+def _name_tensorboard_run(trainer: RecipeTrainer, task_name: str) -> None:
+    """Tensorboard runs under OUTPUT_DIR/runs/ named by the task, unless TENSORBOARD_LOGGING_DIR says
+    where; and the task as the run name of the other trackers unless --run_name gives one."""
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            stamp = Path(default_logdir()).name
+            callback.logging_dir = str(Path(trainer.args.output_dir) / "runs" / f"{task_name}_{stamp}")
+    if trainer.args.run_name is None:
+        trainer.args.run_name = task_name
 
 
 class _SaveProcessor(TrainerCallback):
@@ -432,6 +456,7 @@ def merge(trainer: RecipeTrainer, processor, evaluator: TaskEvaluator, model_arg
 def run(task: Task, argv: list[str] | None = None) -> dict:
     """Parses flags, validates everything, evaluates, trains, evaluates again; returns the results."""
     model_args, data_args, training_args = parse_and_check(task, argv)
+    task = task.resolve(data_args)
     processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
     train_data, eval_data = setup_data(task, model_args, data_args, training_args, processor)
     setup_output_dir(data_args, training_args)

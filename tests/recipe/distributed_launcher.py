@@ -1,4 +1,4 @@
-"""Runs finetune_hf_trainer_ucf101.py under torchrun and records, per rank, what each forward saw;
+"""Runs finetune_hf_trainer_ucf101.py (or the script module RECIPE_TEST_SCRIPT names) under torchrun and records, per rank, what each forward saw;
 test_distributed.py launches it.
 
     torchrun --nproc_per_node=2 tests/recipe/distributed_launcher.py FLAGS...
@@ -58,6 +58,6 @@ def record_batches(log_dir: str) -> None:
 if __name__ == "__main__":
     if os.environ.get("RECIPE_TEST_BATCH_LOG"):
         record_batches(os.environ["RECIPE_TEST_BATCH_LOG"])
-    import finetune_hf_trainer_ucf101
+    import importlib
 
-    finetune_hf_trainer_ucf101.main(sys.argv[1:])
+    importlib.import_module(os.environ.get("RECIPE_TEST_SCRIPT", "finetune_hf_trainer_ucf101")).main(sys.argv[1:])

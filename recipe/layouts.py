@@ -1,0 +1,453 @@
+"""The layouts users already have, read into the recipes' conversations (and written back as ours).
+
+One reader per layout; the layout is detected from the first record (or forced with
+--data_format) and logged in one line. Files are JSON lines or one JSON list, either extension.
+
+    ours      {"id", "system"?, "conversations": [{"images": [...], "user", "assistant"}]}   (recipe.records)
+    llava     {"id", "image": "a.jpg" | [...], "conversations": [{"from": "human"|"gpt"|"system", "value"}]}
+    messages  {"messages": [{"role": "system"|"user"|"assistant", "content": str | [parts]}], "images": [...]}
+    cauldron  {"images": [...], "texts": [{"user", "assistant"}]}
+
+The one rule for images (every layout but ours, whose turns carry their own images and may
+place `<|image_k|>` tags themselves): the record's images are taken in order by the `<image>`
+placeholders of the user texts, wherever they stand (mid-turn, a later turn); placeholder k
+becomes `<|image_k|>`, numbered across the conversation, and its image belongs to that turn.
+Typed content (`[{"type": "image"}, {"type": "text", "text": ...}]`) is the same text with each
+image part written `<image>` and the parts joined by a newline, so `[image, text]` gives exactly
+`"<image>\\n" + text`. A record without any placeholder puts all its images before the first
+user text, as ours does (one `<|image_k|>\\n` per image). A system message goes first, through
+the release's chat template (`<|system|>\\n...<|end|>\\n`).
+
+Every problem is reported with file:line (or "split row N") before training: placeholder count
+!= image count, unknown role, turns not alternating user/assistant, a missing assistant answer,
+an empty text, unsafe image paths; missing or unreadable images and tag checks follow in
+`recipe.validation`.
+
+Convert to ours (to inspect or edit): `python -m recipe.layouts --to ours FILE [--out OUT.jsonl]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from phi3v.processing_phi3v import IMAGE_TAG_RE, image_tag
+
+from .errors import DataError, cli
+from .records import Conversation, Conversations, Problem, Turn, parse_record, problems_error, resolve_image_path
+
+__all__ = [
+    "LAYOUTS",
+    "PLACEHOLDER",
+    "detect_layout",
+    "read_records",
+    "read_file",
+    "load_file",
+    "dataset_conversations",
+    "to_ours",
+    "main",
+]
+
+logger = logging.getLogger("recipe")
+
+PLACEHOLDER = "<image>"
+# The keys that identify each layout, in detection order (a messages record may also carry
+# "images", a LLaVA record "id").
+LAYOUT_KEYS = {
+    "ours": ("conversations",),  # with turns of {user, assistant}
+    "llava": ("conversations",),  # with turns of {from, value}
+    "messages": ("messages",),
+    "cauldron": ("texts", "images"),
+}
+LAYOUTS = tuple(LAYOUT_KEYS)
+# What a layout's record may hold besides its identifying keys (for the "closest layout" message).
+_LAYOUT_ALL_KEYS = {
+    "ours": {"id", "source", "system", "conversations"},
+    "llava": {"id", "image", "images", "conversations"},
+    "messages": {"id", "messages", "images"},
+    "cauldron": {"images", "texts"},
+}
+ROLES = {
+    "llava": {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"},
+    "messages": {"user": "user", "assistant": "assistant", "system": "system"},
+    "cauldron": {"user": "user", "assistant": "assistant"},
+}
+
+
+# -- detection ---------------------------------------------------------------------------------
+
+
+def detect_layout(record: Any, where: str) -> str:
+    """The layout of one record; a DataError naming the closest layout and the key it lacks."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object per record, got {type(record).__name__}")
+    turns = record.get("conversations")
+    if isinstance(turns, list):
+        first = turns[0] if turns and isinstance(turns[0], dict) else {}
+        return "llava" if ("from" in first or "value" in first) else "ours"
+    if "messages" in record:
+        return "messages"
+    if "texts" in record:
+        return "cauldron"
+    closest = max(LAYOUTS, key=lambda name: len(_LAYOUT_ALL_KEYS[name] & set(record)))
+    lacks = next(k for k in LAYOUT_KEYS[closest] if k not in record)
+    raise DataError(
+        f"{where}: the record (keys {sorted(record)}) matches no layout; closest is {closest}, which needs the "
+        f"key {lacks!r} (layouts: {', '.join(LAYOUTS)}; see the README's 'Your own data')"
+    )
+
+
+# -- the one rule: messages -> turns ---------------------------------------------------------
+
+
+def join_parts(parts: Any, at: str) -> tuple[str, list[str]]:
+    """Typed content as text: image parts written `<image>`, parts joined by a newline.
+    Returns (text, problems)."""
+    if isinstance(parts, str):
+        return parts, []
+    if not isinstance(parts, list):
+        return "", [f"{at}.content must be a string or a list of typed parts, got {type(parts).__name__}"]
+    pieces, problems = [], []
+    for p, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        elif kind == "image":
+            inline = [k for k in ("image", "path", "url") if isinstance(part.get(k), str)]
+            if inline:
+                problems.append(f"{at}.content[{p}] names its image ({inline[0]!r}); list the paths in the "
+                                "record's 'images' instead, in placeholder order")
+            pieces.append(PLACEHOLDER)
+        else:
+            problems.append(f"{at}.content[{p}] must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}")
+    return "\n".join(pieces), problems
+
+
+def build_conversation(
+    record_id: str, where: str, messages: Sequence[tuple[str, str]], images: list, source: str = ""
+) -> tuple[Conversation | None, list[Problem]]:
+    """(role, text) messages and the record's images -> a Conversation (see the module docstring)."""
+    problems: list[str] = []
+    system = ""
+    if messages and messages[0][0] == "system":
+        system, messages = messages[0][1], messages[1:]
+        if not system.strip():
+            problems.append("the system message is empty")
+        if PLACEHOLDER in system:
+            problems.append("the system message holds an <image> placeholder; put it in a user message")
+    if not messages:
+        problems.append("no user/assistant messages")
+    for m, (role, text) in enumerate(messages):
+        expected = "user" if m % 2 == 0 else "assistant"
+        if role == "system":
+            problems.append(f"message {m} is a system message; only the first message may be one")
+        elif role != expected:
+            problems.append(f"message {m} is a {role} message where a {expected} message belongs: turns must "
+                            "alternate user, assistant, starting with user")
+        if not text.replace(PLACEHOLDER, "").strip() and not (role == "user" and PLACEHOLDER in text):
+            problems.append(f"message {m} ({role}) has an empty text")
+        if role == "assistant" and PLACEHOLDER in text:
+            problems.append(f"message {m} (assistant) holds an <image> placeholder; images go in user messages")
+    if messages and len(messages) % 2 == 1 and not problems:
+        problems.append(f"the last user message (message {len(messages) - 1}) has no assistant answer")
+    placeholders = sum(text.count(PLACEHOLDER) for role, text in messages if role == "user")
+    if placeholders and placeholders != len(images):
+        problems.append(f"{placeholders} <image> placeholder(s) but {len(images)} image(s); give one placeholder "
+                        "per image (or none: all images then go before the first user text)")
+    if problems:
+        return None, [Problem(where, p, "bad record") for p in problems]
+    turns, used = [], 0
+    for m in range(0, len(messages), 2):
+        user = messages[m][1]
+        if placeholders:
+            count = user.count(PLACEHOLDER)
+            for k in range(used + 1, used + count + 1):
+                user = user.replace(PLACEHOLDER, image_tag(k), 1)
+            turn_images, used = images[used:used + count], used + count
+        else:
+            turn_images = images if m == 0 else []
+        turns.append(Turn(user=user, assistant=messages[m + 1][1], images=list(turn_images)))
+    return Conversation(id=record_id, turns=turns, source=source, where=where, system=system), []
+
+
+# -- readers: one record of each layout -> a Conversation ---------------------------------------
+
+
+def _record_id(record: dict, where: str) -> str | None:
+    value = record.get("id", where)
+    return None if isinstance(value, bool) or not isinstance(value, (str, int)) else str(value)
+
+
+def _images(value: Any, key: str, resolve: Callable[[Any], Any]) -> tuple[list, list[str]]:
+    """A record's images (one, or a list), each through `resolve` (path -> Path, or as is)."""
+    if value is None:
+        return [], []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    images, problems = [], []
+    for item in items:
+        try:
+            images.append(resolve(item))
+        except ValueError as err:
+            problems.append(f"{key}: {err}")
+    return images, problems
+
+
+def _messages(raw: Any, key: str, role_key: str, text_key: str, roles: dict) -> tuple[list, list[str]]:
+    if not isinstance(raw, list) or not raw:
+        return [], [f"{key!r} must be a non-empty list"]
+    messages, problems = [], []
+    for m, message in enumerate(raw):
+        at = f"{key}[{m}]"
+        if not isinstance(message, dict) or role_key not in message or text_key not in message:
+            problems.append(f"{at} must be an object with keys {role_key!r} and {text_key!r}")
+            continue
+        role = roles.get(message[role_key])
+        if role is None:
+            problems.append(f"{at} has unknown role {message[role_key]!r}; expected one of {sorted(roles)}")
+            continue
+        text, found = join_parts(message[text_key], at)
+        problems += found
+        messages.append((role, text))
+    return messages, problems
+
+
+def read_record(layout: str, record: Any, where: str, resolve: Callable[[Any], Any]) -> tuple[Conversation | None, list[Problem]]:
+    """One record of `layout`; `resolve` turns an image entry into a path or image reference."""
+    if not isinstance(record, dict):
+        return None, [Problem(where, f"expected a JSON object, got {type(record).__name__}", "not an object")]
+    missing = [k for k in LAYOUT_KEYS[layout] if k not in record]
+    if missing:
+        return None, [Problem(where, f"missing key {missing[0]!r} of the {layout} layout (--data_format {layout})",
+                              "missing key")]
+    if layout == "ours":
+        return parse_record(record, where, resolve)
+    record_id = _record_id(record, where)
+    if record_id is None:
+        return None, [Problem(where, "'id' must be a string or integer", "wrong type")]
+    if layout == "llava":
+        if "image" in record and "images" in record:
+            return None, [Problem(where, "give 'image' or 'images', not both", "bad record")]
+        key = "image" if "image" in record else "images"
+        images, problems = _images(record.get(key), key, resolve)
+        messages, found = _messages(record["conversations"], "conversations", "from", "value", ROLES["llava"])
+    elif layout == "messages":
+        images, problems = _images(record.get("images"), "images", resolve)
+        messages, found = _messages(record["messages"], "messages", "role", "content", ROLES["messages"])
+    else:  # cauldron: texts of {user, assistant} pairs
+        images, problems = _images(record.get("images"), "images", resolve)
+        texts = record["texts"]
+        pairs = [[{"role": r, "content": t.get(r)} for r in ("user", "assistant")] if isinstance(t, dict) else [None]
+                 for t in (texts if isinstance(texts, list) else [])]
+        messages, found = _messages([m for pair in pairs for m in pair], "texts", "role", "content", ROLES["cauldron"])
+    problems += found
+    if problems:
+        return None, [Problem(where, p, "bad record") for p in problems]
+    return build_conversation(record_id, where, messages, images, source=str(record.get("source", "")))
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def read_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(file:line, record) of a JSON lines file or a file holding one JSON list (the line is where
+    the record starts). A line that is not JSON gives (where, JSONDecodeError)."""
+    text = path.read_text(encoding="utf-8")
+    body = text.lstrip()
+    if not body.startswith("["):
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield f"{path}:{lineno}", err
+        return
+    decoder, pos = json.JSONDecoder(), len(text) - len(body) + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        where = f"{path}:{text.count(chr(10), 0, pos) + 1}"
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno}); the file is one "
+                            "JSON list, so it cannot be read past this point") from None
+        yield where, record
+
+
+def read_file(
+    path: str | Path, image_dir: str | Path, data_format: str = "auto", allow_absolute: bool = False
+) -> tuple[list[Conversation], list[Problem], str]:
+    """Conversations of a file in any layout, the problems of its bad records, and the layout."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; check the path")
+    resolve = lambda p: _resolve_path(p, image_dir, allow_absolute)  # noqa: E731
+    layout = None if data_format == "auto" else data_format
+    conversations, problems, count = [], [], 0
+    for where, record in read_records(path):
+        count += 1
+        if isinstance(record, json.JSONDecodeError):
+            problems.append(Problem(where, f"invalid JSON ({record.msg} at column {record.colno})", "invalid JSON"))
+            continue
+        if layout is None:
+            layout = detect_layout(record, where)
+            logger.info("%s: %s layout (detected from its first record; --data_format forces one)", path, layout)
+        conversation, found = read_record(layout, record, where, resolve)
+        problems += found
+        if conversation is not None:
+            conversations.append(conversation)
+    if not count:
+        raise DataError(f"{path} has no examples (the file is empty); it needs one JSON record per line or one "
+                        "JSON list of records (see the README's 'Your own data')")
+    return conversations, problems, layout or data_format
+
+
+def _resolve_path(value: Any, image_dir: str | Path, allow_absolute: bool) -> Path:
+    if not isinstance(value, str):
+        raise ValueError(f"an image must be a path string, got {type(value).__name__}")
+    if allow_absolute and os.path.isabs(value):
+        return Path(value)
+    try:
+        return resolve_image_path(value, image_dir)
+    except ValueError as err:
+        if "absolute" in str(err):
+            raise ValueError(f"{err} (or pass --allow_absolute_image_paths)") from None
+        raise
+
+
+def load_file(path, image_dir, data_format: str = "auto", allow_absolute: bool = False) -> Conversations:
+    """`read_file` with the problems riding on the list, for `validate` to report with its own."""
+    conversations, problems, _ = read_file(path, image_dir, data_format, allow_absolute)
+    return Conversations(conversations, problems)
+
+
+# -- Hugging Face datasets ---------------------------------------------------------------------
+
+
+def dataset_layout(dataset, data_format: str = "auto") -> str:
+    columns = set(dataset.column_names)
+    if data_format != "auto":
+        layout = data_format
+    elif "messages" in columns:
+        layout = "messages"
+    elif {"texts", "images"} <= columns:
+        layout = "cauldron"
+    elif "conversations" in columns:
+        layout = "llava"
+    else:
+        raise DataError(f"the dataset has columns {sorted(columns)}, which match no layout; it needs 'messages' "
+                        "(and 'images') or the_cauldron's 'texts' and 'images' (see --data_format)")
+    if layout == "ours":
+        raise DataError("our layout names image files per turn: give it as --train_file/--eval_file, not as a dataset")
+    missing = [k for k in LAYOUT_KEYS[layout] if k not in columns]
+    if missing:
+        raise DataError(f"the dataset has columns {sorted(columns)} but not {missing[0]!r} of the {layout} layout")
+    return layout
+
+
+def dataset_conversations(dataset, split: str, data_format: str = "auto") -> Conversations:
+    """Conversations of a `datasets.Dataset` whose rows are records of a layout; the images stay
+    in the Arrow file (`recipe.hub.DatasetImage`) and are decoded only when used."""
+    from .hub import lazy_images
+
+    layout = dataset_layout(dataset, data_format)
+    logger.info("%s split: %s layout (%d rows)", split, layout, len(dataset))
+    image_column = next((c for c in ("images", "image") if c in dataset.column_names), None)
+    images = lazy_images(dataset, image_column) if image_column else [[] for _ in range(len(dataset))]
+    rows = dataset.remove_columns([image_column]) if image_column else dataset
+    conversations, problems = [], []
+    for i, row in enumerate(rows):
+        refs = iter(images[i])
+        row = {**row, image_column or "images": [None] * len(images[i])}
+        conversation, found = read_record(layout, _drop_nulls(row), f"{split} row {i}", lambda _: next(refs))
+        problems += found
+        if conversation is not None:
+            conversations.append(conversation)
+    return Conversations(conversations, problems)
+
+
+def _drop_nulls(value: Any) -> Any:
+    """Arrow gives every struct every field (an image part gets "text": None): drop the Nones."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None or k in ("images", "image")}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+# -- our layout, written -----------------------------------------------------------------------
+
+
+def to_ours(conversation: Conversation, image_dir: str | Path) -> dict:
+    """Our layout's record of a conversation; image paths relative to `image_dir` again. A turn
+    whose tags stand where ours would put them anyway (each image's tag and a newline before the
+    text) is written without tags."""
+    record: dict[str, Any] = {"id": conversation.id}
+    if conversation.source:
+        record["source"] = conversation.source
+    if conversation.system:
+        record["system"] = conversation.system
+    turns, first = [], 1
+    for turn in conversation.turns:
+        numbers = range(first, first + len(turn.images))
+        first += len(turn.images)
+        default = "".join(f"{image_tag(k)}\n" for k in numbers)
+        user = turn.user
+        if turn.images and user.startswith(default) and not IMAGE_TAG_RE.search(user[len(default):]):
+            user = user[len(default):]
+        paths = [_relative(image, image_dir) for image in turn.images]
+        turns.append({"images": paths, "user": user, "assistant": turn.assistant})
+    record["conversations"] = turns
+    return record
+
+
+def _relative(image: Any, image_dir: str | Path) -> str:
+    if not isinstance(image, (str, os.PathLike)):
+        raise DataError(f"image {image} is embedded in the data, not a file; our layout names files")
+    path = Path(image)
+    try:
+        return path.relative_to(image_dir).as_posix()
+    except ValueError:
+        return str(path)  # an absolute path outside the image directory (--allow_absolute_image_paths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m recipe.layouts",
+        description="Writes our jsonl layout from a file in any layout the recipes read (to inspect or edit it).",
+    )
+    parser.add_argument("files", nargs="+", help="JSON lines or JSON list files (ours, llava, messages, cauldron).")
+    parser.add_argument("--to", choices=["ours"], default="ours", help="Layout to write.")
+    parser.add_argument("--out", help="Output file (default: stdout); several inputs go into it one after another.")
+    parser.add_argument("--data_format", choices=["auto", *LAYOUTS], default="auto", help="Force the input layout.")
+    parser.add_argument("--image_dir", help="Directory the image paths are relative to (default: beside each file); "
+                                            "the output keeps them relative to it.")
+    parser.add_argument("--allow_absolute_image_paths", action="store_true")
+    args = parser.parse_args(argv)
+    records = []
+    for name in args.files:
+        image_dir = Path(args.image_dir) if args.image_dir else Path(name).parent
+        conversations, problems, layout = read_file(name, image_dir, args.data_format, args.allow_absolute_image_paths)
+        if problems:
+            raise problems_error(problems, name)
+        print(f"{name}: {len(conversations)} records in the {layout} layout", file=sys.stderr)
+        records += [to_ours(c, image_dir) for c in conversations]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if args.out:
+        tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(args.out)  # atomic: a half-written file never stands under the output name
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(lambda: main()))

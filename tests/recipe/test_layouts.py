@@ -1,0 +1,360 @@
+"""The layouts users already have (recipe/layouts.py) and the own-data script
+(finetune_hf_trainer_custom.py): the same examples written in every layout give the same ids,
+labels and pixels; bad records stop the run with file:line; the script names its task in all it
+writes, scores with each --metric, trains on a saved HF dataset offline and on two ranks."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import jinja2
+import pytest
+import torch
+from PIL import Image
+
+import finetune_hf_trainer_custom as custom
+from data_samples import make_processor
+from phi3v.processing_phi3v import image_tag
+from recipe.data import ConversationDataset
+from recipe.errors import DataError, FlagError, cli
+from recipe.layouts import dataset_conversations, detect_layout, load_file, main as convert, to_ours
+
+LAUNCHER = Path(__file__).with_name("distributed_launcher.py")
+
+
+@dataclass(frozen=True)
+class Img:
+    name: str
+
+
+A, B, C = Img("a.png"), Img("b.png"), Img("sub/c.png")
+SIZES = {A: (200, 120, (220, 30, 30)), B: (90, 160, (30, 200, 30)), C: (150, 150, (30, 30, 210))}
+
+# (id, system, [(user parts, answer), ...]): a part is text or an image, in the order the user wrote them.
+EXAMPLES = [
+    ("one-image", "", [([A, "What colour is this?"], "red")]),
+    ("system", "You are a terse assistant.", [([B, "Describe it."], "a green bar")]),
+    ("two-images", "", [([A, B, "Which one is taller?"], "the second")]),
+    ("text-only", "", [(["What is 2+2?"], "4")]),
+    ("mid-turn", "", [(["Compare this", A, "with this one:", C], "different colours")]),
+    ("later-turn", "", [(["Hello"], "Hi"), ([C, "And this?"], "blue")]),
+    ("multi-turn", "", [([A, "Colour?"], "red"), (["Shape?"], "a rectangle")]),
+    ("system-mid-later", "Answer briefly.", [(["Look:", B], "ok"), (["Now", A, "?"], "red")]),
+]
+
+
+def images_of(turns):
+    return [p for parts, _ in turns for p in parts if isinstance(p, Img)]
+
+
+def text(parts, placeholder):
+    return "\n".join(placeholder if isinstance(p, Img) else p for p in parts)
+
+
+def as_ours(example):
+    """Our layout: each turn's own images; image-first turns without tags (ours puts them there),
+    the others with `<|image_k|>` tags numbered across the conversation."""
+    id_, system, turns = example
+    out, k = [], 0
+    for parts, answer in turns:
+        images = [p for p in parts if isinstance(p, Img)]
+        leading = len(images) and all(isinstance(p, Img) for p in parts[: len(images)]) and len(parts) == len(images) + 1
+        numbered = []
+        for p in parts:
+            if isinstance(p, Img):
+                k += 1
+                numbered.append(image_tag(k))
+            else:
+                numbered.append(p)
+        user = parts[-1] if leading else "\n".join(numbered)
+        out.append({"images": [p.name for p in images], "user": user, "assistant": answer})
+    return {"id": id_, **({"system": system} if system else {}), "conversations": out}
+
+
+def as_llava(example):
+    id_, system, turns = example
+    images = [p.name for p in images_of(turns)]
+    conv = [{"from": "system", "value": system}] if system else []
+    for parts, answer in turns:
+        conv += [{"from": "human", "value": text(parts, "<image>")}, {"from": "gpt", "value": answer}]
+    return {"id": id_, **({"image": images[0] if len(images) == 1 else images} if images else {}),
+            "conversations": conv}
+
+
+def as_messages(example, typed=False, image_value=lambda img: img.name):
+    id_, system, turns = example
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}] if typed else system}] if system else []
+    for parts, answer in turns:
+        if typed:
+            content = [{"type": "image"} if isinstance(p, Img) else {"type": "text", "text": p} for p in parts]
+            messages += [{"role": "user", "content": content},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        else:
+            messages += [{"role": "user", "content": text(parts, "<image>")}, {"role": "assistant", "content": answer}]
+    return {"id": id_, "messages": messages, "images": [image_value(p) for p in images_of(turns)]}
+
+
+def as_cauldron(example):
+    id_, _, turns = example
+    return {"images": [p.name for p in images_of(turns)],
+            "texts": [{"user": text(parts, "<image>"), "assistant": answer} for parts, answer in turns]}
+
+
+def pil(img: Img) -> Image.Image:
+    w, h, color = SIZES[img]
+    return Image.new("RGB", (w, h), color)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("layouts")
+    (root / "sub").mkdir()
+    for img in SIZES:
+        pil(img).save(root / img.name)
+    return root
+
+
+def write(path: Path, records, as_list=False) -> Path:
+    if as_list:  # one JSON list, pretty-printed: records start on later lines
+        path.write_text(json.dumps(records, indent=2))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return make_processor(num_crops=1)
+
+
+def encoded(conversations, processor):
+    dataset = ConversationDataset(conversations, processor)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def assert_same(items, reference, what):
+    assert len(items) == len(reference), what
+    for got, want in zip(items, reference):
+        assert got.keys() == want.keys(), (what, got["id"])
+        for key in ("input_ids", "labels", "pixel_values", "image_sizes"):
+            if key in want:
+                assert torch.equal(got[key], want[key]), (what, want["id"], key)
+
+
+# -- the same examples in every layout ---------------------------------------------------------------
+
+
+def test_every_layout_gives_the_same_ids_labels_and_pixels(data_dir, processor):
+    writers = {
+        "ours": (as_ours, False), "llava": (as_llava, True), "messages": (as_messages, False),
+        "messages-typed": (lambda e: as_messages(e, typed=True), True),
+    }
+    results = {}
+    for name, (writer, as_list) in writers.items():
+        path = write(data_dir / f"{name}.{'json' if as_list else 'jsonl'}", [writer(e) for e in EXAMPLES], as_list)
+        conversations = load_file(path, data_dir)
+        assert not conversations.problems, (name, conversations.problems)
+        assert [c.id for c in conversations] == [e[0] for e in EXAMPLES]
+        results[name] = encoded(conversations, processor)
+    for name in writers:
+        assert_same(results[name], results["ours"], name)
+    # the_cauldron cannot say "system": the other six
+    plain = [e for e in EXAMPLES if not e[1]]
+    cauldron = load_file(write(data_dir / "cauldron.jsonl", [as_cauldron(e) for e in plain]), data_dir)
+    wanted = [item for item, e in zip(results["ours"], EXAMPLES) if not e[1]]
+    assert_same(encoded(cauldron, processor), wanted, "cauldron")
+    # A Hugging Face dataset with embedded images (TRL's messages/images columns).
+    rows = [as_messages(e, typed=True, image_value=pil) for e in EXAMPLES]
+    dataset = datasets.Dataset.from_list(rows)
+    assert isinstance(dataset.features["images"].feature, datasets.Image)
+    dataset.save_to_disk(str(data_dir / "hf"))
+    hf = dataset_conversations(datasets.load_from_disk(str(data_dir / "hf")), "train")
+    assert not hf.problems and [c.where for c in hf][:2] == ["train row 0", "train row 1"]
+    assert_same(encoded(hf, processor), results["ours"], "hf dataset")
+
+    # The placements are really different: the mid-turn image after its text, the later-turn
+    # image in the second user turn, the system message first through the release's template.
+    ours = {e[0]: item for e, item in zip(EXAMPLES, results["ours"])}
+    first_image = lambda item: item["input_ids"].tolist().index(-1)  # noqa: E731
+    assert first_image(ours["mid-turn"]) > first_image(ours["one-image"]) + 3
+    later = ours["later-turn"]["input_ids"].tolist()
+    user = processor.tokenizer.convert_tokens_to_ids("<|user|>")
+    assert later.index(-1) > [i for i, t in enumerate(later) if t == user][1]
+    # The system message as the release's own chat template renders it.
+    release = Path(__file__).parents[1] / "fixtures" / "release" / "phi-3.5-vision-instruct" / "tokenizer_config.json"
+    messages = [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Q"},
+                {"role": "assistant", "content": "A"}]
+    released = jinja2.Template(json.loads(release.read_text())["chat_template"]).render(messages=messages)
+    tokenizer = processor.tokenizer
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == released
+    system_prefix = tokenizer(released[: released.index("<|user|>")])["input_ids"]
+    assert ours["system"]["input_ids"].tolist()[: len(system_prefix)] == system_prefix
+    assert ours["system"]["labels"][: len(system_prefix)].eq(-100).all()
+
+
+def test_convert_to_ours_round_trips(data_dir, processor, capsys):
+    source = write(data_dir / "convert-llava.json", [as_llava(e) for e in EXAMPLES], as_list=True)
+    out = data_dir / "converted.jsonl"
+    assert convert(["--to", "ours", str(source), "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records == [as_ours(e) for e in EXAMPLES]  # image-first turns come back without tags
+    assert_same(encoded(load_file(out, data_dir), processor), encoded(load_file(source, data_dir), processor), "converted")
+    assert to_ours(load_file(out, data_dir)[0], data_dir) == records[0]
+
+
+def test_layout_detection_and_forcing(tmp_path):
+    assert detect_layout({"conversations": [{"from": "human", "value": "x"}]}, "f:1") == "llava"
+    assert detect_layout({"conversations": [{"user": "x", "assistant": "y"}]}, "f:1") == "ours"
+    assert detect_layout({"messages": []}, "f:1") == "messages"
+    assert detect_layout({"texts": [], "images": []}, "f:1") == "cauldron"
+    with pytest.raises(DataError, match=r"f:1: .*matches no layout; closest is llava, which needs the key 'conversations'"):
+        detect_layout({"id": 1, "image": "a.png", "conversation": []}, "f:1")
+    # forced: a messages record read as LLaVA says what it lacks
+    path = write(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                       {"role": "assistant", "content": "a"}]}])
+    found = load_file(path, tmp_path, data_format="llava")
+    assert not found and "missing key 'conversations' of the llava layout" in found.problems[0].message
+
+
+# -- bad records: one line, exit 2, before training --------------------------------------------------
+
+
+GOOD = {"id": "good", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ"},
+                                                          {"from": "gpt", "value": "A"}]}
+BAD = [
+    ("placeholders", {"image": "a.png", "conversations": [{"from": "human", "value": "<image> <image> Q"},
+                                                          {"from": "gpt", "value": "A"}]},
+     "2 <image> placeholder(s) but 1 image(s)"),
+    ("role", {"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]},
+     "unknown role 'bot'"),
+    ("order", {"conversations": [{"from": "human", "value": "Q"}, {"from": "human", "value": "Q2"},
+                                 {"from": "gpt", "value": "A"}]}, "turns must alternate user, assistant"),
+    ("no-answer", {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"},
+                                     {"from": "human", "value": "Q2"}]}, "has no assistant answer"),
+    ("empty", {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": " "}]}, "empty text"),
+    ("missing-image", {"image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nQ"},
+                                                              {"from": "gpt", "value": "A"}]}, "nope.png does not exist"),
+    ("unreadable-image", {"image": "broken.png", "conversations": [{"from": "human", "value": "<image>\nQ"},
+                                                                   {"from": "gpt", "value": "A"}]}, "is unreadable"),
+    ("absolute", {"image": "/etc/hosts", "conversations": [{"from": "human", "value": "<image>\nQ"},
+                                                           {"from": "gpt", "value": "A"}]},
+     "absolute image path '/etc/hosts' is not allowed"),
+]
+
+
+def common(tiny, out, *extra):
+    return ["--model_name_or_path", str(tiny), "--output_dir", str(out), "--deepspeed", "none", "--num_crops", "1",
+            "--max_steps", "2", "--batch_size", "2", "--batch_size_per_gpu", "1", "--eval_batch_size", "2",
+            "--max_new_tokens", "4", "--no-tqdm", "--logging_steps", "1", "--save_strategy", "no",
+            "--learning_rate", "1e-3", "--dataloader_num_workers", "0", "--warmup_steps", "0", *map(str, extra)]
+
+
+def test_each_bad_record_exits_2_with_file_and_line(tiny_checkpoint, data_dir, tmp_path, capsys, monkeypatch):
+    (data_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    good = write(data_dir / "good.jsonl", [GOOD])
+    loaded = []
+    import recipe.train
+
+    monkeypatch.setattr(recipe.train, "setup_model", lambda *a, **k: loaded.append(1))  # must never be reached
+    if True:
+        for name, record, message in BAD + [("no-layout", None, "matches no layout; closest is llava")]:
+            lines = [{"image": "a.png", "question": "Q"}] if record is None else [GOOD, record]
+            path = write(data_dir / f"bad-{name}.jsonl", lines)
+            argv = common(tiny_checkpoint, tmp_path / name, "--task_name", "shapes", "--train_file", path,
+                          "--eval_file", good)
+            assert cli(lambda: custom.main(argv)) == 2, name
+            err = capsys.readouterr().err
+            last = err.strip().splitlines()[-1]
+            assert "Traceback" not in err and last.startswith("error: "), (name, err)
+            assert f"{path}:{1 if record is None else 2}" in last and message in last, (name, last)
+            if record is not None:
+                assert "shapes training data" in last, last
+    assert not loaded
+    assert load_file(write(tmp_path / "abs.jsonl", [BAD[-1][1]]), data_dir, allow_absolute=True)[0].images == [
+        Path("/etc/hosts")]
+
+
+# -- the own-data script ------------------------------------------------------------------------------
+
+
+def test_metric_flag(tmp_path, monkeypatch):
+    from recipe.metrics import accuracy, anls, exact_match
+
+    args = dict(train_file="t.jsonl", eval_file="e.jsonl")
+    for name, function in (("exact_match", exact_match), ("accuracy", accuracy), ("anls", anls)):
+        task = custom.named_task(custom.CustomArguments(metric=name, task_name="x", **args))
+        assert (task.name, task.metric, task.score) == ("x", name, function)
+    assert exact_match(["Red ", "red"], [["Red"], ["Red"]]) == 0.5 and accuracy(["red."], [["Red"]]) == 1.0
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_scores.py").write_text("def length_match(p, r):\n    return sum(len(a) == len(b[0]) for a, b "
+                                           "in zip(p, r)) / len(p)\n")
+    task = custom.named_task(custom.CustomArguments(metric="my_scores:length_match", **args))
+    assert task.metric == "length_match" and task.score(["ab"], [["cd"]]) == 1.0
+    for bad, message in (("f1", "use one of exact_match"), ("nope_module:f", "cannot import module"),
+                         ("my_scores:nothing", "has no function 'nothing'")):
+        with pytest.raises(FlagError, match=message):
+            custom.CustomArguments(metric=bad, **args).check()
+    with pytest.raises(FlagError, match="--task_name"):
+        custom.CustomArguments(task_name="my task", **args).check()
+    with pytest.raises(FlagError, match="no data"):
+        custom.CustomArguments().check()
+
+
+def test_saved_dataset_trains_offline_and_the_task_is_named_everywhere(tiny_checkpoint, tmp_path, monkeypatch):
+    """A save_to_disk dataset with PIL images (no hub), --metric module:function, tensorboard on:
+    every output says "shapes" and the metric's name."""
+    import recipe.plotting
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shape_scores.py").write_text("def shape_score(p, r):\n    return 0.25\n")
+    rows = [as_messages(e, typed=True, image_value=pil) for e in EXAMPLES]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                          "validation": datasets.Dataset.from_list(rows[4:6])}).save_to_disk(str(tmp_path / "hf"))
+    titles = []
+    plot = recipe.plotting.plot_training_curves
+    monkeypatch.setattr(recipe.plotting, "plot_training_curves",
+                        lambda history, path, title: (titles.append(title), plot(history, path, title=title)))
+    out = tmp_path / "out"
+    results = custom.main(common(tiny_checkpoint, out, "--task_name", "shapes", "--dataset_name_or_path",
+                                 tmp_path / "hf", "--eval_split", "validation", "--metric", "shape_scores:shape_score",
+                                 "--report_to", "tensorboard", "--use_lora"))
+    assert results["eval_after"] == 0.25
+    after = json.loads((out / "eval_after.json").read_text())
+    assert after["metric"] == "shape_score" and after["num_examples"] == 2
+    card = (out / "README.md").read_text()
+    assert "# shapes finetune of" in card and "- shapes" in card and "finetune_hf_trainer_custom.py" in card
+    assert "ucf101" not in card and "shape_score after finetuning | 0.2500" in card
+    summary = json.loads((out / "run_complete.json").read_text())
+    assert summary["task"] == "shapes" and summary["training_args"]["metric_for_best_model"] == "shape_score"
+    assert titles == ["shapes"]
+    runs = [p.name for p in (out / "runs").iterdir()]
+    assert len(runs) == 1 and runs[0].startswith("shapes_")
+
+
+def test_two_ranks_on_a_messages_file(tiny_checkpoint, data_dir, tmp_path):
+    """torchrun, 2 CPU ranks (gloo, DDP): a messages jsonl file whose lines alternate image and
+    text-only examples, so one rank has images and the other none in the same step."""
+    image_examples = [e for e in EXAMPLES if images_of(e[2])][:2]
+    text_examples = [("t1", "", [(["Say yes."], "yes")]), ("t2", "", [(["Say no, please, now."], "no")])]
+    lines = [as_messages(e) for pair in zip(image_examples, text_examples) for e in pair]
+    train = write(data_dir / "ranks-train.jsonl", lines)
+    out, log = tmp_path / "out", tmp_path / "log"
+    log.mkdir()
+    args = common(tiny_checkpoint, out, "--task_name", "ranks", "--train_file", train, "--eval_file", train,
+                  "--train_sampling_strategy", "sequential", "--eval_batch_size", "1", "--max_new_tokens", "2")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(LAUNCHER)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RECIPE_TEST_BATCH_LOG": str(log),
+           "RECIPE_TEST_SCRIPT": "finetune_hf_trainer_custom"}
+    proc = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    after = json.loads((out / "eval_after.json").read_text())
+    assert after["num_examples"] == 4 and (out / "model.safetensors").is_file()
+    steps = [[line for line in (log / f"rank{r}.txt").read_text().splitlines() if line.startswith("train ")]
+             for r in (0, 1)]
+    assert {line.split()[2] for line in steps[0]} | {line.split()[2] for line in steps[1]} == {"images=0", "images=1"}
