@@ -69,7 +69,8 @@ class CustomArguments(FileDataArguments):
         score_function(self.metric)  # an unknown metric or unimportable function stops here
         files = self.train_file or self.eval_file
         if files and self.dataset_name_or_path:
-            raise FlagError("--dataset_name_or_path and --train_file/--eval_file are exclusive: give a dataset or files")
+            raise FlagError("--dataset_name_or_path and --train_file/--eval_file are exclusive: give a dataset or "
+                            "files")
         if not files and not self.dataset_name_or_path:
             raise FlagError("no data: pass --train_file and --eval_file, or --dataset_name_or_path")
         if self.image_dir and not files:
@@ -121,7 +122,8 @@ def _dataset_splits(data_args: CustomArguments):
     source = load_source(data_args.dataset_name_or_path)
     splits = source if isinstance(source, datasets.DatasetDict) else {data_args.train_split: source}
     if data_args.train_split not in splits:
-        raise DataError(f"--dataset_name_or_path has splits {list(splits)}, not --train_split {data_args.train_split!r}")
+        raise DataError(f"--dataset_name_or_path has splits {list(splits)}, not --train_split "
+                        f"{data_args.train_split!r}")
     train_rows = splits[data_args.train_split]
     if data_args.eval_split in splits:
         eval_rows = splits[data_args.eval_split]
@@ -139,7 +141,8 @@ def _dataset_splits(data_args: CustomArguments):
 # 2. How predictions are scored: --metric.
 def named_task(data_args: CustomArguments) -> Task:
     metric = data_args.metric.partition(":")[2] or data_args.metric
-    return replace(TASK, name=data_args.task_name, metric=metric, score=score_function(data_args.metric), from_flags=None)
+    return replace(TASK, name=data_args.task_name, metric=metric, score=score_function(data_args.metric),
+                   from_flags=None)
 
 
 # 3. This task's defaults (single images: 16 crops keep small print legible).

@@ -7,8 +7,9 @@ ids are exactly the official processor's (BOS after each image block included).
 batching and evaluation order) are the ones `recipe.validation.validate` measured. `Collator`
 pads (right for training, left for generation) and concatenates the images of the batch.
 
-The data path, by module: `recipe.records` (examples and the jsonl layout), `recipe.hub` (hub
-rows), `recipe.validation` (checks and lengths, before the first step), this module (batches).
+The data path, by module: `recipe.records` (examples and the jsonl layout), `recipe.layouts`
+(the layouts users have: LLaVA, messages, the_cauldron, HF datasets), `recipe.hub` (hub rows),
+`recipe.validation` (checks and lengths, before the first step), this module (batches).
 """
 
 from __future__ import annotations

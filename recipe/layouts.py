@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterator, Sequence
 from phi3v.processing_phi3v import IMAGE_TAG_RE, image_tag
 
 from .errors import DataError, cli
-from .records import Conversation, Conversations, Problem, Turn, parse_record, problems_error, resolve_image_path
+from .records import (MAX_PROBLEMS_SHOWN, Conversation, Conversations, Problem, Turn, parse_record,
+                      resolve_image_path)
 
 __all__ = [
     "LAYOUTS",
@@ -129,32 +130,37 @@ def join_parts(parts: Any, at: str) -> tuple[str, list[str]]:
 
 
 def build_conversation(
-    record_id: str, where: str, messages: Sequence[tuple[str, str]], images: list, source: str = ""
+    record_id: str, where: str, messages: Sequence[tuple[str, str]], images: list, source: str = "",
+    key: str = "messages",
 ) -> tuple[Conversation | None, list[Problem]]:
-    """(role, text) messages and the record's images -> a Conversation (see the module docstring)."""
+    """(role, text) messages and the record's images -> a Conversation (see the module docstring).
+    `key` names the messages in problems (`conversations[3]`)."""
     problems: list[str] = []
-    system = ""
+    system, offset = "", 0
     if messages and messages[0][0] == "system":
-        system, messages = messages[0][1], messages[1:]
+        system, messages, offset = messages[0][1], messages[1:], 1
         if not system.strip():
-            problems.append("the system message is empty")
+            problems.append(f"{key}[0] (system) has an empty text")
         if PLACEHOLDER in system:
-            problems.append("the system message holds an <image> placeholder; put it in a user message")
+            problems.append(f"{key}[0] (system) holds an <image> placeholder; put it in a user message")
     if not messages:
         problems.append("no user/assistant messages")
+    in_order = True
     for m, (role, text) in enumerate(messages):
-        expected = "user" if m % 2 == 0 else "assistant"
+        at, expected = f"{key}[{m + offset}]", "user" if m % 2 == 0 else "assistant"
         if role == "system":
-            problems.append(f"message {m} is a system message; only the first message may be one")
-        elif role != expected:
-            problems.append(f"message {m} is a {role} message where a {expected} message belongs: turns must "
-                            "alternate user, assistant, starting with user")
+            problems.append(f"{at} is a system message; only the first message may be one")
+            in_order = False
+        elif role != expected and in_order:
+            problems.append(f"{at} is a {role} message where the {expected}'s belongs: turns must alternate user, "
+                            "assistant, starting with user")
+            in_order = False
         if not text.replace(PLACEHOLDER, "").strip() and not (role == "user" and PLACEHOLDER in text):
-            problems.append(f"message {m} ({role}) has an empty text")
+            problems.append(f"{at} ({role}) has an empty text")
         if role == "assistant" and PLACEHOLDER in text:
-            problems.append(f"message {m} (assistant) holds an <image> placeholder; images go in user messages")
+            problems.append(f"{at} (assistant) holds an <image> placeholder; images go in user messages")
     if messages and len(messages) % 2 == 1 and not problems:
-        problems.append(f"the last user message (message {len(messages) - 1}) has no assistant answer")
+        problems.append(f"the last user message ({key}[{len(messages) - 1 + offset}]) has no assistant answer")
     placeholders = sum(text.count(PLACEHOLDER) for role, text in messages if role == "user")
     if placeholders and placeholders != len(images):
         problems.append(f"{placeholders} <image> placeholder(s) but {len(images)} image(s); give one placeholder "
@@ -216,7 +222,9 @@ def _messages(raw: Any, key: str, role_key: str, text_key: str, roles: dict) -> 
     return messages, problems
 
 
-def read_record(layout: str, record: Any, where: str, resolve: Callable[[Any], Any]) -> tuple[Conversation | None, list[Problem]]:
+def read_record(
+    layout: str, record: Any, where: str, resolve: Callable[[Any], Any]
+) -> tuple[Conversation | None, list[Problem]]:
     """One record of `layout`; `resolve` turns an image entry into a path or image reference."""
     if not isinstance(record, dict):
         return None, [Problem(where, f"expected a JSON object, got {type(record).__name__}", "not an object")]
@@ -232,22 +240,25 @@ def read_record(layout: str, record: Any, where: str, resolve: Callable[[Any], A
     if layout == "llava":
         if "image" in record and "images" in record:
             return None, [Problem(where, "give 'image' or 'images', not both", "bad record")]
-        key = "image" if "image" in record else "images"
-        images, problems = _images(record.get(key), key, resolve)
-        messages, found = _messages(record["conversations"], "conversations", "from", "value", ROLES["llava"])
+        image_key = "image" if "image" in record else "images"
+        images, problems = _images(record.get(image_key), image_key, resolve)
+        key = "conversations"
+        messages, found = _messages(record[key], key, "from", "value", ROLES["llava"])
     elif layout == "messages":
         images, problems = _images(record.get("images"), "images", resolve)
-        messages, found = _messages(record["messages"], "messages", "role", "content", ROLES["messages"])
+        key = "messages"
+        messages, found = _messages(record[key], key, "role", "content", ROLES["messages"])
     else:  # cauldron: texts of {user, assistant} pairs
         images, problems = _images(record.get("images"), "images", resolve)
         texts = record["texts"]
         pairs = [[{"role": r, "content": t.get(r)} for r in ("user", "assistant")] if isinstance(t, dict) else [None]
                  for t in (texts if isinstance(texts, list) else [])]
-        messages, found = _messages([m for pair in pairs for m in pair], "texts", "role", "content", ROLES["cauldron"])
+        key = "texts (as messages)"
+        messages, found = _messages([m for pair in pairs for m in pair], key, "role", "content", ROLES["cauldron"])
     problems += found
     if problems:
         return None, [Problem(where, p, "bad record") for p in problems]
-    return build_conversation(record_id, where, messages, images, source=str(record.get("source", "")))
+    return build_conversation(record_id, where, messages, images, source=str(record.get("source", "")), key=key)
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -436,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         image_dir = Path(args.image_dir) if args.image_dir else Path(name).parent
         conversations, problems, layout = read_file(name, image_dir, args.data_format, args.allow_absolute_image_paths)
         if problems:
-            raise problems_error(problems, name)
+            raise DataError(f"{len(problems)} problem(s) in {name} (first: {problems[0]}); fix them to convert",
+                            details=[str(p) for p in problems[:MAX_PROBLEMS_SHOWN]])
         print(f"{name}: {len(conversations)} records in the {layout} layout", file=sys.stderr)
         records += [to_ours(c, image_dir) for c in conversations]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

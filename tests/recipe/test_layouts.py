@@ -62,7 +62,7 @@ def as_ours(example):
     out, k = [], 0
     for parts, answer in turns:
         images = [p for p in parts if isinstance(p, Img)]
-        leading = len(images) and all(isinstance(p, Img) for p in parts[: len(images)]) and len(parts) == len(images) + 1
+        leading = images and len(parts) == len(images) + 1 and all(isinstance(p, Img) for p in parts[:-1])
         numbered = []
         for p in parts:
             if isinstance(p, Img):
@@ -87,7 +87,8 @@ def as_llava(example):
 
 def as_messages(example, typed=False, image_value=lambda img: img.name):
     id_, system, turns = example
-    messages = [{"role": "system", "content": [{"type": "text", "text": system}] if typed else system}] if system else []
+    system_content = [{"type": "text", "text": system}] if typed else system
+    messages = [{"role": "system", "content": system_content}] if system else []
     for parts, answer in turns:
         if typed:
             content = [{"type": "image"} if isinstance(p, Img) else {"type": "text", "text": p} for p in parts]
@@ -202,7 +203,8 @@ def test_convert_to_ours_round_trips(data_dir, processor, capsys):
     assert convert(["--to", "ours", str(source), "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert records == [as_ours(e) for e in EXAMPLES]  # image-first turns come back without tags
-    assert_same(encoded(load_file(out, data_dir), processor), encoded(load_file(source, data_dir), processor), "converted")
+    assert_same(encoded(load_file(out, data_dir), processor), encoded(load_file(source, data_dir), processor),
+                "converted")
     assert to_ours(load_file(out, data_dir)[0], data_dir) == records[0]
 
 
@@ -211,7 +213,7 @@ def test_layout_detection_and_forcing(tmp_path):
     assert detect_layout({"conversations": [{"user": "x", "assistant": "y"}]}, "f:1") == "ours"
     assert detect_layout({"messages": []}, "f:1") == "messages"
     assert detect_layout({"texts": [], "images": []}, "f:1") == "cauldron"
-    with pytest.raises(DataError, match=r"f:1: .*matches no layout; closest is llava, which needs the key 'conversations'"):
+    with pytest.raises(DataError, match=r"f:1: .*matches no layout; closest is llava, which needs the key 'conv"):
         detect_layout({"id": 1, "image": "a.png", "conversation": []}, "f:1")
     # forced: a messages record read as LLaVA says what it lacks
     path = write(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "q"},
@@ -232,12 +234,16 @@ BAD = [
     ("role", {"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]},
      "unknown role 'bot'"),
     ("order", {"conversations": [{"from": "human", "value": "Q"}, {"from": "human", "value": "Q2"},
-                                 {"from": "gpt", "value": "A"}]}, "turns must alternate user, assistant"),
+                                 {"from": "gpt", "value": "A"}]},
+     "conversations[1] is a user message where the assistant's belongs"),
     ("no-answer", {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"},
-                                     {"from": "human", "value": "Q2"}]}, "has no assistant answer"),
-    ("empty", {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": " "}]}, "empty text"),
+                                     {"from": "human", "value": "Q2"}]},
+     "the last user message (conversations[2]) has no assistant answer"),
+    ("empty", {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": " "}]},
+     "conversations[1] (assistant) has an empty text"),
     ("missing-image", {"image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nQ"},
-                                                              {"from": "gpt", "value": "A"}]}, "nope.png does not exist"),
+                                                              {"from": "gpt", "value": "A"}]},
+     "nope.png does not exist"),
     ("unreadable-image", {"image": "broken.png", "conversations": [{"from": "human", "value": "<image>\nQ"},
                                                                    {"from": "gpt", "value": "A"}]}, "is unreadable"),
     ("absolute", {"image": "/etc/hosts", "conversations": [{"from": "human", "value": "<image>\nQ"},
