@@ -39,7 +39,7 @@ METRICS = {"exact_match": exact_match, "accuracy": accuracy, "anls": anls}
 class CustomArguments(FileDataArguments):
     task_name: str = field(
         default="custom", metadata={"help": "Your task's name: used in errors, the model card, curves and "
-                                            "tensorboard runs (letters, digits, '-', '_')."}
+                                            "tensorboard runs (letters, digits, '-', '_', '.')."}
     )
     metric: str = field(
         default="exact_match",

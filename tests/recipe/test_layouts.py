@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import finetune_hf_trainer_custom as custom
+import finetune_hf_trainer_ucf101 as ucf101
 from data_samples import make_processor
 from phi3v.processing_phi3v import image_tag
 from recipe.data import ConversationDataset
@@ -176,6 +177,16 @@ def test_every_layout_gives_the_same_ids_labels_and_pixels(data_dir, processor):
     hf = dataset_conversations(datasets.load_from_disk(str(data_dir / "hf")), "train")
     assert not hf.problems and [c.where for c in hf][:2] == ["train row 0", "train row 1"]
     assert_same(encoded(hf, processor), results["ours"], "hf dataset")
+    cauldron_rows = [{**as_cauldron(e), "images": [pil(p) for p in images_of(e[2])]} for e in plain]
+    hf_cauldron = dataset_conversations(datasets.Dataset.from_list(cauldron_rows), "train")
+    assert not hf_cauldron.problems and len(hf_cauldron) == len(plain)
+    assert_same(encoded(hf_cauldron, processor), wanted, "hf cauldron dataset")
+    # The ucf101 script reads its --train_file/--eval_file through the same readers.
+    llava = data_dir / "llava.json"
+    args = ucf101.Ucf101Arguments(train_file=str(llava), eval_file=str(llava), image_dir=str(data_dir))
+    args.check()
+    train, _ = ucf101.load_data(args, None)
+    assert_same(encoded(train, processor), results["ours"], "ucf101 script")
 
     # The placements are really different: the mid-turn image after its text, the later-turn
     # image in the second user turn, the system message first through the release's template.
