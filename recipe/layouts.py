@@ -135,38 +135,41 @@ def build_conversation(
 ) -> tuple[Conversation | None, list[Problem]]:
     """(role, text) messages and the record's images -> a Conversation (see the module docstring).
     `key` names the messages in problems (`conversations[3]`)."""
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []  # (message, reason for the skip summary)
     system, offset = "", 0
     if messages and messages[0][0] == "system":
         system, messages, offset = messages[0][1], messages[1:], 1
         if not system.strip():
-            problems.append(f"{key}[0] (system) has an empty text")
+            problems.append((f"{key}[0] (system) has an empty text", "empty text"))
         if PLACEHOLDER in system:
-            problems.append(f"{key}[0] (system) holds an <image> placeholder; put it in a user message")
+            problems.append((f"{key}[0] (system) holds an <image> placeholder; put it in a user message",
+                             "placeholder count"))
     if not messages:
-        problems.append("no user/assistant messages")
+        problems.append(("no user/assistant messages", "missing answer"))
     in_order = True
     for m, (role, text) in enumerate(messages):
         at, expected = f"{key}[{m + offset}]", "user" if m % 2 == 0 else "assistant"
         if role == "system":
-            problems.append(f"{at} is a system message; only the first message may be one")
+            problems.append((f"{at} is a system message; only the first message may be one", "turn order"))
             in_order = False
         elif role != expected and in_order:
-            problems.append(f"{at} is a {role} message where the {expected}'s belongs: turns must alternate user, "
-                            "assistant, starting with user")
+            problems.append((f"{at} is a {role} message where the {expected}'s belongs: turns must alternate "
+                             "user, assistant, starting with user", "turn order"))
             in_order = False
         if not text.replace(PLACEHOLDER, "").strip() and not (role == "user" and PLACEHOLDER in text):
-            problems.append(f"{at} ({role}) has an empty text")
+            problems.append((f"{at} ({role}) has an empty text", "empty text"))
         if role == "assistant" and PLACEHOLDER in text:
-            problems.append(f"{at} (assistant) holds an <image> placeholder; images go in user messages")
+            problems.append((f"{at} (assistant) holds an <image> placeholder; images go in user messages",
+                             "placeholder count"))
     if messages and len(messages) % 2 == 1 and not problems:
-        problems.append(f"the last user message ({key}[{len(messages) - 1 + offset}]) has no assistant answer")
+        problems.append((f"the last user message ({key}[{len(messages) - 1 + offset}]) has no assistant answer",
+                         "missing answer"))
     placeholders = sum(text.count(PLACEHOLDER) for role, text in messages if role == "user")
     if placeholders and placeholders != len(images):
-        problems.append(f"{placeholders} <image> placeholder(s) but {len(images)} image(s); give one placeholder "
-                        "per image (or none: all images then go before the first user text)")
+        problems.append((f"{placeholders} <image> placeholder(s) but {len(images)} image(s); give one placeholder "
+                         "per image (or none: all images then go before the first user text)", "placeholder count"))
     if problems:
-        return None, [Problem(where, p, "bad record") for p in problems]
+        return None, [Problem(where, message, reason) for message, reason in problems]
     turns, used = [], 0
     for m in range(0, len(messages), 2):
         user = messages[m][1]
@@ -189,7 +192,7 @@ def _record_id(record: dict, where: str) -> str | None:
     return None if isinstance(value, bool) or not isinstance(value, (str, int)) else str(value)
 
 
-def _images(value: Any, key: str, resolve: Callable[[Any], Any]) -> tuple[list, list[str]]:
+def _images(value: Any, key: str, resolve: Callable[[Any], Any]) -> tuple[list, list[tuple[str, str]]]:
     """A record's images (one, or a list), each through `resolve` (path -> Path, or as is)."""
     if value is None:
         return [], []
@@ -199,25 +202,26 @@ def _images(value: Any, key: str, resolve: Callable[[Any], Any]) -> tuple[list, 
         try:
             images.append(resolve(item))
         except ValueError as err:
-            problems.append(f"{key}: {err}")
+            problems.append((f"{key}: {err}", "unsafe path"))
     return images, problems
 
 
-def _messages(raw: Any, key: str, role_key: str, text_key: str, roles: dict) -> tuple[list, list[str]]:
+def _messages(raw: Any, key: str, role_key: str, text_key: str, roles: dict) -> tuple[list, list[tuple[str, str]]]:
     if not isinstance(raw, list) or not raw:
-        return [], [f"{key!r} must be a non-empty list"]
+        return [], [(f"{key!r} must be a non-empty list", "wrong type")]
     messages, problems = [], []
     for m, message in enumerate(raw):
         at = f"{key}[{m}]"
         if not isinstance(message, dict) or role_key not in message or text_key not in message:
-            problems.append(f"{at} must be an object with keys {role_key!r} and {text_key!r}")
+            problems.append((f"{at} must be an object with keys {role_key!r} and {text_key!r}", "wrong type"))
             continue
         role = roles.get(message[role_key])
         if role is None:
-            problems.append(f"{at} has unknown role {message[role_key]!r}; expected one of {sorted(roles)}")
+            problems.append((f"{at} has unknown role {message[role_key]!r}; expected one of {sorted(roles)}",
+                             "unknown role"))
             continue
         text, found = join_parts(message[text_key], at)
-        problems += found
+        problems += [(problem, "wrong type") for problem in found]
         messages.append((role, text))
     return messages, problems
 
@@ -257,7 +261,7 @@ def read_record(
         messages, found = _messages([m for pair in pairs for m in pair], key, "role", "content", ROLES["cauldron"])
     problems += found
     if problems:
-        return None, [Problem(where, p, "bad record") for p in problems]
+        return None, [Problem(where, message, reason) for message, reason in problems]
     return build_conversation(record_id, where, messages, images, source=str(record.get("source", "")), key=key)
 
 
