@@ -19,6 +19,7 @@ tensorboard run; the metric's name into eval_*.json and every tracker.
 """
 
 import importlib
+import logging
 import os
 import re
 import sys
@@ -31,6 +32,8 @@ from recipe.hub import load_source
 from recipe.layouts import dataset_conversations, load_file
 from recipe.metrics import accuracy, anls, exact_match
 from recipe.train import Task, run
+
+logger = logging.getLogger("recipe")
 
 METRICS = {"exact_match": exact_match, "accuracy": accuracy, "anls": anls}
 
@@ -133,6 +136,8 @@ def _dataset_splits(data_args: CustomArguments):
                             f"{data_args.eval_size} leaves nothing of {len(train_rows)} rows to train on")
         parts = train_rows.train_test_split(test_size=data_args.eval_size, seed=0, shuffle=True)
         train_rows, eval_rows = parts["train"], parts["test"]
+        logger.info("no split %r in the dataset: evaluating on a seeded holdout of %d %s rows (--eval_size), "
+                    "never trained on", data_args.eval_split, data_args.eval_size, data_args.train_split)
     fmt = data_args.data_format
     train = None if data_args.eval_only else dataset_conversations(train_rows, data_args.train_split, fmt)
     return train, dataset_conversations(eval_rows, data_args.eval_split, fmt)
