@@ -6,6 +6,7 @@ One reader per layout; the layout is detected from the first record (or forced w
     ours      {"id", "system"?, "conversations": [{"images": [...], "user", "assistant"}]}   (recipe.records)
     llava     {"id", "image": "a.jpg" | [...], "conversations": [{"from": "human"|"gpt"|"system", "value"}]}
     messages  {"messages": [{"role": "system"|"user"|"assistant", "content": str | [parts]}], "images": [...]}
+              (or OpenAI's image parts naming their file: {"type": "image_url", "image_url": {"url": "a.jpg"}})
     cauldron  {"images": [...], "texts": [{"user", "assistant"}]}
 
 The one rule for images (every layout but ours, whose turns carry their own images and may
@@ -106,27 +107,30 @@ def detect_layout(record: Any, where: str) -> str:
 # -- the one rule: messages -> turns ---------------------------------------------------------
 
 
-def join_parts(parts: Any, at: str) -> tuple[str, list[str]]:
+def join_parts(parts: Any, at: str) -> tuple[str, list[str], list[str]]:
     """Typed content as text: image parts written `<image>`, parts joined by a newline.
-    Returns (text, problems)."""
+    Returns (text, the paths image parts name themselves (OpenAI's image_url), problems)."""
     if isinstance(parts, str):
-        return parts, []
+        return parts, [], []
     if not isinstance(parts, list):
-        return "", [f"{at}.content must be a string or a list of typed parts, got {type(parts).__name__}"]
-    pieces, problems = [], []
+        return "", [], [f"{at}.content must be a string or a list of typed parts, got {type(parts).__name__}"]
+    pieces, inline, problems = [], [], []
     for p, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             pieces.append(part["text"])
-        elif kind == "image":
-            inline = [k for k in ("image", "path", "url") if isinstance(part.get(k), str)]
-            if inline:
-                problems.append(f"{at}.content[{p}] names its image ({inline[0]!r}); list the paths in the "
-                                "record's 'images' instead, in placeholder order")
+        elif kind in ("image", "image_url"):
+            named = next((v for v in (part.get(k) for k in ("image", "path", "url", "image_url")) if v), None)
+            named = named.get("url") if isinstance(named, dict) else named
+            if named is not None:
+                if not isinstance(named, str) or named.startswith(("http://", "https://", "data:")):
+                    problems.append(f"{at}.content[{p}] names its image by a URL or object; give a file path "
+                                    "(relative to --image_dir)")
+                inline.append(named)
             pieces.append(PLACEHOLDER)
         else:
             problems.append(f"{at}.content[{p}] must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}")
-    return "\n".join(pieces), problems
+    return "\n".join(pieces), inline, problems
 
 
 def build_conversation(
@@ -206,10 +210,13 @@ def _images(value: Any, key: str, resolve: Callable[[Any], Any]) -> tuple[list, 
     return images, problems
 
 
-def _messages(raw: Any, key: str, role_key: str, text_key: str, roles: dict) -> tuple[list, list[tuple[str, str]]]:
+def _messages(
+    raw: Any, key: str, role_key: str, text_key: str, roles: dict
+) -> tuple[list, list, list[tuple[str, str]]]:
+    """(role, text) pairs, the image paths typed parts name themselves, and the problems."""
     if not isinstance(raw, list) or not raw:
-        return [], [(f"{key!r} must be a non-empty list", "wrong type")]
-    messages, problems = [], []
+        return [], [], [(f"{key!r} must be a non-empty list", "wrong type")]
+    messages, inline, problems = [], [], []
     for m, message in enumerate(raw):
         at = f"{key}[{m}]"
         if not isinstance(message, dict) or role_key not in message or text_key not in message:
@@ -220,10 +227,11 @@ def _messages(raw: Any, key: str, role_key: str, text_key: str, roles: dict) -> 
             problems.append((f"{at} has unknown role {message[role_key]!r}; expected one of {sorted(roles)}",
                              "unknown role"))
             continue
-        text, found = join_parts(message[text_key], at)
+        text, named, found = join_parts(message[text_key], at)
         problems += [(problem, "wrong type") for problem in found]
+        inline += named
         messages.append((role, text))
-    return messages, problems
+    return messages, inline, problems
 
 
 def read_record(
@@ -247,18 +255,24 @@ def read_record(
         image_key = "image" if "image" in record else "images"
         images, problems = _images(record.get(image_key), image_key, resolve)
         key = "conversations"
-        messages, found = _messages(record[key], key, "from", "value", ROLES["llava"])
+        messages, _, found = _messages(record[key], key, "from", "value", ROLES["llava"])
     elif layout == "messages":
         images, problems = _images(record.get("images"), "images", resolve)
         key = "messages"
-        messages, found = _messages(record[key], key, "role", "content", ROLES["messages"])
+        messages, inline, found = _messages(record[key], key, "role", "content", ROLES["messages"])
+        if inline and images:
+            found.append(("image parts name their own images and the record has 'images' too; give one or "
+                          "the other", "wrong type"))
+        elif inline and not any(f[1] == "wrong type" for f in found):
+            images, more = _images(inline, "content", resolve)
+            problems += more
     else:  # cauldron: texts of {user, assistant} pairs
         images, problems = _images(record.get("images"), "images", resolve)
         texts = record["texts"]
         pairs = [[{"role": r, "content": t.get(r)} for r in ("user", "assistant")] if isinstance(t, dict) else [None]
                  for t in (texts if isinstance(texts, list) else [])]
         key = "texts (as messages)"
-        messages, found = _messages([m for pair in pairs for m in pair], key, "role", "content", ROLES["cauldron"])
+        messages, _, found = _messages([m for pair in pairs for m in pair], key, "role", "content", ROLES["cauldron"])
     problems += found
     if problems:
         return None, [Problem(where, message, reason) for message, reason in problems]

@@ -86,17 +86,24 @@ def as_llava(example):
             "conversations": conv}
 
 
-def as_messages(example, typed=False, image_value=lambda img: img.name):
+def as_messages(example, typed=False, image_value=lambda img: img.name, inline=False):
+    """inline: OpenAI's typed parts, each image part naming its file (no record-level images)."""
     id_, system, turns = example
     system_content = [{"type": "text", "text": system}] if typed else system
     messages = [{"role": "system", "content": system_content}] if system else []
+
+    def image_part(img):
+        return {"type": "image_url", "image_url": {"url": img.name}} if inline else {"type": "image"}
+
     for parts, answer in turns:
         if typed:
-            content = [{"type": "image"} if isinstance(p, Img) else {"type": "text", "text": p} for p in parts]
+            content = [image_part(p) if isinstance(p, Img) else {"type": "text", "text": p} for p in parts]
             messages += [{"role": "user", "content": content},
                          {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         else:
             messages += [{"role": "user", "content": text(parts, "<image>")}, {"role": "assistant", "content": answer}]
+    if inline:
+        return {"id": id_, "messages": messages}
     return {"id": id_, "messages": messages, "images": [image_value(p) for p in images_of(turns)]}
 
 
@@ -154,6 +161,7 @@ def test_every_layout_gives_the_same_ids_labels_and_pixels(data_dir, processor):
     writers = {
         "ours": (as_ours, False), "llava": (as_llava, True), "messages": (as_messages, False),
         "messages-typed": (lambda e: as_messages(e, typed=True), True),
+        "messages-openai": (lambda e: as_messages(e, typed=True, inline=True), False),
     }
     results = {}
     for name, (writer, as_list) in writers.items():
