@@ -287,6 +287,14 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
     the record starts). A line that is not JSON gives (where, JSONDecodeError)."""
     text = path.read_text(encoding="utf-8")
     body = text.lstrip()
+    if body.startswith("{") and "\n" in body.strip():
+        try:
+            json.loads(body)
+        except json.JSONDecodeError:
+            pass  # JSON lines (or bad lines, each reported)
+        else:
+            raise DataError(f"{path} holds one JSON object over several lines; give one record per line (JSON "
+                            "lines) or a JSON list of records")
     if not body.startswith("["):
         for lineno, line in enumerate(text.splitlines(), start=1):
             if line.strip():

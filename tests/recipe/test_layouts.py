@@ -239,6 +239,15 @@ def test_layout_detection_and_forcing(tmp_path):
                                                        {"role": "assistant", "content": "a"}]}])
     found = load_file(path, tmp_path, data_format="llava")
     assert not found and "missing key 'conversations' of the llava layout" in found.problems[0].message
+    # A JSON list: each record is reported at the line where it starts.
+    records = [as_messages(EXAMPLES[3]), {"messages": [{"role": "bot", "content": "q"}]}]
+    path = write(tmp_path / "list.json", records, as_list=True)
+    found = load_file(path, tmp_path)
+    start = path.read_text().splitlines().index("  {", 2) + 1  # (line 2 starts the first record)
+    assert len(found) == 1 and found.problems[0].where == f"{path}:{start}" and start > 2
+    (tmp_path / "one.json").write_text(json.dumps(records[0], indent=1))
+    with pytest.raises(DataError, match="one JSON object over several lines"):
+        load_file(tmp_path / "one.json", tmp_path)
 
 
 # -- bad records: one line, exit 2, before training --------------------------------------------------
