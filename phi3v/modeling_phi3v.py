@@ -17,6 +17,13 @@ differs (and cannot change results on valid input) is marked "deliberate":
 - deliberate: negative label ids (image positions) are ignored by the loss instead of
   crashing cross-entropy.
 
+Two additions the official code lacks, for rows that hold several sequences (padding-free
+packing, preference pairs sharing one prompt, recipe/pairs.py): `sequence_lengths` gives each
+token the LongRoPE factors of its own sequence run alone; `image_hidden_states` (the name
+transformers' Idefics3 uses, in and out) returns the projected image features of a forward and
+takes them back in another, so a second forward over the same images (a DPO reference model
+whose vision side is the policy's) does not run the vision tower again.
+
 The same classes compute Phi-3-vision-128k-instruct when `config.model_family` is "phi3v-128k"
 (PHI3V_SPEC.md 8.1): its LongRoPE switch (`Phi3VRotaryEmbedding`) and its generation cache
 (`prepare_inputs_for_generation`) follow that release's code. Deliberate: its forward's
@@ -24,6 +31,8 @@ in-place clamping of the caller's input_ids is not copied (3.5's out-of-place on
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -47,6 +56,8 @@ __all__ = [
     "Phi3VPreTrainedModel",
     "Phi3VModel",
     "Phi3VForCausalLM",
+    "Phi3VModelOutputWithPast",
+    "Phi3VCausalLMOutputWithPast",
     "Phi3VImageEmbedding",
     "Phi3VRotaryEmbedding",
     "real_crop_counts",
@@ -73,6 +84,21 @@ def packed_sequence_lengths(position_ids: torch.Tensor) -> torch.Tensor | None:
         return None
     example = starts.reshape(-1).cumsum(0) - 1  # index of each token's example, across rows
     return torch.bincount(example)[example].view_as(position_ids)
+
+
+@dataclass
+class Phi3VModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus the projected image features the forward used (None without
+    images), to be passed back as `image_hidden_states`."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class Phi3VCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the projected image features the forward used."""
+
+    image_hidden_states: torch.FloatTensor | None = None
 
 
 class Phi3VRotaryEmbedding(nn.Module):
@@ -126,6 +152,24 @@ class Phi3VRotaryEmbedding(nn.Module):
             self.rope_type == "longrope"
             and self.switch_length(position_ids, key_length) > self.original_max_position_embeddings
         )
+        return self._cos_sin(x, position_ids, use_long)
+
+    @torch.no_grad()
+    def per_sequence(self, x: torch.Tensor, position_ids: torch.Tensor, sequence_lengths: torch.Tensor):
+        """cos, sin where every token gets the factors of its own sequence run alone, unpadded
+        (`sequence_lengths`: that sequence's length, shaped like `position_ids`). For one unpadded
+        sequence both releases' rules agree: the long factors iff its length exceeds the original
+        context."""
+        long = sequence_lengths > self.original_max_position_embeddings
+        if self.rope_type != "longrope" or not bool(long.any()):
+            return self._cos_sin(x, position_ids, False)
+        if bool(long.all()):
+            return self._cos_sin(x, position_ids, True)
+        (cos_s, sin_s), (cos_l, sin_l) = (self._cos_sin(x, position_ids, use) for use in (False, True))
+        long = long[..., None]
+        return torch.where(long, cos_l, cos_s), torch.where(long, sin_l, sin_s)
+
+    def _cos_sin(self, x: torch.Tensor, position_ids: torch.Tensor, use_long: bool):
         inv_freq = self.long_inv_freq if use_long else self.short_inv_freq
         if inv_freq.dtype != torch.float32:
             # model.to(bf16)/.half() rounded the buffers; official code always has fp32 frequencies.
@@ -371,6 +415,18 @@ class Phi3VModel(Phi3VPreTrainedModel):
         row-major order of the batch. Without negative ids, the vision tower does not run --
         except in a distributed job, where it may run on a dummy image (see `_dummy_image_needed`).
         """
+        return self.embed_with_features(input_ids, pixel_values, image_sizes)[0]
+
+    def embed_with_features(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_hidden_states: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`embed`, also returning the image features it used (None without images). Given
+        `image_hidden_states` (the features of these images from an earlier forward), the vision
+        tower does not run and pixel_values are not needed."""
         image_mask = input_ids < 0
         # Out of place, so the caller's input_ids keep their negative ids (official for 3.5).
         embeds = self.embed_tokens(input_ids.masked_fill(image_mask, 0))
@@ -380,21 +436,26 @@ class Phi3VModel(Phi3VPreTrainedModel):
             # fp16 and give NaN): the loss and every gradient are exactly those without it.
             features = self.vision_embed_tokens.dummy_features(embeds.device)
             embeds = embeds + (features * 0).sum().to(embeds.dtype)
+        features = None
         if num_positions:
-            if pixel_values is None or image_sizes is None:
+            if image_hidden_states is not None:
+                features, source = image_hidden_states, "the given image_hidden_states hold"
+            elif pixel_values is None or image_sizes is None:
                 raise ValueError(
                     f"input_ids hold {num_positions} image positions (negative ids) but pixel_values "
                     "and image_sizes were not given"
                 )
-            features = self.get_image_features(pixel_values, image_sizes)
+            else:
+                features = self.get_image_features(pixel_values, image_sizes)
+                source = f"the {pixel_values.shape[0]} images give"
             if features.shape[0] != num_positions:
                 raise ValueError(
-                    f"input_ids hold {num_positions} image positions but the {pixel_values.shape[0]} "
-                    f"images give {features.shape[0]} features: each <|image_k|> tag must be expanded "
-                    "by the processor of the same num_crops, once per image"
+                    f"input_ids hold {num_positions} image positions but {source} {features.shape[0]} "
+                    "features: each <|image_k|> tag must be expanded by the processor of the same "
+                    "num_crops, once per image"
                 )
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
-        return self.embed_dropout(embeds)
+        return self.embed_dropout(embeds), features
 
     def _dummy_image_needed(self, has_images: bool, device: torch.device) -> bool:
         """Whether this forward must run the image side on a dummy image because it has no image.
@@ -421,19 +482,6 @@ class Phi3VModel(Phi3VPreTrainedModel):
             return bool(flag.item()) and not has_images
         return not has_images and self.training and torch.is_grad_enabled()
 
-    def _packed_position_embeddings(self, hidden_states, position_ids, lengths):
-        """cos/sin of a padding-free batch, each example's rotary factors chosen as for the example
-        alone (key length = its own length), whatever the rotary rule is."""
-        cos = sin = None
-        for length in lengths.unique().tolist():
-            c, s = self.rotary_emb(hidden_states, position_ids, key_length=length)
-            if cos is None:
-                cos, sin = c, s
-            else:
-                here = (lengths == length)[..., None]
-                cos, sin = torch.where(here, c, cos), torch.where(here, s, sin)
-        return cos, sin
-
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -446,12 +494,23 @@ class Phi3VModel(Phi3VPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        image_hidden_states: torch.Tensor | None = None,
+        sequence_lengths: torch.LongTensor | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> Phi3VModelOutputWithPast:
+        r"""
+        image_hidden_states: projected features of the batch's images, as an earlier forward over the
+            same images returned them; the vision tower then does not run.
+        sequence_lengths: for rows that hold several sequences (with a 4-D attention mask keeping
+            them apart), the length of each token's sequence, shaped like `position_ids`: each token
+            gets the LongRoPE factors of its sequence run alone. Padding-free rows (no mask,
+            restarting position ids) get them from `position_ids` without it.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        features = None
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
+            inputs_embeds, features = self.embed_with_features(input_ids, pixel_values, image_sizes, image_hidden_states)
 
         # Padding-free rows (recipe/packing.py): no attention mask, position ids restarting at each
         # example. Such a batch is never continued, so it gets no cache (transformers' mask builders
@@ -462,6 +521,8 @@ class Phi3VModel(Phi3VPreTrainedModel):
                 packed = packed_sequence_lengths(position_ids)
         if packed is not None:
             use_cache, past_key_values = False, None
+        if sequence_lengths is not None:
+            packed = sequence_lengths
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -489,7 +550,7 @@ class Phi3VModel(Phi3VPreTrainedModel):
         if packed is None:
             position_embeddings = self.rotary_emb(hidden_states, position_ids, key_length=past_seen + seq_len)
         else:
-            position_embeddings = self._packed_position_embeddings(hidden_states, position_ids, packed)
+            position_embeddings = self.rotary_emb.per_sequence(hidden_states, position_ids, packed)
         for decoder_layer in self.layers:
             hidden_states = decoder_layer(
                 hidden_states,
@@ -501,8 +562,10 @@ class Phi3VModel(Phi3VPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        return Phi3VModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            image_hidden_states=features,
         )
 
 
@@ -553,8 +616,10 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        image_hidden_states: torch.Tensor | None = None,
+        sequence_lengths: torch.LongTensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> Phi3VCausalLMOutputWithPast:
         kwargs.pop("return_dict", None)
         outputs = self.model(
             input_ids=input_ids,
@@ -565,6 +630,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             image_sizes=image_sizes,
             use_cache=use_cache,
+            image_hidden_states=image_hidden_states,
+            sequence_lengths=sequence_lengths,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -578,12 +645,13 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         if labels is not None:
             labels = labels.masked_fill(labels < 0, -100)  # deliberate: image positions never count
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        return Phi3VCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
         )
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, is_first_iteration=False, **kwargs):

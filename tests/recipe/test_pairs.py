@@ -1,0 +1,138 @@
+"""Preference pairs (recipe/pairs.py): the shared-prefix forward equals two separate sequences.
+
+The reference for every pair is each sequence run alone, unpadded (prompt + chosen, prompt +
+rejected: its own positions, its own LongRoPE choice, no mask), summing the answer's token
+log-probabilities. The tiny model's original context is lowered so pairs cross LongRoPE's
+switch cheaply: below it, above it, and straddling it (prompt + chosen below, prompt + rejected
+above).
+"""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from phi3v.configuration_phi3v import PHI3V_128K
+from phi3v.processing_phi3v import Phi3VProcessor
+from phi3v.tiny import build_tiny_model, tiny_config
+from recipe.data import tokenize_conversation
+from recipe.pairs import PairCollator, PairDataset, PreferencePair, pair_log_probs, tokenize_pair
+from recipe.records import Conversation, Turn
+
+SWITCH = 400  # original context of the test model: 313 image tokens (1 crop) + text crosses it
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint):
+    return Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=1)
+
+
+def image(seed: int, size=(400, 300)) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 255, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def words(n: int, seed: int) -> str:
+    vocab = ["red", "blue", "square", "circle", "the", "a", "shape", "is", "green", "small", "large", "on", "left"]
+    return " ".join(vocab[(seed * 7 + i * 3) % len(vocab)] for i in range(n))
+
+
+def pairs() -> list[PreferencePair]:
+    """Uneven lengths: text-only (short), one image with a long rejected answer (straddles the
+    switch), a multi-turn prompt with an image in an earlier turn, two images (both above)."""
+    return [
+        PreferencePair(Conversation("text", [Turn(words(12, 1), words(5, 2))]), words(9, 3)),
+        PreferencePair(Conversation("straddle", [Turn(words(20, 4), words(4, 5), [image(0)])]), words(90, 6)),
+        PreferencePair(
+            Conversation("multi", [Turn(words(6, 7), words(8, 8), [image(1, (200, 500))]), Turn(words(10, 9), words(3, 1))]),
+            words(7, 2),
+        ),
+        PreferencePair(Conversation("two", [Turn(words(5, 3), words(11, 4), [image(2), image(3, (300, 300))])]), words(2, 5)),
+        PreferencePair(Conversation("text2", [Turn(words(30, 6), words(1, 7))]), words(20, 8)),
+    ]
+
+
+def test_pair_tokens_are_the_sft_tokens(processor):
+    tokenizer = processor.tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    for pair in pairs():
+        counts = [313] * len(pair.images)
+        encoded = tokenize_pair(pair, tokenizer, counts)
+        sft = tokenize_conversation(pair.conversation, tokenizer, counts)
+        n = len(encoded.prompt_ids) + len(encoded.chosen_ids)
+        assert encoded.prompt_ids + encoded.chosen_ids == sft.input_ids[:n]
+        assert sft.labels[len(encoded.prompt_ids) : n] == encoded.chosen_ids  # exactly the last answer's labels
+        assert all(label == -100 for label in sft.labels[n:])
+        rejected = tokenize_conversation(pair.rejected_conversation(), tokenizer, counts).input_ids
+        assert encoded.prompt_ids + encoded.rejected_ids == rejected[: len(encoded.prompt_ids) + len(encoded.rejected_ids)]
+        assert encoded.chosen_ids[-1] == end and encoded.rejected_ids[-1] == end
+
+
+def test_collator_layout():
+    items = [
+        {"prompt_ids": torch.tensor([5, 6, 7]), "chosen_ids": torch.tensor([8, 9]), "rejected_ids": torch.tensor([10])},
+        {"prompt_ids": torch.tensor([5]), "chosen_ids": torch.tensor([11]), "rejected_ids": torch.tensor([12, 13, 14])},
+    ]
+    batch = PairCollator(pad_token_id=0)(items)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [0, 5, 11, 12, 13, 14]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 0, 1, 1, 2, 3]]
+    mask = batch["attention_mask"][:, 0].int()
+    # Row 0: rejected (column 5) sees the prompt and itself, not the chosen answer (3, 4).
+    assert mask[0, 5].tolist() == [1, 1, 1, 0, 0, 1]
+    assert mask[0, 4].tolist() == [1, 1, 1, 1, 1, 0]
+    assert mask[1, 3].tolist() == [0, 1, 0, 1, 0, 0]  # padding never seen
+    # Kept columns: the last 5 (longest chosen + rejected + 1); the last prompt token predicts both first tokens.
+    assert batch["chosen_labels"].tolist() == [[-100, 8, 9, -100, -100], [11, -100, -100, -100, -100]]
+    assert batch["rejected_labels"].tolist() == [[-100, 10, -100, -100, -100], [12, -100, 13, 14, -100]]
+    assert batch["chosen_rows"].tolist() == batch["rejected_rows"].tolist() == [0, 1]
+
+    separate = PairCollator(pad_token_id=0, shared_prefix=False)(items)
+    assert separate["input_ids"].tolist() == [[5, 6, 7, 8, 9], [0, 0, 0, 5, 11], [0, 5, 6, 7, 10], [0, 5, 12, 13, 14]]
+    assert separate["rejected_labels"][2:].tolist() == [[-100, -100, 10, -100], [12, 13, 14, -100]]
+    assert separate["rejected_rows"].tolist() == [2, 3]
+
+
+def alone_log_probs(model, processor, pair: PreferencePair) -> tuple[float, float]:
+    """Each answer's summed log-probability from its own sequence, alone and unpadded."""
+    images = [img for img in pair.images]
+    pixels = processor.image_processor(images, return_tensors="pt") if images else None
+    counts = list(pixels["num_img_tokens"]) if images else []
+    encoded = tokenize_pair(pair, processor.tokenizer, counts)
+    result = []
+    for answer in (encoded.chosen_ids, encoded.rejected_ids):
+        ids = torch.tensor([encoded.prompt_ids + answer])
+        extra = {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]} if images else {}
+        logits = model(input_ids=ids, **extra).logits.float()[0, len(encoded.prompt_ids) - 1 : -1]
+        logps = logits.log_softmax(-1).gather(-1, torch.tensor(answer)[:, None]).sum()
+        result.append(logps)
+    return result
+
+
+def tiny_model(processor, family=None, attention="sdpa"):
+    tokenizer = processor.tokenizer
+    extra = {"model_family": family, "sliding_window": 131072} if family else {}
+    config = tiny_config(
+        vocab_size=int(math.ceil(len(tokenizer) / 64) * 64), pad_token_id=tokenizer.pad_token_id,
+        original_max_position_embeddings=SWITCH, **extra,
+    )
+    config._attn_implementation = attention
+    return build_tiny_model(config, seed=0)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prefix_equals_separate_sequences(processor, attention):
+    model = tiny_model(processor, attention=attention)
+    dataset = PairDataset(pairs(), processor)
+    items = [dataset[i] for i in range(len(dataset))]
+    lengths = {pair.id: (len(i["prompt_ids"]) + len(i["chosen_ids"]), len(i["prompt_ids"]) + len(i["rejected_ids"]))
+               for pair, i in zip(dataset.pairs, items)}
+    assert lengths["straddle"][0] <= SWITCH < lengths["straddle"][1] and min(lengths["two"]) > SWITCH
+    with torch.no_grad():
+        expected = torch.tensor([alone_log_probs(model, processor, pair) for pair in dataset.pairs])
+        for shared in (True, False):
+            batch = PairCollator(processor.tokenizer.pad_token_id, shared_prefix=shared,
+                                 original_max_position_embeddings=SWITCH)(items)
+            out = pair_log_probs(model, batch)
+            got = torch.stack([out.chosen_logps, out.rejected_logps], dim=1)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
