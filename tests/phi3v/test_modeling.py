@@ -216,6 +216,43 @@ def test_image_tokens_must_match_features(model):
         model(input_ids=torch.tensor([prompt_ids(757)]), pixel_values=pv, image_sizes=torch.tensor([[672, 672]]))
 
 
+def test_image_features_are_returned_and_taken_back(model):
+    """`image_hidden_states` out of one forward, into another: same logits, no vision tower run."""
+    sizes = torch.tensor([[336, 336]])
+    ids = torch.tensor([prompt_ids(313)])
+    calls = []
+    hook = model.model.vision_embed_tokens.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        first = model(input_ids=ids, pixel_values=random_pixels([(336, 336)], 1), image_sizes=sizes)
+        again = model(input_ids=ids, image_hidden_states=first.image_hidden_states)
+        with pytest.raises(ValueError, match="image_hidden_states hold 313 features"):
+            model(input_ids=torch.tensor([prompt_ids(300)]), image_hidden_states=first.image_hidden_states)
+    hook.remove()
+    assert calls == [1] and first.image_hidden_states.shape == (313, model.config.hidden_size)
+    torch.testing.assert_close(again.logits, first.logits, rtol=0, atol=0)
+    assert model(input_ids=torch.tensor([[1, 5, 6]])).image_hidden_states is None
+
+
+def test_sequence_lengths_choose_rotary_factors_per_token():
+    """Two sequences in one row (a 4-D mask keeps them apart): each token gets its own sequence's
+    LongRoPE factors, as if it ran alone, whatever the row's width or largest position."""
+    config = tiny_config(vocab_size=128, pad_token_id=100, original_max_position_embeddings=16)
+    m = build_tiny_model(config).eval()
+    short, long = torch.randint(3, 99, (1, 10)), torch.randint(3, 99, (1, 20))
+    row = torch.cat([short, long], 1)
+    position_ids = torch.cat([torch.arange(10), torch.arange(20)])[None]
+    block = torch.zeros(30, 30, dtype=torch.bool)
+    block[:10, :10] = block[10:, 10:] = True
+    mask = (block & torch.ones(30, 30, dtype=torch.bool).tril())[None, None]
+    lengths = torch.tensor([10] * 10 + [20] * 20)[None]
+    with torch.no_grad():
+        together = m(input_ids=row, attention_mask=mask, position_ids=position_ids, sequence_lengths=lengths).logits
+        alone = torch.cat([m(input_ids=short).logits, m(input_ids=long).logits], 1)
+        without = m(input_ids=row, attention_mask=mask, position_ids=position_ids).logits  # one choice for the row
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(without[:, :10], alone[:, :10], atol=1e-4)
+
+
 def test_caller_input_ids_are_not_modified(model):
     ids = torch.tensor([prompt_ids(313)])
     before = ids.clone()

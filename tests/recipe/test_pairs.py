@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from phi3v.configuration_phi3v import PHI3V_128K
+from phi3v.configuration_phi3v import PHI3_5V, PHI3V_128K
 from phi3v.processing_phi3v import Phi3VProcessor
 from phi3v.tiny import build_tiny_model, tiny_config
 from recipe.data import tokenize_conversation
@@ -109,30 +109,110 @@ def alone_log_probs(model, processor, pair: PreferencePair) -> tuple[float, floa
     return result
 
 
-def tiny_model(processor, family=None, attention="sdpa"):
+def tiny_model(processor, family=PHI3_5V, attention="sdpa"):
     tokenizer = processor.tokenizer
-    extra = {"model_family": family, "sliding_window": 131072} if family else {}
     config = tiny_config(
-        vocab_size=int(math.ceil(len(tokenizer) / 64) * 64), pad_token_id=tokenizer.pad_token_id,
-        original_max_position_embeddings=SWITCH, **extra,
+        vocab_size=int(math.ceil(len(tokenizer) / 64) * 64), pad_token_id=tokenizer.pad_token_id, family=family,
+        original_max_position_embeddings=SWITCH,
     )
     config._attn_implementation = attention
     return build_tiny_model(config, seed=0)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_shared_prefix_equals_separate_sequences(processor, attention):
-    model = tiny_model(processor, attention=attention)
+@pytest.fixture(scope="module")
+def items(processor):
     dataset = PairDataset(pairs(), processor)
     items = [dataset[i] for i in range(len(dataset))]
-    lengths = {pair.id: (len(i["prompt_ids"]) + len(i["chosen_ids"]), len(i["prompt_ids"]) + len(i["rejected_ids"]))
-               for pair, i in zip(dataset.pairs, items)}
+    lengths = {item["id"]: (len(item["prompt_ids"]) + len(item["chosen_ids"]), len(item["prompt_ids"]) + len(item["rejected_ids"]))
+               for item in items}
     assert lengths["straddle"][0] <= SWITCH < lengths["straddle"][1] and min(lengths["two"]) > SWITCH
+    assert max(lengths["text"]) < SWITCH and dataset.lengths == [a + b - len(i["prompt_ids"]) for (a, b), i in zip(lengths.values(), items)]
+    return items
+
+
+def collate(processor, items, shared=True):
+    return PairCollator(processor.tokenizer.pad_token_id, shared_prefix=shared, original_max_position_embeddings=SWITCH)(items)
+
+
+def assert_equals_alone(model, processor, items):
     with torch.no_grad():
-        expected = torch.tensor([alone_log_probs(model, processor, pair) for pair in dataset.pairs])
+        expected = torch.tensor([alone_log_probs(model, processor, pair) for pair in pairs()])
         for shared in (True, False):
-            batch = PairCollator(processor.tokenizer.pad_token_id, shared_prefix=shared,
-                                 original_max_position_embeddings=SWITCH)(items)
-            out = pair_log_probs(model, batch)
+            out = pair_log_probs(model, collate(processor, items, shared))
             got = torch.stack([out.chosen_logps, out.rejected_logps], dim=1)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    return out
+
+
+@pytest.mark.parametrize("family,attention", [(PHI3_5V, "sdpa"), (PHI3_5V, "eager"), (PHI3V_128K, "sdpa")])
+def test_shared_prefix_equals_separate_sequences(processor, items, family, attention):
+    model = tiny_model(processor, family, attention)
+    out = assert_equals_alone(model, processor, items)
+    lengths = [len(i["chosen_ids"]) for i in items], [len(i["rejected_ids"]) for i in items]
+    assert (out.chosen_tokens.tolist(), out.rejected_tokens.tolist()) == lengths
+    torch.testing.assert_close(out.chosen_nll, -out.chosen_logps.sum() / sum(lengths[0]))
+
+
+def test_lora_wrapped_model(processor, items):
+    from peft import LoraConfig, get_peft_model
+
+    from recipe.model import lora_target_modules
+
+    model = tiny_model(processor)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=lora_target_modules(model, include_vision=True)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)  # adapters that change the output
+    assert_equals_alone(model, processor, items)
+
+
+def test_gradients_equal_two_sequence_layout(processor, items):
+    model = tiny_model(processor).train()
+    grads = []
+    for shared in (True, False):
+        model.zero_grad()
+        out = pair_log_probs(model, collate(processor, items, shared))
+        torch.nn.functional.logsigmoid(out.chosen_logps - out.rejected_logps).sum().neg().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    shared, separate = grads
+    assert shared.keys() == separate.keys() and any("img_processor" in n for n in shared)
+    largest = max(g.abs().max() for g in separate.values())
+    for name in shared:
+        scale = torch.maximum(separate[name].abs().max(), largest * 1e-3)
+        assert (shared[name] - separate[name]).abs().max() / scale < 1e-4, name
+
+
+def count_vision(model):
+    """(calls, images encoded) of the image embedding, via a forward hook."""
+    seen = []
+    model.model.vision_embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    return seen
+
+
+def test_vision_runs_once_per_pass_and_features_are_reused(processor, items):
+    policy, reference = tiny_model(processor), tiny_model(processor)
+    policy_calls, reference_calls = count_vision(policy), count_vision(reference)
+    batch = collate(processor, items)
+    images = sum(len(pair.images) for pair in pairs())
+    straddling = len(pairs()[1].images)  # its prompt (with its image) is in its row twice
+    out = pair_log_probs(policy, batch)
+    with torch.no_grad():
+        pair_log_probs(reference, batch)  # a reference with its own vision side: encodes again
+    assert policy_calls == [images + straddling] and reference_calls == [images + straddling]
+    with torch.no_grad():
+        reused = pair_log_probs(reference, batch, image_features=out.image_features.detach())
+        own = pair_log_probs(reference, batch)
+    assert reference_calls == [images + straddling] * 2  # the reuse did not run the tower
+    torch.testing.assert_close(reused.chosen_logps, own.chosen_logps)
+    assert out.image_features.requires_grad and reused.image_features is not None
+    # TRL's layout encodes every image twice per forward.
+    pair_log_probs(policy, collate(processor, items, shared=False))
+    assert policy_calls[-1] == 2 * images
+
+
+def test_flash_attention_is_refused(processor, items):
+    model = tiny_model(processor)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="4-D attention mask.*sdpa"):
+        pair_log_probs(model, collate(processor, items[:1]))
