@@ -138,6 +138,19 @@ def test_throughput_quick(capsys):
     assert ratio == pytest.approx(result["ours"]["images_per_s_ratio"], abs=0.006)
 
 
+def test_preference_quick(capsys):
+    result = load("preference").main(["--quick"])  # asserts itself that both layouts give the same log-probs
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("ours / two-sequence: ") and lines[-1].endswith("pairs/s (target >= 1.6x)")
+    assert float(lines[-1].split()[3].rstrip("x")) == pytest.approx(result["ratio"], abs=0.006)
+    # One image per pair: encoded once per step in ours, twice in the two-sequence layout.
+    assert result["images_per_step"] == {"ours": 2, "two-sequence": 4}
+    assert result["tokens_per_step"]["ours"] < 0.6 * result["tokens_per_step"]["two-sequence"]
+    for name in ("ours", "two-sequence"):
+        assert positive_finite(result[name]["pairs_per_s"]) and len(result[name]["times"]) == 2
+    assert positive_finite(result["ratio"]) and positive_finite(result["paired_ratio"])
+
+
 def test_throughput_real_size_needs_cuda():
     if __import__("torch").cuda.is_available():
         pytest.skip("CUDA present: --real_size is allowed here")
