@@ -347,17 +347,18 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def model_attention_mask(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
-    """The collator's boolean 4-D mask in the form the model's attention takes: SDPA and FlexAttention's
-    mask builder take it as is; eager adds it to the scores, so it becomes 0 / dtype-min."""
+    """The collator's boolean 4-D mask in the form the model's attention takes: SDPA takes it as
+    is; eager adds it to the scores, so there it becomes 0 / the dtype's minimum. Other backends
+    (flash-attention: no arbitrary masks; FlexAttention: untested here) are refused."""
     inner = _unwrapped(model)
     backend = inner.config._attn_implementation or "eager"
-    if "flash" in backend:
-        raise ValueError(
-            f"preference pairs share their prompt through a 4-D attention mask, which {backend} cannot take; "
-            "use attn_implementation 'sdpa' (or 'eager')"
-        )
     if backend == "sdpa":
         return mask
+    if backend != "eager":
+        raise ValueError(
+            f"preference pairs share their prompt through a 4-D attention mask, which is supported here with "
+            f"attention 'sdpa' (or 'eager'), not {backend!r}; load the model with attn_implementation='sdpa'"
+        )
     dtype = inner.get_input_embeddings().weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

@@ -211,6 +211,32 @@ def test_vision_runs_once_per_pass_and_features_are_reused(processor, items):
     assert policy_calls[-1] == 2 * images
 
 
+def test_lora_reference_without_vision_adapters_reuses_features(processor, items):
+    """LoRA on the language side only: the reference (adapters disabled) has the policy's vision
+    side, so the policy's features serve it: 1 encode per pair for policy and reference."""
+    from peft import LoraConfig, get_peft_model
+
+    from recipe.model import lora_target_modules
+
+    base = tiny_model(processor)
+    calls = count_vision(base)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=lora_target_modules(base, include_vision=False)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    batch = collate(processor, items[:1] + items[2:])  # no straddling pair: every image once
+    policy = pair_log_probs(model, batch)
+    with torch.no_grad(), model.disable_adapter():
+        reused = pair_log_probs(model, batch, image_features=policy.image_features.detach())
+        assert len(calls) == 1
+        own = pair_log_probs(model, batch)
+    assert calls == [sum(len(p.images) for p in pairs()) - 1] * 2
+    torch.testing.assert_close(reused.chosen_logps, own.chosen_logps, rtol=0, atol=0)
+    torch.testing.assert_close(reused.rejected_logps, own.rejected_logps, rtol=0, atol=0)
+    assert not torch.allclose(own.chosen_logps, policy.chosen_logps.detach())  # the adapters matter
+
+
 def test_flash_attention_is_refused(processor, items):
     model = tiny_model(processor)
     model.config._attn_implementation = "flash_attention_2"
