@@ -153,6 +153,32 @@ def test_shared_prefix_equals_separate_sequences(processor, items, family, atten
     torch.testing.assert_close(out.chosen_nll, -out.chosen_logps.sum() / sum(lengths[0]))
 
 
+@pytest.mark.slow  # ~6 CPU s each; CI covers the same rule at a lowered switch (SWITCH)
+@pytest.mark.parametrize("family", [PHI3_5V, PHI3V_128K])
+def test_released_switch_at_4096_positions(family):
+    """The collator's default switch is the releases' original context: a text pair whose rejected
+    sequence crosses 4096 positions and one entirely past it, against the sequences alone."""
+    model = build_tiny_model(tiny_config(vocab_size=256, pad_token_id=100, family=family), seed=0)
+    assert model.config.original_max_position_embeddings == PairCollator(100).original_max_position_embeddings
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(3, 99, (n,), generator=g)
+
+    items = [
+        {"prompt_ids": ids(4060), "chosen_ids": ids(20), "rejected_ids": ids(50)},  # 4080 | 4110
+        {"prompt_ids": ids(4100), "chosen_ids": ids(5), "rejected_ids": ids(9)},
+    ]
+    with torch.no_grad():
+        out = pair_log_probs(model, PairCollator(100)(items))
+        for i, item in enumerate(items):
+            for answer, got in (("chosen_ids", out.chosen_logps[i]), ("rejected_ids", out.rejected_logps[i])):
+                row = torch.cat([item["prompt_ids"], item[answer]])[None]
+                logits = model(input_ids=row).logits[0, len(item["prompt_ids"]) - 1 : -1]
+                expected = logits.log_softmax(-1).gather(-1, item[answer][:, None]).sum()
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_lora_wrapped_model(processor, items):
     from peft import LoraConfig, get_peft_model
 
