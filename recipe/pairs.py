@@ -305,10 +305,11 @@ class PairCollator:
                 ends[seg.kind] = column + k - 1
                 column += k
         keep = width - first_predicting
-        labels = {kind: torch.full((n, keep), IGNORE_INDEX, dtype=torch.long) for kind in targets}
+        labels = {}
         for kind, entries in targets.items():
-            for r, c, token in entries:
-                labels[kind][r, c - first_predicting] = token
+            labels[kind] = torch.full((n, keep), IGNORE_INDEX, dtype=torch.long)
+            r, c, token = torch.tensor(entries, dtype=torch.long).reshape(-1, 3).unbind(1)
+            labels[kind][r, c - first_predicting] = token
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         visible = (segment[:, None, :] == segment[:, :, None]) | (segment[:, None, :] == parent[:, :, None])
         return {
