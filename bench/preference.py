@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         logps = {name: pair_log_probs(model, batches[name][0]) for name in LAYOUTS}
     for side in ("chosen_logps", "rejected_logps"):
-        torch.testing.assert_close(getattr(logps["ours"], side), getattr(logps["two-sequence"], side), rtol=1e-4, atol=1e-4)
+        ours, theirs = getattr(logps["ours"], side), getattr(logps["two-sequence"], side)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     reference = [None] * args.steps
     with torch.no_grad():
         for i, batch in enumerate(batches["ours"]):

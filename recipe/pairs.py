@@ -126,7 +126,9 @@ def tokenize_pair(pair: PreferencePair, tokenizer, image_token_counts: Sequence[
     prompt, chosen_ids = _split_last_answer(chosen.input_ids, chosen.labels)
     rejected_prompt, rejected_ids = _split_last_answer(rejected.input_ids, rejected.labels)
     if rejected_prompt != prompt:
-        raise ValueError(f"{pair.where or pair.id}: the chosen and rejected answers do not follow the same prompt tokens")
+        raise ValueError(
+            f"{pair.where or pair.id}: the chosen and rejected answers do not follow the same prompt tokens"
+        )
     return TokenizedPair(prompt, chosen_ids, rejected_ids, list(image_token_counts))
 
 
@@ -155,7 +157,8 @@ class PairDataset(torch.utils.data.Dataset):
         if self._lengths is None:
             tokenizer = self.processor.tokenizer
             self._lengths = [
-                len(tokenize_pair(pair, tokenizer, image_token_counts(pair.images, self.num_crops))) for pair in self.pairs
+                len(tokenize_pair(pair, tokenizer, image_token_counts(pair.images, self.num_crops)))
+                for pair in self.pairs
             ]
         return self._lengths
 
@@ -205,7 +208,8 @@ def _pair_rows(item: dict[str, Any], shared_prefix: bool, switch: int) -> list[_
     p, with_chosen, with_rejected = len(prompt), len(prompt) + len(chosen), len(prompt) + len(rejected)
     if not shared_prefix:
         return [
-            _Row([_Segment(prompt, _PROMPT, _NO_PARENT, 0, with_chosen), _Segment(chosen, _CHOSEN, _PROMPT, p, with_chosen)], [item]),
+            _Row([_Segment(prompt, _PROMPT, _NO_PARENT, 0, with_chosen),
+                  _Segment(chosen, _CHOSEN, _PROMPT, p, with_chosen)], [item]),
             _Row([_Segment(prompt, _PROMPT, _NO_PARENT, 0, with_rejected),
                   _Segment(rejected, _REJECTED, _PROMPT, p, with_rejected)], [item]),
         ]
@@ -374,7 +378,9 @@ def _answer_sums(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor):
     return logps, valid.sum(-1), logit_sum
 
 
-def pair_log_probs(model: torch.nn.Module, batch: dict[str, Any], image_features: torch.Tensor | None = None) -> PairLogProbs:
+def pair_log_probs(
+    model: torch.nn.Module, batch: dict[str, Any], image_features: torch.Tensor | None = None
+) -> PairLogProbs:
     """Summed log-probabilities of each pair's chosen and rejected answers, in one forward.
 
     `image_features`: the projected features of this batch's images from another forward (the

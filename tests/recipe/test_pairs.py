@@ -45,10 +45,13 @@ def pairs() -> list[PreferencePair]:
         PreferencePair(Conversation("text", [Turn(words(12, 1), words(5, 2))]), words(9, 3)),
         PreferencePair(Conversation("straddle", [Turn(words(20, 4), words(4, 5), [image(0)])]), words(90, 6)),
         PreferencePair(
-            Conversation("multi", [Turn(words(6, 7), words(8, 8), [image(1, (200, 500))]), Turn(words(10, 9), words(3, 1))]),
+            Conversation("multi", [Turn(words(6, 7), words(8, 8), [image(1, (200, 500))]),
+                                   Turn(words(10, 9), words(3, 1))]),
             words(7, 2),
         ),
-        PreferencePair(Conversation("two", [Turn(words(5, 3), words(11, 4), [image(2), image(3, (300, 300))])]), words(2, 5)),
+        PreferencePair(
+            Conversation("two", [Turn(words(5, 3), words(11, 4), [image(2), image(3, (300, 300))])]), words(2, 5)
+        ),
         PreferencePair(Conversation("text2", [Turn(words(30, 6), words(1, 7))]), words(20, 8)),
     ]
 
@@ -65,7 +68,8 @@ def test_pair_tokens_are_the_sft_tokens(processor):
         assert sft.labels[len(encoded.prompt_ids) : n] == encoded.chosen_ids  # exactly the last answer's labels
         assert all(label == -100 for label in sft.labels[n:])
         rejected = tokenize_conversation(pair.rejected_conversation(), tokenizer, counts).input_ids
-        assert encoded.prompt_ids + encoded.rejected_ids == rejected[: len(encoded.prompt_ids) + len(encoded.rejected_ids)]
+        m = len(encoded.prompt_ids) + len(encoded.rejected_ids)
+        assert encoded.prompt_ids + encoded.rejected_ids == rejected[:m]
         assert encoded.chosen_ids[-1] == end and encoded.rejected_ids[-1] == end
 
 
@@ -123,15 +127,20 @@ def tiny_model(processor, family=PHI3_5V, attention="sdpa"):
 def items(processor):
     dataset = PairDataset(pairs(), processor)
     items = [dataset[i] for i in range(len(dataset))]
-    lengths = {item["id"]: (len(item["prompt_ids"]) + len(item["chosen_ids"]), len(item["prompt_ids"]) + len(item["rejected_ids"]))
-               for item in items}
+    prompt = {item["id"]: len(item["prompt_ids"]) for item in items}
+    lengths = {
+        item["id"]: (prompt[item["id"]] + len(item["chosen_ids"]), prompt[item["id"]] + len(item["rejected_ids"]))
+        for item in items
+    }
     assert lengths["straddle"][0] <= SWITCH < lengths["straddle"][1] and min(lengths["two"]) > SWITCH
-    assert max(lengths["text"]) < SWITCH and dataset.lengths == [a + b - len(i["prompt_ids"]) for (a, b), i in zip(lengths.values(), items)]
+    assert max(lengths["text"]) < SWITCH
+    assert dataset.lengths == [chosen + rejected - prompt[key] for key, (chosen, rejected) in lengths.items()]
     return items
 
 
 def collate(processor, items, shared=True):
-    return PairCollator(processor.tokenizer.pad_token_id, shared_prefix=shared, original_max_position_embeddings=SWITCH)(items)
+    pad = processor.tokenizer.pad_token_id
+    return PairCollator(pad, shared_prefix=shared, original_max_position_embeddings=SWITCH)(items)
 
 
 def assert_equals_alone(model, processor, items):
