@@ -521,8 +521,8 @@ class Phi3VModel(Phi3VPreTrainedModel):
                 packed = packed_sequence_lengths(position_ids)
         if packed is not None:
             use_cache, past_key_values = False, None
-        if sequence_lengths is not None:
-            packed = sequence_lengths
+        # Each token's rotary factors as for its own sequence alone: given, or read from the packing.
+        rope_lengths = sequence_lengths if sequence_lengths is not None else packed
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -547,10 +547,10 @@ class Phi3VModel(Phi3VPreTrainedModel):
             position_ids=position_ids,
         )
         hidden_states = inputs_embeds
-        if packed is None:
+        if rope_lengths is None:
             position_embeddings = self.rotary_emb(hidden_states, position_ids, key_length=past_seen + seq_len)
         else:
-            position_embeddings = self.rotary_emb.per_sequence(hidden_states, position_ids, packed)
+            position_embeddings = self.rotary_emb.per_sequence(hidden_states, position_ids, rope_lengths)
         for decoder_layer in self.layers:
             hidden_states = decoder_layer(
                 hidden_states,
