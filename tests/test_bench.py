@@ -138,13 +138,16 @@ def test_throughput_quick(capsys):
     assert ratio == pytest.approx(result["ours"]["images_per_s_ratio"], abs=0.006)
 
 
-def test_preference_quick(capsys):
-    result = load("preference").main(["--quick"])  # asserts itself that both layouts give the same log-probs
+@pytest.mark.parametrize("reference,encodes", [("fixed", 2), ("model", 4)])
+def test_preference_quick(capsys, reference, encodes):
+    # (The bench asserts itself that both layouts give the same log-probabilities.)
+    result = load("preference").main(["--quick", "--reference", reference])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("ours / two-sequence: ") and lines[-1].endswith("pairs/s (target >= 1.6x)")
     assert float(lines[-1].split()[3].rstrip("x")) == pytest.approx(result["ratio"], abs=0.006)
-    # One image per pair: encoded once per step in ours, twice in the two-sequence layout.
-    assert result["images_per_step"] == {"ours": 2, "two-sequence": 4}
+    # 2 one-image pairs per step: ours encodes each image once per step (the reference reuses the
+    # policy's features); the two-sequence layout twice per model.
+    assert result["images_per_step"] == {"ours": 2, "two-sequence": 2 * encodes}
     assert result["tokens_per_step"]["ours"] < 0.6 * result["tokens_per_step"]["two-sequence"]
     for name in ("ours", "two-sequence"):
         assert positive_finite(result[name]["pairs_per_s"]) and len(result[name]["times"]) == 2
