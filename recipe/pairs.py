@@ -255,6 +255,9 @@ class PairCollator:
     For the log-probabilities: `chosen_labels` / `rejected_labels` (rows, K): at column j of the
     last K columns, the token the logits there must predict for that answer (IGNORE_INDEX
     elsewhere), and `chosen_rows` / `rejected_rows` (pairs,): the row of each pair's answer.
+    For throughput counters: `num_tokens` / `num_images` (0-D), the pairs' tokens and images each
+    counted once (the mask is 4-D, so its sum counts no tokens; a pair straddling the rotary
+    switch has its images twice in `image_sizes`).
     `shared_prefix=False`: TRL's layout, chosen rows then rejected rows, each with the prompt
     and its images. `original_max_position_embeddings`: the model's LongRoPE switch.
     """
@@ -274,6 +277,12 @@ class PairCollator:
             chosen_rows, rejected_rows = torch.arange(len(items)), torch.arange(len(items), 2 * len(items))
         batch = self._layout(rows)
         batch["chosen_rows"], batch["rejected_rows"] = chosen_rows, rejected_rows
+        batch["num_tokens"] = torch.tensor(
+            sum(len(item["prompt_ids"]) + len(item["chosen_ids"]) + len(item["rejected_ids"]) for item in items)
+        )
+        batch["num_images"] = torch.tensor(
+            sum(len(item["image_sizes"]) for item in items if item.get("pixel_values") is not None)
+        )
         batch.update(_concat_images([item for row in rows for item in row.image_items]))
         return batch
 

@@ -90,6 +90,7 @@ def test_collator_layout():
     assert batch["chosen_labels"].tolist() == [[-100, 8, 9, -100, -100], [11, -100, -100, -100, -100]]
     assert batch["rejected_labels"].tolist() == [[-100, 10, -100, -100, -100], [12, -100, 13, 14, -100]]
     assert batch["chosen_rows"].tolist() == batch["rejected_rows"].tolist() == [0, 1]
+    assert (int(batch["num_tokens"]), int(batch["num_images"])) == (11, 0)
 
     separate = PairCollator(pad_token_id=0, shared_prefix=False)(items)
     assert separate["input_ids"].tolist() == [[5, 6, 7, 8, 9], [0, 0, 0, 5, 11], [0, 5, 6, 7, 10], [0, 5, 12, 13, 14]]
@@ -231,6 +232,7 @@ def test_vision_runs_once_per_pass_and_features_are_reused(processor, items):
     batch = collate(processor, items)
     images = sum(len(pair.images) for pair in pairs())
     straddling = len(pairs()[1].images)  # its prompt (with its image) is in its row twice
+    assert len(batch["image_sizes"]) == images + straddling and int(batch["num_images"]) == images
     out = pair_log_probs(policy, batch)
     with torch.no_grad():
         pair_log_probs(reference, batch)  # a reference with its own vision side: encodes again
