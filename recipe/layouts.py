@@ -92,6 +92,9 @@ def detect_layout(record: Any, where: str) -> str:
     if isinstance(turns, list):
         first = turns[0] if turns and isinstance(turns[0], dict) else {}
         return "llava" if ("from" in first or "value" in first) else "ours"
+    if "conversations" in record:
+        raise DataError(f"{where}: 'conversations' must be a list of turns (ours: {{user, assistant}}, LLaVA: "
+                        f"{{from, value}}), got {type(turns).__name__}")
     if "messages" in record:
         return "messages"
     if "texts" in record:

@@ -234,6 +234,10 @@ def test_layout_detection_and_forcing(tmp_path):
     assert detect_layout({"texts": [], "images": []}, "f:1") == "cauldron"
     with pytest.raises(DataError, match=r"f:1: .*matches no layout; closest is llava, which needs the key 'conv"):
         detect_layout({"id": 1, "image": "a.png", "conversation": []}, "f:1")
+    # The layout's key present but not a list: said so, not a crash.
+    for value in (None, "hello", {"from": "human"}):
+        with pytest.raises(DataError, match=r"f:1: 'conversations' must be a list of turns"):
+            detect_layout({"id": 1, "conversations": value}, "f:1")
     # forced: a messages record read as LLaVA says what it lacks
     path = write(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "q"},
                                                        {"role": "assistant", "content": "a"}]}])
