@@ -400,6 +400,11 @@ def dataset_conversations(dataset, split: str, data_format: str = "auto") -> Con
     layout = dataset_layout(dataset, data_format)
     logger.info("%s split: %s layout (%d rows)", split, layout, len(dataset))
     image_column = next((c for c in ("images", "image") if c in dataset.column_names), None)
+    if image_column and _holds_paths(dataset.features[image_column]):
+        # datasets would open them relative to the working directory, absolute or `..` alike.
+        raise DataError(f"{split} split: the {image_column!r} column holds file paths, not images; give the records "
+                        "as --train_file/--eval_file (paths relative to --image_dir), or store the images in the "
+                        "dataset (datasets.Image)")
     images = lazy_images(dataset, image_column) if image_column else [[] for _ in range(len(dataset))]
     rows = dataset.remove_columns([image_column]) if image_column else dataset
     conversations, problems = [], []
@@ -411,6 +416,14 @@ def dataset_conversations(dataset, split: str, data_format: str = "auto") -> Con
         if conversation is not None:
             conversations.append(conversation)
     return Conversations(conversations, problems)
+
+
+def _holds_paths(feature) -> bool:
+    """Whether an image column (one per row, or a list) is strings rather than `datasets.Image`."""
+    import datasets
+
+    inner = feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", feature)
+    return isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string")
 
 
 def _drop_nulls(value: Any) -> Any:

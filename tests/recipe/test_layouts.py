@@ -216,6 +216,16 @@ def test_every_layout_gives_the_same_ids_labels_and_pixels(data_dir, processor):
     assert ours["system"]["labels"][: len(system_prefix)].eq(-100).all()
 
 
+def test_a_dataset_of_image_paths_is_refused(data_dir):
+    """Paths in a dataset column would be opened relative to the working directory, absolute and
+    `..` paths included (no --image_dir, no path check): refused, pointing to --train_file."""
+    rows = [as_messages(EXAMPLES[0]), {**as_messages(EXAMPLES[0]), "images": ["../../etc/hosts"]}]
+    llava = [{**as_llava(EXAMPLES[0]), "image": "/etc/hosts"}]
+    for dataset, column in ((datasets.Dataset.from_list(rows), "images"), (datasets.Dataset.from_list(llava), "image")):
+        with pytest.raises(DataError, match=rf"train split: the '{column}' column holds file paths.*--train_file"):
+            dataset_conversations(dataset, "train")
+
+
 def test_convert_to_ours_round_trips(data_dir, processor, capsys):
     source = write(data_dir / "convert-llava.json", [as_llava(e) for e in EXAMPLES], as_list=True)
     out = data_dir / "converted.jsonl"
