@@ -407,10 +407,12 @@ def dataset_conversations(dataset, split: str, data_format: str = "auto") -> Con
                         "dataset (datasets.Image)")
     images = lazy_images(dataset, image_column) if image_column else [[] for _ in range(len(dataset))]
     rows = dataset.remove_columns([image_column]) if image_column else dataset
+    # Under the key the layout's reader takes (LLaVA reads "image" too; the others "images" only).
+    key = image_column if layout == "llava" and image_column else "images"
     conversations, problems = [], []
     for i, row in enumerate(rows):
         refs = iter(images[i])
-        row = {**row, image_column or "images": [None] * len(images[i])}
+        row = {**row, key: [None] * len(images[i])}
         conversation, found = read_record(layout, _drop_nulls(row), f"{split} row {i}", lambda _: next(refs))
         problems += found
         if conversation is not None:

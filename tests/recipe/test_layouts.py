@@ -216,6 +216,22 @@ def test_every_layout_gives_the_same_ids_labels_and_pixels(data_dir, processor):
     assert ours["system"]["labels"][: len(system_prefix)].eq(-100).all()
 
 
+def test_a_messages_dataset_with_an_image_column(data_dir, processor):
+    """One image per row in an `image` column (not `images`): read as the record's image, not
+    dropped (a row without placeholders would otherwise train text-only)."""
+    plain = [e for e in EXAMPLES if len(images_of(e[2])) == 1 and not e[1]]
+    dataset = datasets.Dataset.from_list(
+        [{"messages": as_messages(e)["messages"], "image": pil(images_of(e[2])[0])} for e in plain])
+    found = dataset_conversations(dataset, "train")
+    assert not found.problems and [len(c.images) for c in found] == [1] * len(plain)
+    ours = load_file(write(data_dir / "one-image.jsonl", [as_ours(e) for e in plain]), data_dir)
+    assert_same(encoded(found, processor), encoded(ours, processor), "messages + image column")
+    no_placeholder = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Colour?"},
+                                                               {"role": "assistant", "content": "red"}],
+                                                  "image": pil(A)}])
+    assert len(dataset_conversations(no_placeholder, "train")[0].images) == 1
+
+
 def test_a_dataset_of_image_paths_is_refused(data_dir):
     """Paths in a dataset column would be opened relative to the working directory, absolute and
     `..` paths included (no --image_dir, no path check): refused, pointing to --train_file."""
