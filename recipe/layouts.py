@@ -411,13 +411,27 @@ def dataset_conversations(dataset, split: str, data_format: str = "auto") -> Con
     key = image_column if layout == "llava" and image_column else "images"
     conversations, problems = [], []
     for i, row in enumerate(rows):
-        refs = iter(images[i])
         row = {**row, key: [None] * len(images[i])}
-        conversation, found = read_record(layout, _drop_nulls(row), f"{split} row {i}", lambda _: next(refs))
+        conversation, found = read_record(layout, _drop_nulls(row), f"{split} row {i}", _column_images(images[i]))
         problems += found
         if conversation is not None:
             conversations.append(conversation)
     return Conversations(conversations, problems)
+
+
+def _column_images(refs: list) -> Callable[[Any], Any]:
+    """The reader's `resolve` for a dataset row: the row's image references, in order. An image
+    the row names itself (a typed part's file) has none: a dataset's images are in its column."""
+    remaining = iter(refs)
+
+    def resolve(value: Any) -> Any:
+        ref = next(remaining, None)
+        if ref is None:
+            raise ValueError(f"image {value!r} is named by the row; a dataset's images go in its image column "
+                             "(datasets.Image), or give the records as --train_file/--eval_file")
+        return ref
+
+    return resolve
 
 
 def _holds_paths(feature) -> bool:

@@ -240,6 +240,10 @@ def test_a_dataset_of_image_paths_is_refused(data_dir):
     for dataset, column in ((datasets.Dataset.from_list(rows), "images"), (datasets.Dataset.from_list(llava), "image")):
         with pytest.raises(DataError, match=rf"train split: the '{column}' column holds file paths.*--train_file"):
             dataset_conversations(dataset, "train")
+    # Typed parts naming their file (OpenAI's image_url) in a dataset without an image column.
+    named = datasets.Dataset.from_list([as_messages(EXAMPLES[0], typed=True, inline=True)])
+    found = dataset_conversations(named, "train")
+    assert not found and "train row 0: content: image 'a.png' is named by the row" in str(found.problems[0])
 
 
 def test_convert_to_ours_round_trips(data_dir, processor, capsys):
