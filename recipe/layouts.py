@@ -112,11 +112,12 @@ def detect_layout(record: Any, where: str) -> str:
 
 def join_parts(parts: Any, at: str) -> tuple[str, list[str], list[str]]:
     """Typed content as text: image parts written `<image>`, parts joined by a newline.
-    Returns (text, the paths image parts name themselves (OpenAI's image_url), problems)."""
+    Returns (text, the paths image parts name themselves (OpenAI's image_url), problems);
+    `at` names the content in problems (`messages[2].content`)."""
     if isinstance(parts, str):
         return parts, [], []
     if not isinstance(parts, list):
-        return "", [], [f"{at}.content must be a string or a list of typed parts, got {type(parts).__name__}"]
+        return "", [], [f"{at} must be a string or a list of typed parts, got {type(parts).__name__}"]
     pieces, inline, problems = [], [], []
     for p, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -127,35 +128,37 @@ def join_parts(parts: Any, at: str) -> tuple[str, list[str], list[str]]:
             named = named.get("url") if isinstance(named, dict) else named
             if named is not None:
                 if not isinstance(named, str) or named.startswith(("http://", "https://", "data:")):
-                    problems.append(f"{at}.content[{p}] names its image by a URL or object; give a file path "
+                    problems.append(f"{at}[{p}] names its image by a URL or object; give a file path "
                                     "(relative to --image_dir)")
                 inline.append(named)
             pieces.append(PLACEHOLDER)
         else:
-            problems.append(f"{at}.content[{p}] must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}")
+            problems.append(f"{at}[{p}] must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}")
     return "\n".join(pieces), inline, problems
 
 
 def build_conversation(
     record_id: str, where: str, messages: Sequence[tuple[str, str]], images: list, source: str = "",
-    key: str = "messages",
+    key: str = "messages", name: Callable[[int], str] | None = None,
 ) -> tuple[Conversation | None, list[Problem]]:
     """(role, text) messages and the record's images -> a Conversation (see the module docstring).
-    `key` names the messages in problems (`conversations[3]`)."""
+    `key` names the messages in problems (`conversations[3]`); `name(m)`, when the record does not
+    hold them as a list (the_cauldron's `texts[1].user`)."""
+    name = name or (lambda m: f"{key}[{m}]")
     problems: list[tuple[str, str]] = []  # (message, reason for the skip summary)
     system, offset = "", 0
     if messages and messages[0][0] == "system":
         system, messages, offset = messages[0][1], messages[1:], 1
         if not system.strip():
-            problems.append((f"{key}[0] (system) has an empty text", "empty text"))
+            problems.append((f"{name(0)} (system) has an empty text", "empty text"))
         if PLACEHOLDER in system:
-            problems.append((f"{key}[0] (system) holds an <image> placeholder; put it in a user message",
+            problems.append((f"{name(0)} (system) holds an <image> placeholder; put it in a user message",
                              "placeholder count"))
     if not messages:
         problems.append(("no user/assistant messages", "missing answer"))
     in_order = True
     for m, (role, text) in enumerate(messages):
-        at, expected = f"{key}[{m + offset}]", "user" if m % 2 == 0 else "assistant"
+        at, expected = name(m + offset), "user" if m % 2 == 0 else "assistant"
         if role == "system":
             problems.append((f"{at} is a system message; only the first message may be one", "turn order"))
             in_order = False
@@ -169,7 +172,7 @@ def build_conversation(
             problems.append((f"{at} (assistant) holds an <image> placeholder; images go in user messages",
                              "placeholder count"))
     if messages and len(messages) % 2 == 1 and not problems:
-        problems.append((f"the last user message ({key}[{len(messages) - 1 + offset}]) has no assistant answer",
+        problems.append((f"the last user message ({name(len(messages) - 1 + offset)}) has no assistant answer",
                          "missing answer"))
     placeholders = sum(text.count(PLACEHOLDER) for role, text in messages if role == "user")
     if placeholders and placeholders != len(images):
@@ -230,7 +233,7 @@ def _messages(
             problems.append((f"{at} has unknown role {message[role_key]!r}; expected one of {sorted(roles)}",
                              "unknown role"))
             continue
-        text, named, found = join_parts(message[text_key], at)
+        text, named, found = join_parts(message[text_key], f"{at}.{text_key}")
         problems += [(problem, "wrong type") for problem in found]
         inline += named
         messages.append((role, text))
@@ -271,15 +274,27 @@ def read_record(
             problems += more
     else:  # cauldron: texts of {user, assistant} pairs
         images, problems = _images(record.get("images"), "images", resolve)
-        texts = record["texts"]
-        pairs = [[{"role": r, "content": t.get(r)} for r in ("user", "assistant")] if isinstance(t, dict) else [None]
-                 for t in (texts if isinstance(texts, list) else [])]
-        key = "texts (as messages)"
-        messages, _, found = _messages([m for pair in pairs for m in pair], key, "role", "content", ROLES["cauldron"])
+        key, messages, found = "texts", *_cauldron_messages(record["texts"])
     problems += found
     if problems:
         return None, [Problem(where, message, reason) for message, reason in problems]
-    return build_conversation(record_id, where, messages, images, source=str(record.get("source", "")), key=key)
+    name = (lambda m: f"texts[{m // 2}].{('user', 'assistant')[m % 2]}") if layout == "cauldron" else None
+    return build_conversation(record_id, where, messages, images, source=str(record.get("source", "")), key=key,
+                              name=name)
+
+
+def _cauldron_messages(texts: Any) -> tuple[list, list[tuple[str, str]]]:
+    """the_cauldron's texts [{user, assistant}] as (role, text) messages, and the problems."""
+    if not isinstance(texts, list) or not texts:
+        return [], [("'texts' must be a non-empty list of {'user', 'assistant'} objects", "wrong type")]
+    messages, problems = [], []
+    for t, entry in enumerate(texts):
+        for role in ("user", "assistant"):
+            value = entry.get(role) if isinstance(entry, dict) else None
+            if not isinstance(value, str):
+                problems.append((f"texts[{t}].{role} must be a string", "wrong type"))
+            messages.append((role, value if isinstance(value, str) else ""))
+    return messages, problems
 
 
 # -- files -----------------------------------------------------------------------------------

@@ -279,6 +279,15 @@ def test_layout_detection_and_forcing(tmp_path):
     found = load_file(path, tmp_path)
     start = path.read_text().splitlines().index("  {", 2) + 1  # (line 2 starts the first record)
     assert len(found) == 1 and found.problems[0].where == f"{path}:{start}" and start > 2
+    # Problems name the field as the record has it: LLaVA's `value`, the_cauldron's texts[t].user/assistant.
+    bad = [{"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "A"}]},
+           {"images": [], "texts": [{"user": "Q", "assistant": "A"}, {"user": "Q2"}]},
+           {"images": [], "texts": [{"user": "Q", "assistant": "A"}, {"user": "Q2", "assistant": " "}]}]
+    found = [load_file(write(tmp_path / f"bad{i}.jsonl", [record]), tmp_path).problems[0].message
+             for i, record in enumerate(bad)]
+    assert found[0].startswith("conversations[0].value must be a string or a list of typed parts"), found[0]
+    assert found[1] == "texts[1].assistant must be a string", found[1]
+    assert found[2] == "texts[1].assistant (assistant) has an empty text", found[2]
     (tmp_path / "one.json").write_text(json.dumps(records[0], indent=1))
     with pytest.raises(DataError, match="one JSON object over several lines"):
         load_file(tmp_path / "one.json", tmp_path)
