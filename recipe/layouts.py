@@ -303,7 +303,7 @@ def _cauldron_messages(texts: Any) -> tuple[list, list[tuple[str, str]]]:
 def read_records(path: Path) -> Iterator[tuple[str, Any]]:
     """(file:line, record) of a JSON lines file or a file holding one JSON list (the line is where
     the record starts). A line that is not JSON gives (where, JSONDecodeError)."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # (a byte order mark, as Windows editors write, is dropped)
     body = text.lstrip()
     if body.startswith("{") and "\n" in body.strip():
         try:

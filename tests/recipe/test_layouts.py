@@ -232,6 +232,16 @@ def test_a_messages_dataset_with_an_image_column(data_dir, processor):
     assert len(dataset_conversations(no_placeholder, "train")[0].images) == 1
 
 
+def test_a_file_saved_with_a_byte_order_mark(tmp_path):
+    """Editors on Windows save UTF-8 with a BOM: read as the same records, in both file forms."""
+    records = [as_messages(EXAMPLES[3]), as_messages(EXAMPLES[3])]
+    for as_list in (True, False):
+        path = write(tmp_path / "bom.json", records, as_list)
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        found = load_file(path, tmp_path)
+        assert not found.problems and len(found) == 2, found.problems
+
+
 def test_a_dataset_of_image_paths_is_refused(data_dir):
     """Paths in a dataset column would be opened relative to the working directory, absolute and
     `..` paths included (no --image_dir, no path check): refused, pointing to --train_file."""
