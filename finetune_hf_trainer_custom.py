@@ -124,6 +124,9 @@ def _dataset_splits(data_args: CustomArguments):
 
     source = load_source(data_args.dataset_name_or_path)
     splits = source if isinstance(source, datasets.DatasetDict) else {data_args.train_split: source}
+    fmt = data_args.data_format
+    if data_args.eval_only and data_args.eval_split in splits:  # no training split needed
+        return None, dataset_conversations(splits[data_args.eval_split], data_args.eval_split, fmt)
     if data_args.train_split not in splits:
         raise DataError(f"--dataset_name_or_path has splits {list(splits)}, not --train_split "
                         f"{data_args.train_split!r}")
@@ -138,7 +141,6 @@ def _dataset_splits(data_args: CustomArguments):
         train_rows, eval_rows = parts["train"], parts["test"]
         logger.info("no split %r in the dataset: evaluating on a seeded holdout of %d %s rows (--eval_size), "
                     "never trained on", data_args.eval_split, data_args.eval_size, data_args.train_split)
-    fmt = data_args.data_format
     train = None if data_args.eval_only else dataset_conversations(train_rows, data_args.train_split, fmt)
     return train, dataset_conversations(eval_rows, data_args.eval_split, fmt)
 

@@ -232,6 +232,17 @@ def test_a_messages_dataset_with_an_image_column(data_dir, processor):
     assert len(dataset_conversations(no_placeholder, "train")[0].images) == 1
 
 
+def test_eval_only_on_a_dataset_with_only_its_eval_split(tmp_path):
+    rows = [as_messages(e, typed=True, image_value=pil) for e in EXAMPLES[:2]]
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "hf"))
+    args = custom.CustomArguments(dataset_name_or_path=str(tmp_path / "hf"), eval_only=True)
+    args.check()
+    train, eval_ = custom.load_data(args, None)
+    assert train is None and len(eval_) == 2
+    with pytest.raises(DataError, match="not --train_split 'train'"):
+        custom.load_data(custom.CustomArguments(dataset_name_or_path=str(tmp_path / "hf")), None)
+
+
 def test_a_file_saved_with_a_byte_order_mark(tmp_path):
     """Editors on Windows save UTF-8 with a BOM: read as the same records, in both file forms."""
     records = [as_messages(EXAMPLES[3]), as_messages(EXAMPLES[3])]
