@@ -77,7 +77,6 @@ _LAYOUT_ALL_KEYS = {
 ROLES = {
     "llava": {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"},
     "messages": {"user": "user", "assistant": "assistant", "system": "system"},
-    "cauldron": {"user": "user", "assistant": "assistant"},
 }
 
 

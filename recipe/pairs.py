@@ -10,7 +10,8 @@ with a 4-D attention mask: the prompt is causal, the chosen answer sees the prom
 the rejected answer sees the prompt and itself but never the chosen answer; padding sees only
 padding. Logits at the last prompt position predict both first answer tokens. Rows are
 left-padded, so every answer ends in the last columns and only those columns (the longest
-chosen + rejected + 1) go through `lm_head` (`logits_to_keep`).
+chosen + rejected + 1; more when a pair straddles the switch, below) go through `lm_head`
+(`logits_to_keep`).
 
 Equal to two separate sequences: each token attends to exactly the keys it has in its own
 sequence (prompt + that answer), at the same positions, and gets the LongRoPE factors of that
