@@ -409,6 +409,8 @@ def dataset_layout(dataset, data_format: str = "auto") -> str:
 def dataset_conversations(dataset, split: str, data_format: str = "auto") -> Conversations:
     """Conversations of a `datasets.Dataset` whose rows are records of a layout; the images stay
     in the Arrow file (`recipe.hub.DatasetImage`) and are decoded only when used."""
+    import datasets
+
     from .hub import lazy_images
 
     layout = dataset_layout(dataset, data_format)
@@ -420,6 +422,9 @@ def dataset_conversations(dataset, split: str, data_format: str = "auto") -> Con
                         "as --train_file/--eval_file (paths relative to --image_dir), or store the images in the "
                         "dataset (datasets.Image)")
     images = lazy_images(dataset, image_column) if image_column else [[] for _ in range(len(dataset))]
+    if image_column and isinstance(dataset.features[image_column], datasets.Image):
+        # One image per row: a text-only row holds null there, and no image.
+        images = [refs if present else [] for refs, present in zip(images, _present(dataset, image_column))]
     rows = dataset.remove_columns([image_column]) if image_column else dataset
     # Under the key the layout's reader takes (LLaVA reads "image" too; the others "images" only).
     key = image_column if layout == "llava" and image_column else "images"
@@ -431,6 +436,17 @@ def dataset_conversations(dataset, split: str, data_format: str = "auto") -> Con
         if conversation is not None:
             conversations.append(conversation)
     return Conversations(conversations, problems)
+
+
+def _present(dataset, column: str) -> list[bool]:
+    """Per row, whether `column` is not null (read from Arrow, no image decoded)."""
+    import pyarrow.compute as pc
+
+    arrow = dataset.select_columns([column]).with_format("arrow")
+    present: list[bool] = []
+    for start in range(0, len(dataset), 10_000):
+        present += pc.is_valid(arrow[start : start + 10_000][column]).to_pylist()
+    return present
 
 
 def _column_images(refs: list) -> Callable[[Any], Any]:

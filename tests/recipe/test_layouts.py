@@ -226,6 +226,14 @@ def test_a_messages_dataset_with_an_image_column(data_dir, processor):
     assert not found.problems and [len(c.images) for c in found] == [1] * len(plain)
     ours = load_file(write(data_dir / "one-image.jsonl", [as_ours(e) for e in plain]), data_dir)
     assert_same(encoded(found, processor), encoded(ours, processor), "messages + image column")
+    # Text-only rows (a null image) carry no image, in both column forms.
+    mixed = [{"messages": as_messages(EXAMPLES[0])["messages"], "image": pil(A)},
+             {"messages": as_messages(EXAMPLES[3])["messages"], "image": None}]
+    found = dataset_conversations(datasets.Dataset.from_list(mixed), "train")
+    assert not found.problems and [len(c.images) for c in found] == [1, 0]
+    llava = datasets.Dataset.from_list([{**as_llava(EXAMPLES[3]), "image": None},
+                                        {**as_llava(EXAMPLES[0]), "image": pil(A)}]).select([1, 0])
+    assert [len(c.images) for c in dataset_conversations(llava, "train")] == [1, 0]
     no_placeholder = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Colour?"},
                                                                {"role": "assistant", "content": "red"}],
                                                   "image": pil(A)}])
