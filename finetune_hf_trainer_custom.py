@@ -31,7 +31,7 @@ from recipe.errors import DataError, FlagError, cli
 from recipe.hub import load_source
 from recipe.layouts import dataset_conversations, load_file
 from recipe.metrics import accuracy, anls, exact_match
-from recipe.train import Task, run
+from recipe.task import Task, run
 
 logger = logging.getLogger("recipe")
 

@@ -21,7 +21,7 @@ from recipe.args import DataArguments
 from recipe.errors import cli
 from recipe.hub import cauldron_conversations, docvqa_conversations, load_source, split_for_eval, train_split
 from recipe.metrics import anls
-from recipe.train import Task, run
+from recipe.task import Task, run
 
 
 @dataclass

@@ -18,7 +18,7 @@ from recipe.args import DataArguments
 from recipe.errors import cli
 from recipe.hub import cauldron_conversations, load_source, split_for_eval
 from recipe.metrics import accuracy
-from recipe.train import Task, run
+from recipe.task import Task, run
 
 
 @dataclass

@@ -34,7 +34,7 @@ from recipe.args import FileDataArguments
 from recipe.errors import DataError, FlagError, cli
 from recipe.metrics import accuracy
 from recipe.layouts import load_file
-from recipe.train import Task, run
+from recipe.task import Task, run
 
 
 DEFAULT_DATA_DIR = "data/ucf101"

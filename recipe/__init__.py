@@ -1,21 +1,36 @@
 """The finetuning recipes' shared code: flags, data, model setup, training runner, evaluation.
 
-Importing it quiets third-party messages a user cannot act on (each one named below).
+Importing it quiets third-party messages a user cannot act on (each one named below); any
+--log_level other than the default 'passive' shows them again (recipe.train._setup_logging).
+It imports nothing heavy: `--help` and flag errors must stay fast.
 """
 
 import logging
-import os
 import warnings
-
-import torch
 
 # bitsandbytes' CPU backend looks for an optional `kernels` download at import and warns when it
 # is absent; its built-in fallback is what runs, and nothing is for the user to do.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-# DeepSpeed's gloo path (CPU runs) calls torch's deprecated all_gather_into_tensor alias.
-warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*", category=FutureWarning)
-# PEFT's get_peft_model reads transformers' deprecated `is_gradient_checkpointing` property.
-warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-# DeepSpeed warns that it "set the accelerator to CPU" on machines without CUDA; say so up front.
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+# (message pattern, category) of warnings that say nothing to the user.
+QUIET_WARNINGS = (
+    # DeepSpeed's gloo path (CPU runs) calls torch's deprecated all_gather_into_tensor alias.
+    (r".*all_gather_into_tensor.*", FutureWarning),
+    # PEFT's get_peft_model reads transformers' deprecated `is_gradient_checkpointing` property.
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+)
+
+
+def quiet_libraries(quiet: bool = True) -> None:
+    """Hides (quiet) or shows again the messages above."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.NOTSET)
+    for message, category in QUIET_WARNINGS:
+        if quiet:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        else:
+            warnings.filters[:] = [f for f in warnings.filters
+                                   if not (f[0] == "ignore" and f[1] is not None and f[1].pattern == message
+                                           and f[2] is category)]
+
+
+quiet_libraries()

@@ -9,32 +9,42 @@ transformers' own names for what the original names differently (`--weight_decay
 
 Flags are matched exactly: no abbreviations (argparse would otherwise take `--learning_rat 5` as
 the learning rate). Every problem ends in one `error:` line (recipe.errors).
+
+This module is light on purpose: `--help` and every flag error come from it without importing
+torch or transformers' trainer (seconds). The flags the recipes document are light dataclasses
+here (`TrainingFlags` holds the training ones); transformers' other flags are known by name
+(read from its source, not imported) and parsed, with the `TrainingArguments` object built
+(recipe.training_args), only for a run that passed every check.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
+import functools
 import importlib.util
 import logging
 import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
-import torch
-from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers import HfArgumentParser
 
 from .errors import FlagError
-from .packing import MAX_TOKENS_PER_ROW
 
 __all__ = [
     "ModelArguments",
     "DataArguments",
     "FileDataArguments",
+    "TrainingFlags",
     "RecipeTrainingArguments",
+    "Flags",
     "FlagError",
+    "parse_flags",
+    "build_training_args",
     "parse_args",
     "check_args",
     "world_size",
@@ -47,6 +57,10 @@ logger = logging.getLogger("recipe")
 RUN_COMPLETE_FILE = "run_complete.json"
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_DEEPSPEED_CONFIG = str(REPOSITORY / "ds_configs" / "zero2.json")
+TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer's name (a test checks they agree)
+# Longest row of --padding_free: 4096, the original context, so LongRoPE keeps each example's
+# short factors (recipe.packing).
+MAX_TOKENS_PER_ROW = 4096
 
 # transformers' names for what the original recipe calls differently: refused (and hidden from
 # --help) rather than silently overwritten by the original's flag.
@@ -166,6 +180,12 @@ class DataArguments:
                 raise FlagError(f"--{name} {value} must be at least 1 (or left out: no limit)")
 
 
+def _default_workers() -> int:
+    """min(4, the CPUs this process may run on): more workers than CPUs only compete."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cpus)
+
+
 @dataclass
 class FileDataArguments(DataArguments):
     """Data files in any layout the recipes read (recipe.layouts): the flags of the scripts that
@@ -193,13 +213,15 @@ class FileDataArguments(DataArguments):
 
 
 @dataclass
-class RecipeTrainingArguments(TrainingArguments):
-    """transformers' TrainingArguments with the original recipe's flags and defaults.
+class TrainingFlags:
+    """The training flags the recipes document, with the original recipe's defaults.
 
     The defaults of the optimisation block are the settings the original recipe hard-codes and
     published its tables with (AdamW betas (0.9, 0.95), eps 1e-7, linear schedule with 50 warmup
-    steps, gradient clipping at 1.0, activation checkpointing, 4 data workers prefetching 2
-    batches each, weight decay 0.01).
+    steps, gradient clipping at 1.0, activation checkpointing, data workers prefetching 2
+    batches each, weight decay 0.01). The flags that keep transformers' meaning and default
+    (MIRRORED) are declared here too, so that --help and the checks need no transformers import;
+    recipe.training_args.RecipeTrainingArguments puts these fields over TrainingArguments'.
     """
 
     output_dir: str | None = field(default="./output", metadata={"help": "Where checkpoints and results go."})
@@ -216,11 +238,12 @@ class RecipeTrainingArguments(TrainingArguments):
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     activation_checkpointing: bool | None = field(
         default=True,
-        metadata={"help": "Recompute activations in the backward pass (less memory, ~20%% slower). "
-                          "--activation_checkpointing False (or --no_activation_checkpointing) turns it off."},
+        metadata={"help": "Recompute activations in the backward pass (less memory, ~20%% slower)."},
     )
     dataloader_num_workers: int = field(
-        default=4, metadata={"help": "Data loader worker processes per device (images decoded off the training step)."}
+        default_factory=_default_workers,
+        metadata={"help": "Data loader worker processes per device (images decoded off the training step). "
+                          "Default: min(4, CPUs available to the process)."},
     )
     dataloader_prefetch_factor: int | None = field(
         default=2, metadata={"help": "Batches each worker loads ahead (ignored with --dataloader_num_workers 0)."}
@@ -256,31 +279,66 @@ class RecipeTrainingArguments(TrainingArguments):
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns (required)."})
 
-    def __post_init__(self):
-        # Derived values only; every check is in check_args, which ran before this.
-        if self.activation_checkpointing_kwargs is None:
-            # Non-reentrant checkpointing works with frozen parts and LoRA without extra hooks.
-            self.activation_checkpointing_kwargs = {"use_reentrant": False}
-        self.per_device_train_batch_size = self.batch_size_per_gpu
-        self.weight_decay = self.wd
-        self.disable_tqdm = self.no_tqdm or bool(self.disable_tqdm)
-        self.gradient_accumulation_steps = self.batch_size // (world_size() * self.batch_size_per_gpu)
-        if self.dataloader_num_workers == 0:
-            self.dataloader_prefetch_factor = None  # transformers refuses it without workers
-        if not torch.accelerator.is_available():
-            # On a machine without GPUs accelerate only sets up a distributed CPU (gloo) job when
-            # told so: otherwise every torchrun rank trains alone on all the data and reports a
-            # world size of 1, and TrainingArguments refuses --bf16.
-            self.use_cpu = True
-        super().__post_init__()
-        if self.deepspeed and self.use_cpu and world_size() > 1:
-            # On GPUs accelerate initialises DeepSpeed's communication layer together with
-            # torch.distributed; on CPU (use_cpu) it only sets up torch.distributed (gloo). ZeRO-3
-            # builds the model inside deepspeed.zero.Init before the engine exists, and there
-            # DeepSpeed would see a world of one. Its backend wraps the existing process group.
-            import deepspeed
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Check the flags and the data, load the processor, build the first batches, print what "
+                          "the run would cost (examples, tokens, optimizer steps, memory per GPU) and exit, before "
+                          "any weights load."},
+    )
+    # transformers' flags with transformers' defaults (MIRRORED), in the recipe's own words.
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW)."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Stop after N optimizer steps (overrides --num_train_epochs). Default: -1, "
+                                      "off."}
+    )
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (Ampere or newer GPUs, CPUs)."})
+    fp16: bool = field(default=False, metadata={"help": "float16 mixed precision (V100; CUDA only)."})
+    seed: int = field(default=42, metadata={"help": "Random seed (model init of adapters, data order, subsets)."})
+    save_strategy: str = field(
+        default="steps", metadata={"help": "When to checkpoint.", "choices": ["no", "steps", "epoch", "best"]}
+    )
+    log_level: str = field(
+        default="passive",
+        metadata={"help": "Log level of the main process for the recipe and the libraries; 'passive' (the default): "
+                          "the recipe's progress lines, the libraries' warnings that matter. Any other level also "
+                          "shows the library messages the recipe hides by default.",
+                  "choices": ["detail", "debug", "info", "warning", "error", "critical", "passive"]},
+    )
+    log_level_replica: str = field(
+        default="warning", metadata={"help": "Log level of the other processes.",
+                                     "choices": ["detail", "debug", "info", "warning", "error", "critical", "passive"]}
+    )
+    eval_strategy: str = field(
+        default="no", metadata={"help": "Also evaluate (the task metric, by generation) during training.",
+                                "choices": ["no", "steps", "epoch"]}
+    )
+    eval_steps: float | None = field(
+        default=None, metadata={"help": "Evaluate every N steps with --eval_strategy steps. Default: "
+                                        "--logging_steps."}
+    )
+    load_best_model_at_end: bool = field(
+        default=False, metadata={"help": "Keep the checkpoint with the best --metric_for_best_model as the final "
+                                         "model (needs --eval_strategy and a matching --save_strategy)."}
+    )
+    greater_is_better: bool | None = field(
+        default=None, metadata={"help": "Whether a higher --metric_for_best_model is better. Default: yes, unless "
+                                        "the metric's name ends in 'loss'."}
+    )
 
-            deepspeed.init_distributed(dist_backend="gloo")
+
+# TrainingFlags fields that keep transformers' default (tests check they still agree).
+MIRRORED = ("learning_rate", "num_train_epochs", "max_steps", "bf16", "fp16", "seed", "save_strategy", "log_level",
+            "log_level_replica", "eval_strategy", "eval_steps", "load_best_model_at_end", "greater_is_better")
+
+
+def __getattr__(name: str):
+    """`RecipeTrainingArguments` imports transformers' TrainingArguments (heavy): on first use."""
+    if name == "RecipeTrainingArguments":
+        from .training_args import RecipeTrainingArguments
+
+        return RecipeTrainingArguments
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def world_size() -> int:
@@ -298,48 +356,101 @@ TRAINING_FLAGS = {
     "lr_scheduler_type", "warmup_steps", "max_grad_norm", "activation_checkpointing", "bf16", "fp16",
     "deepspeed", "seed", "save_strategy", "save_steps", "save_total_limit", "logging_steps",
     "report_to", "train_sampling_strategy", "dataloader_num_workers", "dataloader_prefetch_factor", "no_tqdm",
-    "log_level", "log_level_replica", "padding_free", "max_tokens_per_row",
+    "log_level", "log_level_replica", "padding_free", "max_tokens_per_row", "dry_run",
 }
 EVALUATION_FLAGS = {
     "eval_strategy", "eval_steps", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
+    "eval_batch_size", "max_new_tokens", "eval_turns", "eval_only", "skip_eval_before",
 }
+HIDDEN = {"remove_unused_columns"}  # must stay as it is; not offered
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag under its name with underscores only (the dashed spelling works too)."""
+def _is_switch(action: argparse.Action) -> bool:
+    """An on/off flag (HfArgumentParser's bool: `--flag` alone means on; `--flag False` works too)."""
+    return action.nargs == "?" and action.const is True
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag under its name with underscores only (the dashed spelling works too); on/off
+    flags without a value (`--use_lora`, `--no_activation_checkpointing`); a default shown once:
+    where the help text does not already explain it, and not for switches that are off."""
 
     def _format_action_invocation(self, action):
-        if not action.option_strings or action.nargs == 0:
-            return action.option_strings[0] if action.option_strings else super()._format_action_invocation(action)
-        return f"{action.option_strings[0]} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            return super()._format_action_invocation(action)
+        name = action.option_strings[0]
+        if _is_switch(action):
+            negation = getattr(action, "negation", None)
+            return f"{name}, {negation}" if negation else name
+        if action.nargs == 0:
+            return name
+        return f"{name} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text.lower() or default is None or default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if _is_switch(action):
+            return f"{text} (default: on)" if default else text
+        return f"{text} (default: %(default)s)"
+
+
+@functools.lru_cache(maxsize=1)
+def transformers_flag_names() -> frozenset[str] | None:
+    """The field names of the installed transformers' TrainingArguments, read from its source
+    (importing it takes seconds: torch, accelerate, peft, bitsandbytes). None if the source is
+    not where or what it used to be; unknown flags are then left to transformers' parser."""
+    try:
+        spec = importlib.util.find_spec("transformers")
+        source = Path(spec.origin).with_name("training_args.py").read_text(encoding="utf-8")
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.ClassDef) and node.name == "TrainingArguments":
+                names = frozenset(item.target.id for item in node.body
+                                  if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+                                  and not item.target.id.startswith("_"))
+                return names or None
+    except (AttributeError, OSError, SyntaxError, TypeError, ValueError):
+        pass
+    return None
 
 
 class RecipeArgumentParser(HfArgumentParser):
     """HfArgumentParser with exact flag names, one-line errors and a grouped --help."""
 
-    def __init__(self, data_args_class, defaults: dict):
-        super().__init__((ModelArguments, data_args_class, RecipeTrainingArguments), allow_abbrev=False,
-                         formatter_class=_HelpFormatter,
+    def __init__(self, dataclass_types, defaults: dict | None = None):
+        super().__init__(dataclass_types, allow_abbrev=False, formatter_class=_HelpFormatter,
                          usage="%(prog)s [--flag VALUE ...]   (torchrun --nproc_per_node=N %(prog)s ... on GPUs)")
+        defaults = dict(defaults or {})
         unknown = set(defaults) - {action.dest for action in self._actions}
         if unknown:
             raise FlagError(f"task defaults name unknown flags: {sorted(unknown)}")
         self.set_defaults(**defaults)
-        self._group_help(data_args_class)
 
-    def _group_help(self, data_args_class) -> None:
-        """Moves every flag into one of GROUPS; refused transformers names are not shown."""
-        groups = {title: self.add_argument_group(title) for title in GROUPS}
-        ours = {f.name for f in fields(RecipeTrainingArguments) if f.name in RecipeTrainingArguments.__dict__}
+    def group_help(self, data_args_class) -> None:
+        """Moves every flag into one of GROUPS; refused transformers names are not shown, the
+        other transformers flags are listed by name."""
+        ours = {f.name for f in fields(TrainingFlags)}
         data = {f.name for f in fields(data_args_class)}
         model = {f.name for f in fields(ModelArguments)}
+        others = sorted((transformers_flag_names() or frozenset()) - ours - REFUSED.keys() - HIDDEN)
+        descriptions = {"other transformers flags": (
+            "Any other flag of transformers' TrainingArguments works too, with transformers' meaning (see "
+            "its documentation): " + ", ".join(f"--{name}" for name in others) + ".") if others else None}
+        groups = {title: self.add_argument_group(title, descriptions.get(title)) for title in GROUPS}
+        negations = {a.dest: a.option_strings[0] for a in self._actions
+                     if a.option_strings and a.option_strings[0].startswith("--no_") and a.const is False}
         for action in list(self._optionals._group_actions):
             dest = action.dest
             if dest == "help":
                 continue
-            if dest in REFUSED or action.option_strings[0].startswith("--no_"):
+            if _is_switch(action) and dest in negations:
+                action.negation = negations[dest]
+            if dest in REFUSED or dest in HIDDEN or (action.option_strings[0].startswith("--no_") and action.const
+                                                     is False):
                 action.help = argparse.SUPPRESS
-            elif dest in EVALUATION_FLAGS or (dest in data and ("eval" in dest or dest == "max_new_tokens")):
+                continue
+            if dest in EVALUATION_FLAGS:
                 title = "evaluation"
             elif dest in TRAINING_FLAGS:
                 title = "training"
@@ -351,8 +462,6 @@ class RecipeArgumentParser(HfArgumentParser):
                 title = "training"
             else:
                 title = "other transformers flags"
-                if action.help and action.help is not argparse.SUPPRESS:
-                    action.help = action.help.split(". ")[0].rstrip(".") + "."  # the first sentence
             self._optionals._group_actions.remove(action)
             groups[title]._group_actions.append(action)
 
@@ -360,19 +469,39 @@ class RecipeArgumentParser(HfArgumentParser):
         """argparse's own errors (bad value, missing value): one line instead of usage + message."""
         raise FlagError(f"{message} (see --help)")
 
-    def unknown_flags(self, rest: list[str]) -> FlagError:
-        """One error for what argparse left over: each unknown flag with the closest real ones."""
-        known = [f"--{action.dest}" for action in self._actions
-                 if action.option_strings and action.help is not argparse.SUPPRESS]
-        problems = []
-        for token in rest:
-            if token.startswith("-"):
-                flag = token.split("=", 1)[0]
-                close = difflib.get_close_matches(flag.replace("-", "_").replace("__", "--", 1), known, n=3, cutoff=0.6)
-                problems.append(f"unknown flag {flag}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
-            elif not problems:  # (values after an unknown flag belong to it)
-                problems.append(f"unexpected value {token!r}")
+    def known_flags(self) -> list[str]:
+        return [f"--{action.dest}" for action in self._actions
+                if action.option_strings and action.help is not argparse.SUPPRESS]
+
+    def unknown_flags(self, problems: list[str]) -> FlagError:
         return FlagError("; ".join(problems) + "; flags are matched exactly, see --help")
+
+
+def _unknown(rest: list[str], passable: frozenset[str] | None, known: list[str]) -> list[str]:
+    """What argparse left over that is not a transformers flag: each unknown flag with the
+    closest real ones. (Values after a flag belong to it; a negative number is a value.)"""
+    problems, after_flag = [], False
+    for token in rest:
+        if token.startswith("-") and not _is_number(token):
+            flag = token.split("=", 1)[0]
+            name = flag.lstrip("-").replace("-", "_")
+            after_flag = True
+            if passable is None or name in passable or (name.startswith("no_") and name[3:] in passable):
+                continue
+            close = difflib.get_close_matches(flag.replace("-", "_").replace("__", "--", 1), known, n=3, cutoff=0.6)
+            problems.append(f"unknown flag {flag}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        elif not after_flag:
+            problems.append(f"unexpected value {token!r}")
+            after_flag = True  # (one such message is enough)
+    return problems
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
 
 
 def _given(argv: list[str]) -> set[str]:
@@ -380,14 +509,84 @@ def _given(argv: list[str]) -> set[str]:
     return {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
 
 
-def _build(dtype, namespace: argparse.Namespace):
-    values = {f.name: getattr(namespace, f.name) for f in fields(dtype) if f.init and hasattr(namespace, f.name)}
+def _build(dtype, values: dict):
+    values = {f.name: values[f.name] for f in fields(dtype) if f.init and f.name in values}
     try:
         return dtype(**values)
     except FlagError:
         raise
     except ValueError as err:  # transformers' own flag validation
         raise FlagError(" ".join(str(err).split())) from None
+
+
+class Flags(NamedTuple):
+    """The parsed, checked flags of a run; `transformers_argv` are the transformers flags that
+    TrainingFlags does not declare, parsed by build_training_args."""
+
+    model: ModelArguments
+    data: DataArguments
+    training: TrainingFlags
+    transformers_argv: list[str]
+
+
+def parse_flags(data_args_class=DataArguments, argv: list[str] | None = None, defaults: dict | None = None,
+                late_defaults=None) -> Flags:
+    """Parses and checks every flag (check_args) without importing torch or transformers'
+    trainer: --help and every flag error end here in well under a second of imports.
+    `defaults` are the task's own defaults.
+
+    `late_defaults(data_args) -> {flag: value}`: defaults that follow from the data flags (a task
+    named and scored by its flags: its metric is --metric_for_best_model's default), applied to
+    the flags not given on the command line.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refused = sorted(_given(argv) & REFUSED.keys())
+    if refused:
+        raise FlagError(f"--{refused[0]} is not used by these recipes; use {REFUSED[refused[0]]}")
+    parser = RecipeArgumentParser((ModelArguments, data_args_class, TrainingFlags), defaults)
+    parser.group_help(data_args_class)
+    namespace, rest = parser.parse_known_args(argv)
+    ours = {action.dest for action in parser._actions}
+    names = transformers_flag_names()
+    passable = None if names is None else names - ours - REFUSED.keys()
+    problems = _unknown(rest, passable, parser.known_flags() + sorted(f"--{n}" for n in passable or ()))
+    if problems:
+        raise parser.unknown_flags(problems)
+    values = vars(namespace)
+    model_args = _build(ModelArguments, values)
+    data_args = _build(data_args_class, values)
+    if late_defaults is not None:
+        given = _given(argv)
+        values.update({name: value for name, value in late_defaults(data_args).items() if name not in given})
+    training = _build(TrainingFlags, values)
+    if model_args.use_qlora:
+        model_args.use_lora = True
+    if training.deepspeed == "auto":
+        full = not (model_args.use_lora or data_args.eval_only)
+        training.deepspeed = DEFAULT_DEEPSPEED_CONFIG if full else None
+    elif training.deepspeed in ("none", ""):
+        training.deepspeed = None
+    check_args(model_args, data_args, training)
+    return Flags(model_args, data_args, training, rest)
+
+
+def build_training_args(flags: Flags):
+    """The run's RecipeTrainingArguments (transformers' TrainingArguments: imports torch and the
+    trainer's libraries; sets up devices), from flags that passed their checks."""
+    from .training_args import RecipeTrainingArguments
+
+    values = {f.name: getattr(flags.training, f.name) for f in fields(TrainingFlags)}
+    if flags.transformers_argv:
+        parser = RecipeArgumentParser(RecipeTrainingArguments)
+        namespace, rest = parser.parse_known_args(flags.transformers_argv)
+        problems = _unknown(rest, frozenset(), parser.known_flags())
+        if problems:
+            raise parser.unknown_flags(problems)
+        for name in _given(flags.transformers_argv):
+            name = name if hasattr(namespace, name) or not name.startswith("no_") else name[3:]
+            if name not in values and hasattr(namespace, name):
+                values[name] = getattr(namespace, name)
+    return _build(RecipeTrainingArguments, values)
 
 
 def parse_args(data_args_class=DataArguments, argv: list[str] | None = None, defaults: dict | None = None,
@@ -401,32 +600,8 @@ def parse_args(data_args_class=DataArguments, argv: list[str] | None = None, def
     Every check (check_args) runs before TrainingArguments sets up devices, distributed or
     DeepSpeed, so a wrong flag costs nothing.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    refused = sorted(_given(argv) & REFUSED.keys())
-    if refused:
-        raise FlagError(f"--{refused[0]} is not used by these recipes; use {REFUSED[refused[0]]}")
-    parser = RecipeArgumentParser(data_args_class, dict(defaults or {}))
-    namespace, rest = parser.parse_known_args(argv)
-    if rest:
-        raise parser.unknown_flags(rest)
-    model_args = _build(ModelArguments, namespace)
-    data_args = _build(data_args_class, namespace)
-    if late_defaults is not None:
-        given = _given(argv)
-        for name, value in late_defaults(data_args).items():
-            if name not in given:
-                setattr(namespace, name, value)
-    if model_args.use_qlora:
-        model_args.use_lora = True
-    if namespace.deepspeed == "auto":
-        full = not (model_args.use_lora or data_args.eval_only)
-        namespace.deepspeed = DEFAULT_DEEPSPEED_CONFIG if full else None
-    elif namespace.deepspeed in ("none", ""):
-        namespace.deepspeed = None
-    check_args(model_args, data_args, namespace)
-    training_args = _build(RecipeTrainingArguments, namespace)
-    training_args.resume_from_checkpoint = namespace.resume_from_checkpoint  # resolved by check_args
-    return model_args, data_args, training_args
+    flags = parse_flags(data_args_class, argv, defaults, late_defaults)
+    return flags.model, flags.data, build_training_args(flags)
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -471,10 +646,17 @@ def _check_resume(data_args, training_args) -> None:
     training_args.resume_from_checkpoint = resume
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def check_args(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
     """Every flag conflict, before any model is loaded, data is read or a device is set up.
 
-    `training_args` is the parsed namespace (or, when called again, the TrainingArguments).
+    `training_args` is the TrainingFlags (or, when called again, the TrainingArguments). Only a
+    check that needs torch (a GPU for --fp16 / --use_flash_attention) imports it.
     """
     t = training_args
     if model_args.use_qlora:
@@ -514,9 +696,9 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
                 "--use_flash_attention needs the flash-attn package, which is not installed: "
                 "`pip install -r requirements-gpu.txt` on a CUDA machine, or drop the flag to use SDPA"
             )
-        if not torch.cuda.is_available():
+        if not _cuda_available():
             raise FlagError("--use_flash_attention needs a CUDA GPU; none is visible. Drop the flag to use SDPA")
-    if t.fp16 and not torch.cuda.is_available():
+    if t.fp16 and not _cuda_available():
         raise FlagError("--fp16 needs a CUDA GPU; on CPU use --bf16 or neither")
     if model_args.use_qlora and importlib.util.find_spec("bitsandbytes") is None:
         raise FlagError("--use_qlora needs bitsandbytes: `pip install -r requirements.txt`")

@@ -37,8 +37,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from phi3v.processing_phi3v import IMAGE_TAG_RE, image_tag
-
 from .errors import DataError, cli
 from .records import (MAX_PROBLEMS_SHOWN, Conversation, Conversations, Problem, Turn, parse_record,
                       resolve_image_path)
@@ -143,6 +141,9 @@ def build_conversation(
     """(role, text) messages and the record's images -> a Conversation (see the module docstring).
     `key` names the messages in problems (`conversations[3]`); `name(m)`, when the record does not
     hold them as a list (the_cauldron's `texts[1].user`)."""
+    # (imported here: the phi3v package loads torch, which a task script's --help must not wait for)
+    from phi3v.processing_phi3v import image_tag
+
     name = name or (lambda m: f"{key}[{m}]")
     problems: list[tuple[str, str]] = []  # (message, reason for the skip summary)
     system, offset = "", 0
@@ -488,6 +489,8 @@ def to_ours(conversation: Conversation, image_dir: str | Path) -> dict:
     """Our layout's record of a conversation; image paths relative to `image_dir` again. A turn
     whose tags stand where ours would put them anyway (each image's tag and a newline before the
     text) is written without tags."""
+    from phi3v.processing_phi3v import IMAGE_TAG_RE, image_tag  # (see build_conversation)
+
     record: dict[str, Any] = {"id": conversation.id}
     if conversation.source:
         record["source"] = conversation.source

@@ -31,11 +31,13 @@ from typing import Any, Sequence
 
 import torch
 
+# MAX_TOKENS_PER_ROW: the released models' original context (`original_max_position_embeddings`):
+# the longest row whose examples keep the rotary factors they have alone, whatever the model's
+# threshold rule. (Defined with the flags, which must not import torch.)
+from .args import MAX_TOKENS_PER_ROW
+
 __all__ = ["MAX_TOKENS_PER_ROW", "pack_rows", "pack_examples"]
 
-# The released models' original context (`original_max_position_embeddings`): the longest row
-# whose examples keep the rotary factors they have alone, whatever the model's threshold rule.
-MAX_TOKENS_PER_ROW = 4096
 IGNORE_INDEX = -100  # the loss's ignore index (recipe.data.IGNORE_INDEX)
 
 

@@ -25,9 +25,8 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import datasets
 import torch
@@ -42,42 +41,19 @@ from phi3v.export import SAVE_DTYPES, finalize_output, load_merged, merge_lora
 from phi3v.processing_phi3v import Phi3VProcessor
 from phi3v.tokenization import end_token_ids
 
-from .args import RUN_COMPLETE_FILE, DataArguments, ModelArguments, RecipeTrainingArguments, parse_args
+from .args import RUN_COMPLETE_FILE, Flags, ModelArguments, RecipeTrainingArguments, build_training_args
 from .data import Collator, ConversationDataset
 from .errors import DataError
 from .evaluate import evaluate
 from .model import SEPARATORS, count_parameters, load_model, parameter_groups
 from .records import Conversation, subset
 from .report import Throughput, write_report
+from .task import Task, task_flags
 from .validation import validate
 
 __all__ = ["Task", "run", "RecipeTrainer", "GroupedByLengthSampler"]
 
 logger = logging.getLogger("recipe")
-
-
-@dataclass
-class Task:
-    """What a task script supplies.
-
-    load_data(data_args, model_args) -> (train conversations or None with --eval_only, eval conversations)
-    score(predictions, references) -> float, references being every accepted answer per example.
-    from_flags(data_args) -> Task: for a task named and scored by its flags (finetune_hf_trainer_custom.py's
-    --task_name, --metric), the task those flags describe; its name goes into every output.
-    script: the script's file name, for the model card (default finetune_hf_trainer_<name>.py).
-    """
-
-    name: str
-    metric: str
-    load_data: Callable[[DataArguments, ModelArguments], tuple[Sequence[Conversation] | None, Sequence[Conversation]]]
-    score: Callable[[list[str], list[list[str]]], float]
-    data_args_class: type = DataArguments
-    defaults: dict = field(default_factory=dict)
-    from_flags: Callable[[DataArguments], Task] | None = None
-    script: str | None = None
-
-    def resolve(self, data_args) -> Task:
-        return self.from_flags(data_args) if self.from_flags is not None else self
 
 
 class GroupedByLengthSampler(torch.utils.data.Sampler):
@@ -239,11 +215,11 @@ def _barrier() -> None:
 # -- phases ------------------------------------------------------------------------------------
 
 
-def parse_and_check(task: Task, argv: list[str] | None):
-    """Flags (every check runs here, before anything loads) and process log levels."""
-    defaults = {"metric_for_best_model": task.metric, **task.defaults}
-    late = (lambda data_args: {"metric_for_best_model": task.resolve(data_args).metric}) if task.from_flags else None
-    model_args, data_args, training_args = parse_args(task.data_args_class, argv, defaults, late_defaults=late)
+def parse_and_check(task: Task, argv: list[str] | None, flags: Flags | None = None):
+    """Flags (every check runs here, before anything loads; `flags`: already parsed and checked
+    by recipe.task.run) and process log levels."""
+    flags = flags or task_flags(task, argv)
+    model_args, data_args, training_args = flags.model, flags.data, build_training_args(flags)
     _setup_logging(training_args)
     set_seed(training_args.seed)
     if training_args.resume_from_checkpoint:
@@ -453,9 +429,9 @@ def merge(trainer: RecipeTrainer, processor, evaluator: TaskEvaluator, model_arg
     _barrier()
 
 
-def run(task: Task, argv: list[str] | None = None) -> dict:
+def run(task: Task, argv: list[str] | None = None, flags: Flags | None = None) -> dict:
     """Parses flags, validates everything, evaluates, trains, evaluates again; returns the results."""
-    model_args, data_args, training_args = parse_and_check(task, argv)
+    model_args, data_args, training_args = parse_and_check(task, argv, flags)
     task = task.resolve(data_args)
     processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
     train_data, eval_data = setup_data(task, model_args, data_args, training_args, processor)

@@ -317,7 +317,7 @@ def test_help_lists_the_flags_that_work_grouped_with_recipe_defaults(capsys):
     groups = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
     assert groups[-5:] == ["task data", "model and method", "training", "evaluation", "other transformers flags"]
     for flag in ("--use_lora", "--data_dir", "--max_eval_samples", "--batch_size_per_gpu", "--learning_rate",
-                 "--eval_strategy", "--report_to"):
+                 "--eval_strategy", "--report_to", "--optim", "--torch_compile"):
         assert flag in text
     # transformers' names that the recipes refuse are not offered
     for refused in ("--weight_decay", "--per_device_train_batch_size", "--gradient_accumulation_steps",
@@ -326,11 +326,11 @@ def test_help_lists_the_flags_that_work_grouped_with_recipe_defaults(capsys):
     flat = " ".join(text.split())
     # the recipe's defaults, not transformers'
     for flag, default in (("--adam_beta2", "0.95"), ("--adam_epsilon", "1e-07"), ("--warmup_steps", "50"),
-                          ("--dataloader_num_workers", "4"), ("--activation_checkpointing", "True"),
+                          ("--activation_checkpointing, --no_activation_checkpointing", "on"),
                           ("--wd", "0.01"), ("--learning_rate", str(ucf.TASK.defaults["learning_rate"]))):
-        assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(default)}\)", flat), flag
+        assert re.search(rf"{re.escape(flag)} \S+ .*?\(default: {re.escape(default)}\)", flat), flag
     assert "none for LoRA" in flat and "ds_configs/zero2.json" in flat and str(Path.cwd()) not in flat
-    assert len(text.splitlines()) < 500
+    assert len(text.splitlines()) < 300
 
 
 def test_original_optimisation_settings_are_the_defaults(tmp_path):
@@ -339,7 +339,7 @@ def test_original_optimisation_settings_are_the_defaults(tmp_path):
     assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (0.9, 0.95, 1e-7)
     assert (str(args.lr_scheduler_type.value), args.warmup_steps, args.max_grad_norm) == ("linear", 50, 1.0)
     assert args.activation_checkpointing is True and args.activation_checkpointing_kwargs == {"use_reentrant": False}
-    assert (args.dataloader_num_workers, args.dataloader_prefetch_factor) == (4, 2)
+    assert (args.dataloader_num_workers, args.dataloader_prefetch_factor) == (min(4, len(os.sched_getaffinity(0))), 2)
     assert args.weight_decay == args.wd == 0.01
     # each still overridable by its flag
     _, _, args = parse_args(ucf.Ucf101Arguments, ["--output_dir", str(tmp_path), "--use_lora", "--adam_beta2", "0.999",

@@ -1,0 +1,62 @@
+"""What a task script supplies (`Task`) and its one call into the shared runner (`run`).
+
+Light on purpose: a task script imports only this, so `--help`, a flag error or `--dry_run`
+answer before torch and the trainer's libraries load (recipe.train, imported by `run` once the
+flags are good).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .args import DataArguments, Flags, ModelArguments, parse_flags
+
+if TYPE_CHECKING:
+    from .records import Conversation
+
+__all__ = ["Task", "run", "task_flags"]
+
+
+@dataclass
+class Task:
+    """What a task script supplies.
+
+    load_data(data_args, model_args) -> (train conversations or None with --eval_only, eval conversations)
+    score(predictions, references) -> float, references being every accepted answer per example.
+    from_flags(data_args) -> Task: for a task named and scored by its flags (finetune_hf_trainer_custom.py's
+    --task_name, --metric), the task those flags describe; its name goes into every output.
+    script: the script's file name, for the model card (default finetune_hf_trainer_<name>.py).
+    """
+
+    name: str
+    metric: str
+    load_data: Callable[[DataArguments, ModelArguments], tuple[Sequence[Conversation] | None, Sequence[Conversation]]]
+    score: Callable[[list[str], list[list[str]]], float]
+    data_args_class: type = DataArguments
+    defaults: dict = field(default_factory=dict)
+    from_flags: Callable[[DataArguments], Task] | None = None
+    script: str | None = None
+
+    def resolve(self, data_args) -> Task:
+        return self.from_flags(data_args) if self.from_flags is not None else self
+
+
+def task_flags(task: Task, argv: list[str] | None = None) -> Flags:
+    """The task's flags, parsed with its defaults and checked (recipe.args.parse_flags)."""
+    late = (lambda data_args: {"metric_for_best_model": task.resolve(data_args).metric}) if task.from_flags else None
+    return parse_flags(task.data_args_class, argv, {"metric_for_best_model": task.metric, **task.defaults},
+                       late_defaults=late)
+
+
+def run(task: Task, argv: list[str] | None = None) -> dict:
+    """Parses and checks the flags, then runs the task (recipe.train.run) or, with --dry_run,
+    prints what the run would cost (recipe.dry_run) without loading weights."""
+    flags = task_flags(task, argv)
+    if flags.training.dry_run:
+        from .dry_run import dry_run
+
+        return dry_run(task, flags)
+    from . import train
+
+    return train.run(task, argv, flags=flags)
