@@ -9,12 +9,21 @@ model_type "phi3_v", so official-format directories load with the usual calls:
     processor = AutoProcessor.from_pretrained(path)
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoProcessor
+import os
 
-from .configuration_phi3v import Phi3VConfig
-from .image_processing_phi3v import Phi3VImageProcessor
-from .modeling_phi3v import Phi3VForCausalLM, Phi3VModel, Phi3VPreTrainedModel
-from .processing_phi3v import Phi3VProcessor
+import torch
+
+# DeepSpeed (imported by transformers when saving or loading, if installed) warns that it "set
+# the accelerator to CPU" on every machine without CUDA; say so up front instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoProcessor  # noqa: E402
+
+from .configuration_phi3v import Phi3VConfig  # noqa: E402
+from .image_processing_phi3v import Phi3VImageProcessor  # noqa: E402
+from .modeling_phi3v import Phi3VForCausalLM, Phi3VModel, Phi3VPreTrainedModel  # noqa: E402
+from .processing_phi3v import Phi3VProcessor  # noqa: E402
 
 __all__ = [
     "Phi3VConfig",

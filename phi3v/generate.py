@@ -15,7 +15,8 @@ own tags must number them 1..N, in order. Greedy decoding, stopping at `<|end|>`
 `--jsonl FILE` answers every example of a data file in the recipes' layout (one JSON object a
 line: `{"id", "conversations": [{"images", "user", "assistant"}, ...]}`, image paths relative to
 `--image_dir`, default FILE's directory's `images/` when it exists, else FILE's directory) and
-writes one line `{"id", "prediction", "reference"}` per example to `--output` (default stdout).
+writes one line `{"id", "prediction", "references"}` per example (`references`: a list, as in
+the runner's eval_*.json, here the example's last answer) to `--output` (default stdout).
 
 Problems the user can fix (a missing file, a directory that is no model, an image that does
 not open, tags that do not match the images) end with one `error:` line and exit status 2.
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -80,14 +83,25 @@ def load(model: str, adapter: str | None = None, dtype: torch.dtype = torch.floa
     except OSError as err:  # not on the hub, hub unreachable, no weights in the directory
         raise GenerateError(f"--model {model}: cannot load it ({str(err).splitlines()[0]})") from None
     if adapter is not None:
-        from peft import PeftModel
-
-        base = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        base = _merge_adapter(base, adapter)
     base.to("cuda" if torch.cuda.is_available() else "cpu")  # (a GPU when there is one)
     processor_dir = adapter if adapter is not None and (Path(adapter) / "preprocessor_config.json").is_file() else model
     kwargs = {} if num_crops is None else {"num_crops": num_crops}
     processor = Phi3VProcessor.from_pretrained(processor_dir, **kwargs)
     return base.eval(), processor
+
+
+def _merge_adapter(base, adapter: str):
+    """base + LoRA adapter, merged. Two library messages that say nothing to the user are kept
+    out: importing PEFT loads bitsandbytes, whose CPU backend logs that an optional `kernels`
+    download is missing (its built-in fallback is what runs), and PEFT reads transformers'
+    deprecated `is_gradient_checkpointing` (a FutureWarning about PEFT's code, not ours)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 
 def _open_image(path: str | Path, where: str) -> Any:
@@ -134,7 +148,7 @@ def answer(model, processor, messages: list[dict[str, str]], images: list, max_n
 
 
 def read_examples(path: Path, image_dir: Path) -> Iterator[tuple[str, list[dict[str, str]], list, str]]:
-    """(id, messages, images, reference) per line of a data file; the last answer is the reference."""
+    """(id, messages, images, references) per line of a data file; the last answer is the reference."""
     if not path.is_file():
         raise GenerateError(f"--jsonl {path}: no such file")
     found = False
@@ -161,7 +175,7 @@ def read_examples(path: Path, image_dir: Path) -> Iterator[tuple[str, list[dict[
                 if t < len(turns) - 1:
                     messages.append({"role": "assistant", "content": assistant})
             found = True
-            yield str(record.get("id", where)), messages, images, turns[-1][1]
+            yield str(record.get("id", where)), messages, images, [turns[-1][1]]
     if not found:
         raise GenerateError(f"--jsonl {path}: no examples (the file is empty or blank)")
 
@@ -211,9 +225,9 @@ def run(args: argparse.Namespace) -> None:
         return
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
-        for example_id, messages, images, reference in _chain(first, examples):
+        for example_id, messages, images, references in _chain(first, examples):
             prediction = answer(model, processor, messages, images, args.max_new_tokens)
-            out.write(json.dumps({"id": example_id, "prediction": prediction, "reference": reference},
+            out.write(json.dumps({"id": example_id, "prediction": prediction, "references": references},
                                  ensure_ascii=False) + "\n")
             out.flush()
     finally:

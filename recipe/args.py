@@ -302,7 +302,7 @@ class TrainingFlags:
         default="passive",
         metadata={"help": "Log level of the main process for the recipe and the libraries; 'passive' (the default): "
                           "the recipe's progress lines, the libraries' warnings that matter. Any other level also "
-                          "shows the library messages the recipe hides by default.",
+                          "shows the library messages the recipe otherwise hides.",
                   "choices": ["detail", "debug", "info", "warning", "error", "critical", "passive"]},
     )
     log_level_replica: str = field(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from . import quiet_libraries
 from .args import DataArguments, Flags, ModelArguments, parse_flags
 
 if TYPE_CHECKING:
@@ -43,10 +44,14 @@ class Task:
 
 
 def task_flags(task: Task, argv: list[str] | None = None) -> Flags:
-    """The task's flags, parsed with its defaults and checked (recipe.args.parse_flags)."""
+    """The task's flags, parsed with its defaults and checked (recipe.args.parse_flags). A chosen
+    --log_level shows again what recipe/__init__.py hides by default (before the libraries load)."""
     late = (lambda data_args: {"metric_for_best_model": task.resolve(data_args).metric}) if task.from_flags else None
-    return parse_flags(task.data_args_class, argv, {"metric_for_best_model": task.metric, **task.defaults},
-                       late_defaults=late)
+    flags = parse_flags(task.data_args_class, argv, {"metric_for_best_model": task.metric, **task.defaults},
+                        late_defaults=late)
+    if flags.training.log_level != "passive":
+        quiet_libraries(False)
+    return flags
 
 
 def run(task: Task, argv: list[str] | None = None) -> dict:

@@ -1,0 +1,102 @@
+"""The flags without the heavy libraries: --help and flag errors import neither torch nor the
+trainer's libraries; --help shows each default once; transformers' other flags still work."""
+
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+import finetune_hf_trainer_ucf101 as ucf
+from recipe.args import MIRRORED, TRAINER_STATE_NAME, FlagError, TrainingFlags, parse_args, parse_flags, \
+    transformers_flag_names
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+SCRIPTS = ("finetune_hf_trainer_docvqa.py", "finetune_hf_trainer_hateful_memes.py", "finetune_hf_trainer_nlvr2.py",
+           "finetune_hf_trainer_ucf101.py")
+HEAVY = ("torch", "transformers.trainer", "transformers.training_args", "peft", "datasets", "deepspeed",
+         "bitsandbytes", "accelerate")
+
+# Runs each script as `python SCRIPT ARGS...` would, in one process, then names the heavy modules loaded.
+PROBE = """
+import runpy, sys
+codes = []
+for script in {scripts!r}:
+    sys.argv = [script, *{args!r}]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as end:
+        codes.append(end.code)
+print("HEAVY", sorted(m for m in {heavy!r} if m in sys.modules), "CODES", codes, file=sys.stderr)
+"""
+
+
+def probe(scripts, args):
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(scripts=scripts, args=args, heavy=HEAVY)],
+                          cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
+    return proc.stdout, proc.stderr.strip().splitlines()
+
+
+def test_help_imports_no_heavy_library():
+    out, err = probe(SCRIPTS, ["--help"])
+    assert err[-1] == f"HEAVY [] CODES {[0] * len(SCRIPTS)}", err
+    assert out.count("usage:") == len(SCRIPTS)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--learning_rat", "5"], "error: unknown flag --learning_rat (did you mean --learning_rate"),
+    (["--fp16", "--bf16"], "error: --fp16 and --bf16 are exclusive"),
+    (["--num_crops", "many"], "error: argument --num_crops"),
+], ids=["misspelled", "conflict", "bad value"])
+def test_a_flag_error_imports_no_heavy_library(args, message, tmp_path):
+    _, err = probe(["finetune_hf_trainer_ucf101.py"], args + ["--output_dir", str(tmp_path)])
+    assert err[-2].startswith(message) and err[-1] == "HEAVY [] CODES [2]", err
+
+
+def test_help_shows_each_default_once_and_switches_without_a_value(capsys):
+    with pytest.raises(SystemExit):
+        parse_flags(ucf.Ucf101Arguments, ["--help"], ucf.TASK.defaults)
+    text = capsys.readouterr().out
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat and "[USE_LORA]" not in text and "USE_LORA" not in text
+    entries = [entry for entry in flat.split(" --") if entry]
+    assert not [entry for entry in entries if entry.lower().count("default") > 1]
+    assert "--use_lora Train LoRA adapters instead of all weights." in flat  # off by default: no default shown
+    assert "Default: no limit." in flat and "Default: min(4, CPUs available to the process)." in flat
+    # related flags together: the data files with --data_dir, not under "evaluation"
+    sections = {}
+    for line in text.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            section = line[:-1]
+        elif line.startswith("  --"):
+            sections[line.split()[0].rstrip(",")] = section
+    assert sections["--train_file"] == sections["--eval_file"] == sections["--data_dir"] == "task data"
+    assert sections["--eval_batch_size"] == sections["--eval_only"] == "evaluation"
+
+
+def test_data_workers_default_to_the_cpus_available():
+    flags = parse_flags(ucf.Ucf101Arguments, ["--use_lora"], ucf.TASK.defaults)
+    assert flags.training.dataloader_num_workers == min(4, len(os.sched_getaffinity(0)))
+
+
+def test_light_flags_agree_with_transformers():
+    from transformers import TrainingArguments
+    from transformers.trainer import TRAINER_STATE_NAME as transformers_name
+
+    assert TRAINER_STATE_NAME == transformers_name
+    assert transformers_flag_names() == {f.name for f in fields(TrainingArguments)}
+    defaults = {f.name: f.default for f in fields(TrainingArguments)}
+    ours = {f.name: f.default for f in fields(TrainingFlags)}
+    assert {name: ours[name] for name in MIRRORED} == {name: defaults[name] for name in MIRRORED}
+
+
+def test_transformers_only_flags_reach_the_training_arguments(tmp_path):
+    _, _, args = parse_args(ucf.Ucf101Arguments, [
+        "--output_dir", str(tmp_path), "--use_lora", "--data_seed", "7", "--no_dataloader_pin_memory",
+        "--logging_first_step", "--optim", "adafactor", "--learning_rate", "1e-3"], ucf.TASK.defaults)
+    assert (args.data_seed, args.dataloader_pin_memory, args.logging_first_step) == (7, False, True)
+    assert str(args.optim.value) == "adafactor" and args.learning_rate == 1e-3
+    with pytest.raises(FlagError, match=r"unknown flag --data_sed \(did you mean --data_seed"):
+        parse_flags(ucf.Ucf101Arguments, ["--use_lora", "--data_sed", "7"], ucf.TASK.defaults)

@@ -1,0 +1,85 @@
+"""`--dry_run` on the tiny model: the printed figures are those of the data and the flags, and no
+weights are loaded (the checkpoint it reads has none)."""
+
+import math
+import re
+import shutil
+
+import pytest
+
+import finetune_hf_trainer_ucf101 as ucf
+from recipe.data import ConversationDataset, image_tokens
+from recipe.records import image_size, load_jsonl
+
+
+def numbers(line: str) -> list[float]:
+    """The numbers of a printed line, after its name."""
+    return [float(n.replace(",", "")) for n in re.findall(r"\d[\d,]*(?:\.\d+)?", line.split(":", 1)[1])]
+
+
+@pytest.fixture
+def weightless(tiny_checkpoint, tmp_path):
+    """The tiny checkpoint without its weights file: loading weights would fail."""
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    for weights in model.glob("*.safetensors"):
+        weights.unlink()
+    return model
+
+
+def test_dry_run_prints_the_cost_and_loads_no_weights(weightless, tiny_checkpoint, ucf101_data, tmp_path, capsys,
+                                                      monkeypatch):
+    from phi3v.modeling_phi3v import Phi3VForCausalLM
+    from phi3v.processing_phi3v import Phi3VProcessor
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("--dry_run loaded weights")
+
+    monkeypatch.setattr(Phi3VForCausalLM, "from_pretrained", no_loading)
+    out = tmp_path / "out"
+    results = ucf.main(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
+                        str(out), "--num_crops", "1", "--deepspeed", "none", "--batch_size", "2",
+                        "--batch_size_per_gpu", "1", "--num_train_epochs", "3", "--no-tqdm", "--dry_run", "--bf16"])
+    text = capsys.readouterr().out
+    lines = {line.split(":")[0].strip(): line for line in text.splitlines() if ":" in line}
+    assert not out.exists()  # nothing written
+
+    # the data, measured independently: every example kept, its tokens, each image's tokens
+    train = load_jsonl(ucf101_data / "ucf101_train.jsonl", ucf101_data / "images")
+    test = load_jsonl(ucf101_data / "ucf101_test.jsonl", ucf101_data / "images")
+    assert numbers(lines["training examples"]) == [len(train), len(train)]
+    assert numbers(lines["evaluation examples"]) == [len(test), len(test)]
+    processor = Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=1)
+    dataset = ConversationDataset(train, processor)
+    lengths = [len(dataset[i]["input_ids"]) for i in range(len(train))]
+    assert numbers(lines["tokens per training example"]) == [min(lengths), round(sum(lengths) / len(lengths), 1),
+                                                             max(lengths)]
+    per_image = [image_tokens(*image_size(image), 1) for c in train for image in c.images]
+    assert numbers(lines["image tokens per image at --num_crops 1"]) == [
+        min(per_image), round(sum(per_image) / len(per_image), 1), max(per_image), len(per_image)]
+    # 4 examples, global batch 2 on one process: 2 steps per epoch, 3 epochs
+    assert numbers(lines["optimizer steps"])[:2] == [3 * math.ceil(len(train) / 2), math.ceil(len(train) / 2)]
+    assert numbers(lines["batch 1"])[:2] == [1, lengths[0]]  # input_ids 1 x the first example's tokens
+
+    # the model's size from its config.json, as the real model counts it
+    model = Phi3VForCausalLM._from_config(Phi3VForCausalLM.config_class.from_pretrained(tiny_checkpoint))
+    total = sum(p.numel() for p in model.parameters())
+    assert f"({total:,} parameters by its config.json)" in lines["model"]
+    assert "full finetuning, no DeepSpeed, bf16" in lines["model"]
+    memory = numbers(lines["memory per GPU, rough, 1 process(es)"])
+    assert memory[0] == round(4 * total / 2**30, 2)  # AMP: fp32 weights
+    assert results["dry_run"] and results["memory"].weights == 4 * total
+
+
+def test_dry_run_lora_counts_the_adapters(weightless, ucf101_data, tmp_path, capsys):
+    results = ucf.main(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
+                        str(tmp_path / "out"), "--num_crops", "1", "--use_lora", "--lora_rank", "4",
+                        "--batch_size", "2", "--no-tqdm", "--dry_run"])
+    from peft import LoraConfig, get_peft_model
+
+    from phi3v.modeling_phi3v import Phi3VForCausalLM
+    from recipe.model import lora_target_modules
+
+    model = Phi3VForCausalLM._from_config(Phi3VForCausalLM.config_class.from_pretrained(weightless))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=lora_target_modules(model, True)))
+    assert results["trainable_parameters"] == peft_model.get_nb_trainable_parameters()[0]
+    assert "LoRA (rank 4), no DeepSpeed, fp32" in capsys.readouterr().out
