@@ -100,3 +100,26 @@ def test_transformers_only_flags_reach_the_training_arguments(tmp_path):
     assert str(args.optim.value) == "adafactor" and args.learning_rate == 1e-3
     with pytest.raises(FlagError, match=r"unknown flag --data_sed \(did you mean --data_seed"):
         parse_flags(ucf.Ucf101Arguments, ["--use_lora", "--data_sed", "7"], ucf.TASK.defaults)
+
+
+def test_a_chosen_log_level_shows_the_hidden_library_messages():
+    import logging
+    import warnings
+
+    import recipe
+    from recipe.task import task_flags
+
+    hidden_logger = logging.getLogger(recipe.QUIET_LOGGERS[0])
+
+    def hidden_warnings():
+        patterns = {f[1].pattern for f in warnings.filters if f[0] == "ignore" and f[1] is not None}
+        return {message for message, _ in recipe.QUIET_WARNINGS} & patterns
+
+    recipe.quiet_libraries()  # as importing recipe did (pytest restores the warning filters after collection)
+    try:
+        task_flags(ucf.TASK, ["--use_lora"])  # the default, passive: quiet
+        assert hidden_logger.level == logging.ERROR and len(hidden_warnings()) == len(recipe.QUIET_WARNINGS)
+        task_flags(ucf.TASK, ["--use_lora", "--log_level", "warning"])
+        assert hidden_logger.level == logging.NOTSET and not hidden_warnings()
+    finally:
+        recipe.quiet_libraries()
