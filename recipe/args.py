@@ -659,6 +659,9 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
     check that needs torch (a GPU for --fp16 / --use_flash_attention) imports it.
     """
     t = training_args
+    # --dry_run plans a GPU run on any machine: what only the GPU machine has (a launcher, a GPU,
+    # the flash-attn package) is not asked for.
+    planning = getattr(t, "dry_run", False)
     if model_args.use_qlora:
         model_args.use_lora = True
     world = world_size()
@@ -676,7 +679,7 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
     if t.deepspeed:
         if not Path(t.deepspeed).is_file():
             raise FlagError(f"--deepspeed {t.deepspeed}: no such file (or 'none' to train without DeepSpeed)")
-        if "LOCAL_RANK" not in os.environ:
+        if "LOCAL_RANK" not in os.environ and not planning:
             raise FlagError(
                 "DeepSpeed needs a launcher: run with `torchrun --nproc_per_node=N script.py ...` "
                 "(also for one GPU), or pass --deepspeed none"
@@ -691,14 +694,14 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
             )
         if not t.bf16:
             raise FlagError("--use_flash_attention needs --bf16 (FlashAttention-2 runs in half precision)")
-        if importlib.util.find_spec("flash_attn") is None:
+        if importlib.util.find_spec("flash_attn") is None and not planning:
             raise FlagError(
                 "--use_flash_attention needs the flash-attn package, which is not installed: "
                 "`pip install -r requirements-gpu.txt` on a CUDA machine, or drop the flag to use SDPA"
             )
-        if not _cuda_available():
+        if not planning and not _cuda_available():
             raise FlagError("--use_flash_attention needs a CUDA GPU; none is visible. Drop the flag to use SDPA")
-    if t.fp16 and not _cuda_available():
+    if t.fp16 and not planning and not _cuda_available():
         raise FlagError("--fp16 needs a CUDA GPU; on CPU use --bf16 or neither")
     if model_args.use_qlora and importlib.util.find_spec("bitsandbytes") is None:
         raise FlagError("--use_qlora needs bitsandbytes: `pip install -r requirements.txt`")

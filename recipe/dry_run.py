@@ -2,7 +2,8 @@
 
 It does everything a run does up to loading the weights: the flags and their checks, the
 processor, the task's data read and validated exactly as for training (recipe.train.setup_data),
-the first training batches built by the real dataset and collator. Then it prints, and exits 0:
+the first training batches built by the real dataset and collator. Then it prints, and exits 0 (on
+any machine: what only the GPU machine has, a launcher, a GPU, flash-attn, is not asked for):
 
 - examples kept (of those read), tokens per example (min/mean/max), image tokens per image at
   this --num_crops, the first batches' shapes, optimizer steps (as the Trainer counts them);
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -205,7 +207,8 @@ def dry_run(task: Task, flags: Flags) -> dict:
                  f"{memory.gradients / GB:.2f} GB, optimizer states {memory.optimizer / GB:.2f} GB, activations "
                  f"{memory.activations / GB:.2f} GB ({max(longest, micro_tokens)} tokens per micro-batch, activation "
                  f"checkpointing {'on' if training.activation_checkpointing else 'off'}) = {memory.total / GB:.2f} GB")
-    print("\n".join(lines), flush=True)
+    if os.environ.get("RANK", "0") == "0":  # (under torchrun every process plans the same)
+        print("\n".join(lines), flush=True)
     return {"dry_run": True, "train_examples": None if train is None else len(train), "eval_examples": len(eval_),
             "tokens": tokens, "image_tokens": image_tokens, "optimizer_steps": steps, "parameters": sizes[0],
             "trainable_parameters": sizes[1], "memory": memory}
