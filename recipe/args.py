@@ -220,7 +220,7 @@ class TrainingFlags:
     published its tables with (AdamW betas (0.9, 0.95), eps 1e-7, linear schedule with 50 warmup
     steps, gradient clipping at 1.0, activation checkpointing, data workers prefetching 2
     batches each, weight decay 0.01). The flags that keep transformers' meaning and default
-    (MIRRORED) are declared here too, so that --help and the checks need no transformers import;
+    (MIRRORED) are declared here too, so that --help and the checks need not import TrainingArguments;
     recipe.training_args.RecipeTrainingArguments puts these fields over TrainingArguments'.
     """
 
