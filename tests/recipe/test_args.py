@@ -14,8 +14,8 @@ from recipe.args import MIRRORED, TRAINER_STATE_NAME, FlagError, TrainingFlags, 
     transformers_flag_names
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-SCRIPTS = ("finetune_hf_trainer_docvqa.py", "finetune_hf_trainer_hateful_memes.py", "finetune_hf_trainer_nlvr2.py",
-           "finetune_hf_trainer_ucf101.py")
+SCRIPTS = ("finetune_hf_trainer_custom.py", "finetune_hf_trainer_docvqa.py", "finetune_hf_trainer_hateful_memes.py",
+           "finetune_hf_trainer_nlvr2.py", "finetune_hf_trainer_ucf101.py")
 HEAVY = ("torch", "transformers.trainer", "transformers.training_args", "peft", "datasets", "deepspeed",
          "bitsandbytes", "accelerate")
 
