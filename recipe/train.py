@@ -47,7 +47,7 @@ from .errors import DataError
 from .evaluate import evaluate
 from .model import SEPARATORS, count_parameters, load_model, parameter_groups
 from .records import Conversation, subset
-from .report import Throughput, write_report
+from .report import Throughput, precision_of, write_report
 from .task import Task, task_flags
 from .validation import validate
 
@@ -371,7 +371,8 @@ def train(trainer: RecipeTrainer, eval_before: _EvalAtTrainBegin | None, results
     results["train_loss"] = whole_run_loss(trainer.state.log_history, output.global_step, output.training_loss)
     # train_runtime includes the evaluations that ran inside training (before, mid-training).
     runtime = output.metrics["train_runtime"] - trainer.task_eval.seconds
-    results["throughput"] = trainer.throughput.summary(runtime, trainer.args.device, trainer.model)
+    results["throughput"] = trainer.throughput.summary(runtime, trainer.args.device, trainer.model,
+                                                        precision_of(trainer.args))
     logger.info("trained %d steps: mean loss %.4f over the whole run; %s", output.global_step,
                 results["train_loss"], trainer.throughput.describe(results["throughput"]))
 
