@@ -10,7 +10,8 @@
 LoRA/QLoRA output directory (its base comes from adapter_config.json); `--adapter` puts an
 adapter on top of `--model`. Images become `<|image_1|>`, `<|image_2|>`, ... in the order given:
 a prompt without tags gets one `<|image_k|>` line per image in front of it; a prompt with its
-own tags must number them 1..N, in order. Greedy decoding, stopping at `<|end|>`.
+own tags must number them 1..N, in order. Greedy decoding, stopping at `<|end|>`. On a GPU when
+there is one, in bf16 there (the release's dtype) and fp32 on CPU; `--dtype` overrides.
 
 `--jsonl FILE` answers every example of a data file in the recipes' layout (one JSON object a
 line: `{"id", "conversations": [{"images", "user", "assistant"}, ...]}`, image paths relative to
@@ -36,7 +37,7 @@ import torch
 
 from .processing_phi3v import IMAGE_TAG_RE
 
-__all__ = ["GenerateError", "load", "answer", "read_examples", "main"]
+__all__ = ["GenerateError", "load", "default_dtype", "answer", "read_examples", "main"]
 
 
 class GenerateError(Exception):
@@ -61,8 +62,20 @@ def _check_model_dir(model: str, flag: str) -> None:
         )
 
 
-def load(model: str, adapter: str | None = None, dtype: torch.dtype = torch.float32, num_crops: int | None = None):
-    """(model, processor) for a model directory or hub id, with an optional LoRA adapter.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on a GPU (the release's dtype: half the memory, tensor cores), fp32 on CPU (where
+    bf16 matmuls are slow on most processors)."""
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def load(model: str, adapter: str | None = None, dtype: torch.dtype | None = None, num_crops: int | None = None,
+         device: str | None = None):
+    """(model, processor) for a model directory or hub id, with an optional LoRA adapter, on
+    `device` (default: the GPU when there is one, else the CPU) in `dtype` (default:
+    `default_dtype(device)`).
 
     An adapter directory as `model` loads its base (adapter_config.json) with the adapter. The
     processor comes from the adapter directory when it has one (the runner saves it there).
@@ -78,13 +91,15 @@ def load(model: str, adapter: str | None = None, dtype: torch.dtype = torch.floa
         adapter = model
         model = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
         _check_model_dir(model, f"base_model_name_or_path of {adapter}/adapter_config.json:")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or default_dtype(device)
     try:
         base = Phi3VForCausalLM.from_pretrained(model, dtype=dtype)
     except OSError as err:  # not on the hub, hub unreachable, no weights in the directory
         raise GenerateError(f"--model {model}: cannot load it ({str(err).splitlines()[0]})") from None
     if adapter is not None:
         base = _merge_adapter(base, adapter)
-    base.to("cuda" if torch.cuda.is_available() else "cpu")  # (a GPU when there is one)
+    base.to(device)
     processor_dir = adapter if adapter is not None and (Path(adapter) / "preprocessor_config.json").is_file() else model
     kwargs = {} if num_crops is None else {"num_crops": num_crops}
     processor = Phi3VProcessor.from_pretrained(processor_dir, **kwargs)
@@ -193,7 +208,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="--jsonl: write predictions here (default: stdout)")
     parser.add_argument("--num_crops", type=int, help="max HD crops per image (default: the model's setting)")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="longest answer in tokens (default 128)")
-    parser.add_argument("--bf16", action="store_true", help="run in bfloat16 (default: float32)")
+    parser.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
+                        help="weights and compute dtype (default auto: bf16 on a GPU, fp32 on CPU)")
+    parser.add_argument("--bf16", action="store_true", help="the same as --dtype bf16")
     return parser
 
 
@@ -206,6 +223,9 @@ def run(args: argparse.Namespace) -> None:
         raise GenerateError("--image goes with --prompt; a --jsonl file names its own images")
     if args.num_crops is not None and not 1 <= args.num_crops <= 16:
         raise GenerateError(f"--num_crops {args.num_crops}: must be 1..16")
+    dtype = _dtype(args)
+    if dtype is torch.float16 and not torch.cuda.is_available():
+        raise GenerateError("--dtype fp16 needs a CUDA GPU; on CPU use fp32 (default) or bf16")
     if args.max_new_tokens < 1:
         raise GenerateError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
     # Inputs are checked before the (slow) model load.
@@ -219,7 +239,7 @@ def run(args: argparse.Namespace) -> None:
         examples = read_examples(jsonl, image_dir)
         first = next(examples)  # fails here on a missing or empty file
 
-    model, processor = load(args.model, args.adapter, torch.bfloat16 if args.bf16 else torch.float32, args.num_crops)
+    model, processor = load(args.model, args.adapter, dtype, args.num_crops)
     if args.jsonl is None:
         print(answer(model, processor, messages, images, args.max_new_tokens))
         return
@@ -233,6 +253,12 @@ def run(args: argparse.Namespace) -> None:
     finally:
         if out is not sys.stdout:
             out.close()
+
+
+def _dtype(args: argparse.Namespace) -> torch.dtype | None:
+    if args.bf16 and args.dtype not in ("auto", "bf16"):
+        raise GenerateError(f"--bf16 and --dtype {args.dtype} disagree; give one of them")
+    return torch.bfloat16 if args.bf16 else DTYPES.get(args.dtype)
 
 
 def _chain(first, rest):

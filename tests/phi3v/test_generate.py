@@ -127,3 +127,35 @@ def test_eval_only_on_the_lora_output_gives_the_runs_metric(workdir):
     again = json.loads((workdir / "eval_only" / "eval_after.json").read_text())
     assert results["eval_after"] == own["accuracy"]
     assert [p["prediction"] for p in again["predictions"]] == [p["prediction"] for p in own["predictions"]]
+
+
+def test_default_dtype_is_bf16_on_cuda_and_fp32_on_cpu(workdir, monkeypatch):
+    """phi3v.generate.load and the CLI: bf16 on a GPU (as released), fp32 on CPU; a flag overrides.
+    The CUDA branch runs here with the device forced to the CPU, so only the placement differs."""
+    from phi3v import generate
+
+    assert generate.default_dtype("cuda") is torch.bfloat16 and generate.default_dtype("cpu") is torch.float32
+    assert load(str(workdir / "tiny"), device="cpu")[0].dtype is torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)  # (no GPU to move to)
+    assert load(str(workdir / "tiny"))[0].dtype is torch.bfloat16
+    seen = []
+
+    def stop_after_dtype(model, adapter, dtype, *rest):
+        seen.append(dtype)
+        raise generate.GenerateError("stopped before loading")
+
+    monkeypatch.setattr(generate, "load", stop_after_dtype)
+    for flags, expected in (([], None), (["--dtype", "fp32"], torch.float32), (["--bf16"], torch.bfloat16),
+                            (["--dtype", "fp16"], torch.float16)):
+        assert main(["--model", str(workdir / "tiny"), "--prompt", "x", *flags]) == 2
+        assert seen.pop() is expected  # None: load picks by device
+
+
+def test_fp16_on_cpu_and_disagreeing_flags_are_refused(workdir, capsys):
+    tiny = str(workdir / "tiny")
+    if not torch.cuda.is_available():
+        assert main(["--model", tiny, "--prompt", "x", "--dtype", "fp16"]) == 2
+        assert "--dtype fp16 needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["--model", tiny, "--prompt", "x", "--dtype", "fp32", "--bf16"]) == 2
+    assert "--bf16 and --dtype fp32 disagree" in capsys.readouterr().err
