@@ -48,6 +48,7 @@ from .evaluate import evaluate
 from .model import SEPARATORS, count_parameters, load_model, parameter_groups
 from .records import Conversation, subset
 from .report import Throughput, precision_of, write_report
+from .shared_fs import check_shared_output_dir
 from .task import Task, task_flags
 from .validation import validate
 
@@ -275,7 +276,8 @@ RUN_MARKERS = (RUN_COMPLETE_FILE, "config.json", "adapter_config.json", "trainer
 def setup_output_dir(data_args, training_args) -> None:
     """Creates --output_dir. --overwrite_output_dir without resuming (only now, once the data is
     known to be good) removes the earlier run's outputs, so they can neither be resumed by mistake
-    nor mixed with (or rotated instead of) the new ones."""
+    nor mixed with (or rotated instead of) the new ones. A multi-node run then checks that every
+    node sees the same directory (recipe.shared_fs)."""
     output_dir = Path(training_args.output_dir)
     # (--eval_only: the directory may hold the very model being evaluated; its eval_after.json is
     # simply replaced.)
@@ -291,6 +293,7 @@ def setup_output_dir(data_args, training_args) -> None:
                 logger.info("--overwrite_output_dir: removed the earlier run's %s", ", ".join(p.name for p in old))
         output_dir.mkdir(parents=True, exist_ok=True)
     _barrier()
+    check_shared_output_dir(output_dir)
 
 
 def setup_model(model_args, training_args, processor):

@@ -159,3 +159,15 @@ def test_throughput_real_size_needs_cuda():
         pytest.skip("CUDA present: --real_size is allowed here")
     with pytest.raises(SystemExit, match="--real_size needs a CUDA device"):
         load("throughput").main(["--real_size"])
+
+
+@pytest.mark.slow  # two fresh processes (~1 min); the bf16 load itself has a CI test in test_distributed.py
+def test_load_memory_quick(capsys):
+    result = load("load_memory").main(["--quick"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("peak host memory per rank, bf16 load / fp32 load: ")
+    assert [r["dtype"] for r in result["bf16"]["runs"]] == ["torch.bfloat16"]
+    assert [r["dtype"] for r in result["fp32"]["runs"]] == ["torch.float32"]
+    for column in ("bf16", "fp32"):
+        assert positive_finite(result[column]["peak_mb"]) and result[column]["load_growth_mb"] >= 0
+    assert float(lines[-1].split()[-1].rstrip("x")) == pytest.approx(result["peak_ratio"], abs=0.006)

@@ -8,7 +8,16 @@ RECIPE_TEST_BATCH_LOG=DIR  DIR/rank<RANK>.txt gets one line per training micro-b
                            and one per forward that decided on the dummy image
                            ("dummy <train|lockstep> images=<0|1> needed=<0|1>"), so a test can
                            check that ranks really had image and image-less batches in the same
-                           step and that the image-less rank ran the dummy crop.
+                           step and that the image-less rank ran the dummy crop; and one line
+                           "loaded <dtype>": the dtype of the weights recipe.model.load_model loaded.
+RECIPE_TEST_RANKS_AS_NODES=1
+                           every rank pretends to be on a node of its own (recipe.shared_fs sees
+                           "node <LOCAL_RANK>"), so the multi-node shared --output_dir check runs.
+RECIPE_TEST_PRIVATE_OUTPUT_DIR=1
+                           with it, rank 1's --output_dir is another directory (<dir>-node1): a
+                           node whose disk is not the others'.
+RECIPE_TEST_LOAD_FP32=1    load the weights in fp32 whatever the flags (the way full finetuning
+                           under DeepSpeed loaded them before it loaded bf16/fp16), to compare.
 """
 
 import os
@@ -51,13 +60,45 @@ def record_batches(log_dir: str) -> None:
             log.write(f"train {self.state.global_step + 1} images={int(inputs.get('pixel_values') is not None)}\n")
             return super().training_step(model, inputs, *args, **kwargs)
 
+    load_model = recipe.train.load_model
+
+    def logged_load(model_args, training_args):
+        model = load_model(model_args, training_args)
+        log.write(f"loaded {next(model.parameters()).dtype}\n")
+        return model
+
     Phi3VModel._dummy_image_needed = logged_decision
     recipe.train.RecipeTrainer = Trainer
+    recipe.train.load_model = logged_load
+
+
+def ranks_as_nodes(argv: list[str]) -> list[str]:
+    import recipe.shared_fs
+
+    rank = os.environ["LOCAL_RANK"]
+    recipe.shared_fs._this_node = lambda: f"node {rank} (pretended)"
+    if os.environ.get("RECIPE_TEST_PRIVATE_OUTPUT_DIR") and rank == "1":
+        at = argv.index("--output_dir") + 1
+        argv = [*argv[:at], argv[at] + "-node1", *argv[at + 1:]]
+    return argv
+
+
+def load_fp32() -> None:
+    import torch
+
+    import recipe.model
+
+    recipe.model.weights_dtype = lambda model_args, training_args: torch.float32
 
 
 if __name__ == "__main__":
+    argv = sys.argv[1:]
+    if os.environ.get("RECIPE_TEST_RANKS_AS_NODES"):
+        argv = ranks_as_nodes(argv)
+    if os.environ.get("RECIPE_TEST_LOAD_FP32"):
+        load_fp32()
     if os.environ.get("RECIPE_TEST_BATCH_LOG"):
         record_batches(os.environ["RECIPE_TEST_BATCH_LOG"])
     import importlib
 
-    importlib.import_module(os.environ.get("RECIPE_TEST_SCRIPT", "finetune_hf_trainer_ucf101")).main(sys.argv[1:])
+    importlib.import_module(os.environ.get("RECIPE_TEST_SCRIPT", "finetune_hf_trainer_ucf101")).main(argv)

@@ -55,17 +55,17 @@ def mixed_data(ucf101_data, tmp_path_factory) -> Path:
     return out
 
 
-def launch(tiny, data, out, log_dir, *extra) -> str:
+def launch(tiny, data, out, log_dir, *extra, env: dict | None = None, status: int = 0) -> str:
     args = ["--model_name_or_path", tiny, "--data_dir", data, "--output_dir", out, "--num_crops", 1, "--no-tqdm",
             "--logging_steps", 1, "--max_steps", 2, "--batch_size", 2, "--batch_size_per_gpu", 1,
             "--learning_rate", "1e-3", "--save_strategy", "no", "--eval_batch_size", 1, "--max_new_tokens", 2,
             "--dataloader_num_workers", 0, *extra]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(LAUNCHER)]
     log_dir.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RECIPE_TEST_BATCH_LOG": str(log_dir)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RECIPE_TEST_BATCH_LOG": str(log_dir), **(env or {})}
     proc = subprocess.run(command + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, f"{command} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout
+    assert proc.returncode == status, f"{command}: exit {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout if status == 0 else proc.stderr
 
 
 def batch_log(log_dir: Path, rank: int) -> list[list[str]]:
@@ -106,6 +106,12 @@ def assert_optimizer_steps(log_dir: Path, dtype: str):
         assert lines == {"optimizer": "torch.float32", "trainable": dtype}, rank
 
 
+def assert_loaded(log_dir: Path, dtype: str):
+    """recipe.model.load_model returned weights of `dtype` on each rank."""
+    for rank in (0, 1):
+        assert [line[1] for line in batch_log(log_dir, rank) if line[0] == "loaded"] == [dtype], rank
+
+
 def assert_evaluated_and_saved(out: Path, tiny: Path, data: Path, dtype=torch.bfloat16, vision_trains=True):
     """eval_before/after of all 4 examples, a full official-format model in the release's dtype
     (--save_dtype bfloat16) that differs from the start, reloads with from_pretrained and runs a
@@ -137,15 +143,62 @@ def test_deepspeed_mixed_batches_on_two_ranks(stage, tiny_checkpoint, mixed_data
     """In bf16, as on GPUs: DeepSpeed holds bf16 weights and steps its own fp32 copies."""
     out, log_dir = tmp_path / "out", tmp_path / "log"
     stdout = launch(tiny_checkpoint, mixed_data, out, log_dir, "--deepspeed", ZERO2 if stage == "zero2" else ZERO3,
-                    "--train_sampling_strategy", "sequential", "--bf16")
+                    "--train_sampling_strategy", "sequential", "--bf16", env={"RECIPE_TEST_RANKS_AS_NODES": "1"})
+    # Each rank pretended to be a node: both saw each other's marker in --output_dir, which is clean again.
+    assert "is shared by all 2 nodes" in stdout and not list(out.glob(".shared_fs_check*"))
     # The logged counts are the model's, also under ZeRO-3 (whose ranks hold empty placeholders).
     trainable, total = count_parameters(Phi3VForCausalLM.from_pretrained(tiny_checkpoint))
     assert f"parameters: {trainable:,} trainable of {total:,}" in stdout
     assert_ranks_mixed_in_every_step(log_dir)
     assert_optimizer_steps(log_dir, "torch.bfloat16")
+    assert_loaded(log_dir, "torch.bfloat16")  # not fp32: half the host memory per rank
     if stage == "zero3":
         assert_lockstep_generation_mixed(log_dir)
     assert_evaluated_and_saved(out, tiny_checkpoint, mixed_data)
+
+
+def test_output_dir_not_shared_by_the_nodes_stops_before_training(tiny_checkpoint, mixed_data, tmp_path):
+    """Two ranks as two nodes, the second with its own --output_dir: one line naming the node and
+    what to do, exit 2, no model loaded, nothing trained or written, no marker left behind."""
+    out, log_dir = tmp_path / "out", tmp_path / "log"
+    stderr = launch(tiny_checkpoint, mixed_data, out, log_dir, "--deepspeed", "none", status=2,
+                    env={"RECIPE_TEST_RANKS_AS_NODES": "1", "RECIPE_TEST_PRIVATE_OUTPUT_DIR": "1"})
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert f"--output_dir {out} is not shared by all 2 nodes: node 0 (pretended) does not see" in errors[0]
+    assert "every node mounts at the same path" in errors[0]
+    for directory in (out, tmp_path / "out-node1"):
+        assert sorted(p.name for p in directory.iterdir()) == []
+    for rank in (0, 1):
+        assert [line for line in batch_log(log_dir, rank) if line[0] in ("loaded", "train")] == []
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny model saved in bf16, as the release is."""
+    out = tmp_path_factory.mktemp("tiny_bf16") / "model"
+    Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).save_pretrained(out)
+    Phi3VProcessor.from_pretrained(tiny_checkpoint).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow  # (~2 x 2 min; the bf16 load itself is checked by the CI test above)
+def test_deepspeed_bf16_loads_bf16_and_learns_what_an_fp32_load_learns(bf16_checkpoint, mixed_data, tmp_path):
+    """ZeRO-2 --bf16 loads the weights in bf16 (half the host memory per rank); DeepSpeed makes
+    its fp32 masters from them, as it does from the bf16 cast of an fp32 load: after 3 steps
+    both runs hold the same weights, which moved."""
+    saved = {}
+    for name, env in (("bf16", {}), ("fp32", {"RECIPE_TEST_LOAD_FP32": "1"})):
+        out, log_dir = tmp_path / name, tmp_path / f"{name}_log"
+        launch(bf16_checkpoint, mixed_data, out, log_dir, "--deepspeed", ZERO2, "--bf16", "--max_steps", 3,
+               "--train_sampling_strategy", "sequential", "--skip_eval_before", "--max_eval_samples", 2, env=env)
+        assert_loaded(log_dir, "torch.bfloat16" if name == "bf16" else "torch.float32")
+        assert_optimizer_steps(log_dir, "torch.bfloat16")
+        saved[name] = load_file(out / "model.safetensors")
+    initial = load_file(bf16_checkpoint / "model.safetensors")
+    assert saved["bf16"].keys() == saved["fp32"].keys() == initial.keys()
+    assert all(torch.equal(saved["bf16"][k], saved["fp32"][k]) for k in initial)
+    assert any(not torch.equal(saved["bf16"][k], initial[k]) for k in initial if ".layers.0." in k)
 
 
 @pytest.mark.slow
@@ -178,6 +231,7 @@ def test_ddp_full_finetuning_mixed_batches_on_two_ranks(tiny_checkpoint, mixed_d
            "--bf16")
     assert_ranks_mixed_in_every_step(log_dir)
     assert_optimizer_steps(log_dir, "torch.float32")  # fp32 weights, bf16 autocast
+    assert_loaded(log_dir, "torch.float32")
     assert_evaluated_and_saved(out, tiny_checkpoint, mixed_data)
 
 
