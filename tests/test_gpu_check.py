@@ -1,0 +1,100 @@
+"""tools/gpu_check.py (`make gpu-check`): the whole plan on CPU with the tiny model (the same code
+a GPU machine runs, the device chosen at run time), its one line per check and its JSON file;
+no CUDA -> one line, exit 0; the FlashAttention-2 comparison's code on two CPU backends."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "gpu_check.py"
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return load_module()
+
+
+def test_plan_runs_on_cpu_with_the_tiny_model(tmp_path):
+    """A subprocess: the check sets a one-rank launcher environment and logging for its process."""
+    json_path = tmp_path / "gpu_check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--steps", "2",
+                           "--json", str(json_path), "--work_dir", str(tmp_path / "work")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(json_path.read_text())
+    entries = {e["check"]: e for e in result["checks"]}
+    assert list(entries) == ["full_zero2", "frozen_vision", "lora", "qlora", "flash", "generate"]
+    # One line per check, in order, then the summary; nothing the libraries printed in between.
+    assert lines[0].startswith("gpu-check: device cpu")
+    assert [line.split()[:2] for line in lines[1:-1]] == [[e["status"], e["check"]] for e in result["checks"]]
+    assert lines[-1].startswith(f"gpu-check: {result['passed']} passed, 0 failed")
+    for name in ("full_zero2", "frozen_vision", "lora", "qlora"):  # deepspeed and bitsandbytes load here
+        e = entries[name]
+        assert e["status"] == "PASS" and e["steps"] == 2 and math.isfinite(e["train_loss"]), e
+        assert e["images_per_s"] > 0 and e["real_tokens_per_s"] > e["images_per_s"] and e["peak_memory_gb"] > 0
+        assert e["model_flops"] > 0 and e["mfu"] is None  # (MFU: CUDA only)
+    # Fewer FLOPs per token where less trains: a frozen image side runs forward only.
+    assert entries["frozen_vision"]["model_flops"] < entries["full_zero2"]["model_flops"]
+    assert entries["flash"]["status"] == "SKIPPED" and "CUDA" in entries["flash"]["reason"]
+    generate = entries["generate"]
+    assert generate["status"] == "PASS" and generate["dtype"] == "torch.float32" and generate["new_tokens"] == 32
+    assert (tmp_path / "gpu_check.log").stat().st_size > 0
+
+
+def test_without_cuda_one_line_and_exit_0(gpu_check, capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert gpu_check.main(["--json", str(tmp_path / "x.json")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("gpu-check: no CUDA device here")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_unknown_check_is_refused(gpu_check, capsys):
+    assert gpu_check.main(["--device", "cpu", "--checks", "lora,nope"]) == 2
+    assert "--checks nope: unknown" in capsys.readouterr().err
+
+
+def test_attention_comparison_on_a_padded_batch(gpu_check, tmp_path):
+    """The flash check's comparison (there: SDPA vs FlashAttention-2 in bf16 on CUDA), here SDPA
+    vs eager in fp32: the same logits on the real positions of an image row and a padded
+    text-only row."""
+    from phi3v.modeling_phi3v import Phi3VForCausalLM
+    from phi3v.processing_phi3v import Phi3VProcessor
+    from phi3v.tiny import save_tiny_checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny", num_crops=2)
+    conversations = gpu_check.make_conversations(tmp_path / "images", 1, [(500, 400)], seed=0)
+    processor = Phi3VProcessor.from_pretrained(checkpoint)
+    batch = gpu_check.padded_batch(processor, conversations)
+    assert not batch["attention_mask"].all()  # the text-only row is padded
+    model = Phi3VForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa").eval()
+    result = gpu_check.compare_attention(model, batch, "sdpa", "eager")
+    assert model.config._attn_implementation == "eager"
+    assert result["logits_max_abs"] > 0 and result["relative_max_diff"] < 1e-4
+
+
+def test_memory_estimate_leaves_full_depth_full_finetuning_to_big_gpus(gpu_check):
+    params = gpu_check.parameter_count(None)
+    assert 4.1e9 < params < 4.2e9 and 0.7e9 < gpu_check.parameter_count(2) < 0.8e9
+    h100, h200 = 79.2, 139.8
+    assert gpu_check.memory_estimate_gb("full_zero2", params) > 0.95 * h100
+    assert gpu_check.memory_estimate_gb("full_zero2", params) < 0.95 * h200
+    assert gpu_check.memory_estimate_gb("lora", params) < 0.95 * h100
