@@ -101,4 +101,7 @@ if __name__ == "__main__":
         record_batches(os.environ["RECIPE_TEST_BATCH_LOG"])
     import importlib
 
-    importlib.import_module(os.environ.get("RECIPE_TEST_SCRIPT", "finetune_hf_trainer_ucf101")).main(argv)
+    from recipe.errors import cli
+
+    script = importlib.import_module(os.environ.get("RECIPE_TEST_SCRIPT", "finetune_hf_trainer_ucf101"))
+    sys.exit(cli(lambda: script.main(argv)))  # as the scripts' own __main__
