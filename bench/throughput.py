@@ -46,9 +46,14 @@ pages (1700x2200 -> 17 real crops, 2,509 image tokens) and, one in three, meme-l
 (600x400 -> 13 real of 17 crop slots, 1,921 tokens), each with a short question and answer.
 
 `--real_size` (CUDA only; refused elsewhere): the released dimensions (Phi-3-mini 3072 x 32
-layers, CLIP ViT-L/14-336, vocabulary 32064) with random weights in bf16, `--mode full`,
+layers, CLIP ViT-L/14-336, vocabulary 32064) with random weights, `--mode full`,
 `frozen_vision` or `lora` (the recipe's LoRA targets), so the figures sit next to the
-original's table (which is 8 GPUs: compare per-GPU images/s).
+original's table (which is 8 GPUs: compare per-GPU images/s). It runs a GPU run's settings
+(without DeepSpeed, one process): --bf16 autocast on the weights as `recipe.model` holds them
+without DeepSpeed (fp32 for full and frozen vision; a bf16 base with fp32 adapters for LoRA), and
+the original's AdamW settings (the recipe's defaults: betas 0.9/0.95, eps 1e-7, weight decay
+0.01, gradient clipping 1.0), printed in the header. When flash-attn imports, a fourth column,
+ours+flash_attention_2, is ours with FlashAttention-2 in the decoder and CLIP.
 """
 
 from __future__ import annotations
@@ -84,10 +89,12 @@ from phi3v.tokenization import build_tokenizer  # noqa: E402
 from recipe.args import DataArguments, parse_args  # noqa: E402
 from recipe.data import Collator, ConversationDataset  # noqa: E402
 from recipe.records import Conversation, Turn  # noqa: E402
-from recipe.model import freeze_vision, lora_target_modules  # noqa: E402
+from recipe.model import freeze_vision, lora_target_modules, weights_dtype  # noqa: E402
 from recipe.train import RecipeTrainer  # noqa: E402
 
 COLUMNS = ("original", "ours", "ours+padding_free")
+FLASH_COLUMN = "ours+flash_attention_2"
+MODE_FLAGS = {"full": [], "frozen_vision": ["--freeze_vision_model"], "lora": ["--use_lora"]}
 MB = 2**20
 WORDS = "total amount date invoice name address page table form report number year value the of".split()
 
@@ -139,7 +146,7 @@ def build_model(args, vocab_size: int, pad_token_id: int):
         return build_tiny_model(config, seed=args.seed).train()
     torch.manual_seed(args.seed)
     with torch.device("cuda"):  # 4.2B parameters: initialised on the GPU, not in host RAM
-        model = Phi3VForCausalLM(config).to(torch.bfloat16).train()
+        model = Phi3VForCausalLM(config).to(real_size_dtype(args.mode)).train()
     if args.mode == "frozen_vision":
         freeze_vision(model)
     elif args.mode == "lora":  # the recipe's defaults: rank 64, alpha 128, its target modules
@@ -149,6 +156,28 @@ def build_model(args, vocab_size: int, pad_token_id: int):
             r=64, lora_alpha=128, target_modules=lora_target_modules(model, include_vision=True),
             init_lora_weights="gaussian", task_type="CAUSAL_LM"))
     return model
+
+
+def real_size_dtype(mode: str) -> torch.dtype:
+    """The dtype recipe.model loads the weights in for `mode` with --bf16 and no DeepSpeed."""
+    model_args, _, training_args = parse_args(DataArguments, [
+        "--output_dir", tempfile.gettempdir(), "--bf16", "--deepspeed", "none", *MODE_FLAGS[mode]])
+    return weights_dtype(model_args, training_args)
+
+
+def columns(args) -> tuple[str, ...]:
+    """The columns this run measures: FlashAttention-2 too with --real_size when flash-attn imports."""
+    if not args.real_size:
+        return COLUMNS
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # ImportError, or kernels that do not load
+        return COLUMNS
+    return (*COLUMNS, FLASH_COLUMN)
+
+
+def column_attention(column: str) -> str:
+    return {"original": "eager", FLASH_COLUMN: "flash_attention_2"}.get(column, "sdpa")
 
 
 def set_attention(model, mode: str) -> None:
@@ -209,7 +238,7 @@ def run_column(column: str, model, initial: dict, dataset, processor, args, work
     flags = column_flags(column, args, work / column, steps)
     _, data_args, training_args = parse_args(DataArguments, flags)
     model.load_state_dict(initial)
-    set_attention(model, "eager" if column == "original" else "sdpa")
+    set_attention(model, column_attention(column))
     embedding = (model.get_base_model() if hasattr(model, "get_base_model") else model).model.vision_embed_tokens
     collator = Collator(pad_token_id=processor.tokenizer.pad_token_id,
                         max_tokens_per_row=data_args.max_tokens_per_row if data_args.padding_free else None)
@@ -226,7 +255,7 @@ def run_column(column: str, model, initial: dict, dataset, processor, args, work
         meter.hook.remove()
     result = meter.rates()
     result["settings"] = dict(
-        attention="eager" if column == "original" else "sdpa", all_crop_slots=column == "original",
+        attention=column_attention(column), all_crop_slots=column == "original",
         batch_size_per_gpu=training_args.per_device_train_batch_size,
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
         sampling=training_args.train_sampling_strategy, workers=training_args.dataloader_num_workers,
@@ -295,12 +324,12 @@ def resolve(args) -> None:
 
 
 def summarise(runs: dict) -> dict:
-    out = {}
+    out, names = {}, tuple(runs)
     for column, results in runs.items():
         out[column] = {key: statistics.median(r[key] for r in results)
                        for key in ("images_per_s", "tokens_per_s", "images_per_cpu_s", "peak_mb")}
         out[column]["runs"] = results
-    for column in COLUMNS[1:]:
+    for column in names[1:]:
         for key in ("images_per_s", "tokens_per_s", "images_per_cpu_s"):
             out[column][f"{key}_ratio"] = out[column][key] / out["original"][key]
             out[column][f"{key}_paired_ratio"] = statistics.median(
@@ -317,10 +346,17 @@ def main(argv=None) -> dict:
     model = build_model(args, vocab, tokenizer.pad_token_id)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sizes = [tuple(int(x) for x in s.lower().split("x")) for s in args.images.split(",")]
-    device = "cuda (bf16, " + args.mode + ")" if args.real_size else f"cpu ({torch.get_num_threads()} threads, fp32)"
+    measured = columns(args)
+    weights = next(model.parameters()).dtype
+    device = (f"cuda ({args.mode}, weights {weights}, bf16 autocast)" if args.real_size
+              else f"cpu ({torch.get_num_threads()} threads, fp32)")
     print("Phi-3.5-vision training throughput: original setup vs ours, whole steps with the data loader")
     print(f"model: text {args.text_hidden} x {args.text_layers} layers, CLIP {args.vision_hidden} x "
           f"{args.vision_layers} layers, vocab {vocab}; {device}")
+    _, _, optimiser = parse_args(DataArguments, column_flags("ours", args, Path(tempfile.gettempdir()), 1))
+    print(f"optimiser: AdamW betas ({optimiser.adam_beta1}, {optimiser.adam_beta2}), eps {optimiser.adam_epsilon}, "
+          f"weight decay {optimiser.weight_decay}, gradient clipping {optimiser.max_grad_norm} (the recipe's "
+          f"defaults = the original's); columns: {', '.join(measured)}")
 
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as tmp:
         work = Path(tmp)
@@ -334,19 +370,19 @@ def main(argv=None) -> dict:
         # (allocator growth, oneDNN kernel selection) must not count against whichever runs first.
         # On CPU its peak memory is the column's (measuring it in every run would only add time).
         peaks = {}
-        for column in COLUMNS:
+        for column in measured:
             peaks[column] = run_column(column, model, initial, dataset, processor, args, work, 2, True).get("peak_mb")
             print(f"  warm-up {column} done", flush=True)
-        runs = {column: [] for column in COLUMNS}
+        runs = {column: [] for column in measured}
         for r in range(args.repeats):
-            for column in COLUMNS if r % 2 == 0 else COLUMNS[::-1]:
+            for column in measured if r % 2 == 0 else measured[::-1]:
                 run = run_column(column, model, initial, dataset, processor, args, work, args.steps, False)
                 run.setdefault("peak_mb", peaks[column])
                 runs[column].append(run)
                 print(f"  repeat {r + 1}/{args.repeats} {column}: {run['images_per_s']:.3f} images/s over "
                       f"{run['seconds']:.1f} s ({run['images_per_cpu_s']:.3f} images per CPU-second)", flush=True)
     result = summarise(runs)
-    for column in COLUMNS:
+    for column in measured:
         c = result[column]
         s = c["runs"][0]["settings"]
         print(f"{column:18s}: {c['images_per_s']:.3f} images/s, {c['tokens_per_s']:.0f} real tokens/s, peak "
@@ -359,6 +395,11 @@ def main(argv=None) -> dict:
     print(f"ours+padding_free / original setup: {packed['images_per_s_ratio']:.2f}x images/s "
           f"(paired {packed['images_per_s_paired_ratio']:.2f}x), peak memory "
           f"{packed['peak_mb'] / result['original']['peak_mb']:.2f}x")
+    if FLASH_COLUMN in result:
+        flash = result[FLASH_COLUMN]
+        print(f"{FLASH_COLUMN} / original setup: {flash['images_per_s_ratio']:.2f}x images/s (paired "
+              f"{flash['images_per_s_paired_ratio']:.2f}x); / ours: "
+              f"{flash['images_per_s'] / result['ours']['images_per_s']:.2f}x")
     ours = result["ours"]
     print(f"ours / original setup, per CPU-second of this process (steadier on a shared machine; "
           f"data workers' time not included): {ours['images_per_cpu_s_ratio']:.2f}x, padding_free "

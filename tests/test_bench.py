@@ -171,3 +171,24 @@ def test_load_memory_quick(capsys):
     for column in ("bf16", "fp32"):
         assert positive_finite(result[column]["peak_mb"]) and result[column]["load_growth_mb"] >= 0
     assert float(lines[-1].split()[-1].rstrip("x")) == pytest.approx(result["peak_ratio"], abs=0.006)
+
+
+def test_throughput_real_size_settings_are_a_gpu_runs(monkeypatch):
+    """--real_size (CUDA only) holds the weights as the recipe does with --bf16 and no DeepSpeed,
+    and measures FlashAttention-2 as a fourth column when flash-attn imports."""
+    import argparse
+    import types
+
+    import torch
+
+    throughput = load("throughput")
+    assert throughput.real_size_dtype("full") is torch.float32  # bf16 autocast, fp32 weights stepped
+    assert throughput.real_size_dtype("frozen_vision") is torch.float32
+    assert throughput.real_size_dtype("lora") is torch.bfloat16  # frozen base; fp32 adapters (PEFT)
+    assert throughput.columns(argparse.Namespace(real_size=False)) == throughput.COLUMNS
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert throughput.columns(argparse.Namespace(real_size=True)) == (*throughput.COLUMNS, "ours+flash_attention_2")
+    assert throughput.column_attention("ours+flash_attention_2") == "flash_attention_2"
+    flags = throughput.column_flags("ours", argparse.Namespace(real_size=True, batch_size=4, num_crops=16, seed=0),
+                                    Path("/tmp/x"), 3)
+    assert "--bf16" in flags
