@@ -8,7 +8,7 @@ A random model at the chosen sizes is saved once in bf16 (the release's dtype). 
 runs in a fresh process, as a torchrun rank of a 1-rank job would (LOCAL_RANK/RANK/WORLD_SIZE
 set), with the recipe's own flags (`--deepspeed ds_configs/zero2.json --bf16`) through
 `recipe.model.load_model`; the fp32 column patches `recipe.model.weights_dtype` to fp32. Each
-process reports its peak RSS (`ru_maxrss`) before and after the load; the loads alternate
+process reports its peak RSS (VmHWM) before and after the load; the loads alternate
 (bf16, fp32, fp32, bf16, ...) over --repeats. Printed per column: the median peak RSS of the
 process and its growth during the load; the last line is the ratio bf16 / fp32 of the peak
 host memory per rank. Per rank, because every rank of a node loads its own copy before
@@ -35,7 +35,12 @@ MB = 2**20
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """Peak RSS of this process so far: VmHWM, the high-water mark of its own memory map
+    (ru_maxrss would carry over the parent's peak across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (not Linux) KiB
 
 
 def child(column: str, checkpoint: str) -> None:
