@@ -8,9 +8,11 @@ A random model at the chosen sizes is saved once in bf16 (the release's dtype). 
 runs in a fresh process, as a torchrun rank of a 1-rank job would (LOCAL_RANK/RANK/WORLD_SIZE
 set), with the recipe's own flags (`--deepspeed ds_configs/zero2.json --bf16`) through
 `recipe.model.load_model`; the fp32 column patches `recipe.model.weights_dtype` to fp32. Each
-process reports its peak RSS (VmHWM) before and after the load; the loads alternate
+process reports its peak RSS (VmHWM) before the load, after it, and after reading every weight
+(as DeepSpeed does to move them to the GPU: a bf16 checkpoint loaded in bf16 can stay
+memory-mapped from its file until then); the loads alternate
 (bf16, fp32, fp32, bf16, ...) over --repeats. Printed per column: the median peak RSS of the
-process and its growth during the load; the last line is the ratio bf16 / fp32 of the peak
+process (weights read) and its growth from before the load; the last line is the ratio bf16 / fp32 of the peak
 host memory per rank. Per rank, because every rank of a node loads its own copy before
 DeepSpeed takes it: 8 ranks of the 4.2B model hold ~134 GB at fp32, half of that in bf16.
 """
@@ -60,9 +62,15 @@ def child(column: str, checkpoint: str) -> None:
             recipe.model.weights_dtype = lambda model_args, training_args: torch.float32
         before = _rss_mb()
         model = recipe.model.load_model(model_args, training_args)
+        loaded = _rss_mb()
+        # A bf16 checkpoint loaded as bf16 may stay memory-mapped from its file until something
+        # reads it; DeepSpeed reads every weight (to move it to the GPU). Read them here too.
+        with torch.no_grad():
+            for param in model.parameters():
+                param.sum()
         after = _rss_mb()
     dtype = str(next(model.parameters()).dtype)
-    print(json.dumps({"before_mb": before, "after_mb": after, "dtype": dtype}))
+    print(json.dumps({"before_mb": before, "loaded_mb": loaded, "after_mb": after, "dtype": dtype}))
 
 
 def save_checkpoint(directory: Path, args) -> int:
@@ -125,7 +133,8 @@ def main(argv=None) -> dict:
                 run = load_once(column, checkpoint)
                 runs[column].append(run)
                 print(f"  repeat {r + 1}/{args.repeats} {column}: loaded {run['dtype']}, peak RSS "
-                      f"{run['before_mb']:.0f} -> {run['after_mb']:.0f} MB", flush=True)
+                      f"{run['before_mb']:.0f} -> {run['loaded_mb']:.0f} MB after from_pretrained -> "
+                      f"{run['after_mb']:.0f} MB with every weight read", flush=True)
     result = {"parameters": params}
     for column in COLUMNS:
         peak = statistics.median(r["after_mb"] for r in runs[column])
