@@ -119,7 +119,8 @@ def synthetic_image(width: int, height: int, rng: random.Random):
         left = 20
         while left < width - 60:
             step = rng.randint(40, 120)
-            draw.rectangle((left, top, left + rng.randint(10, 50), top + 12), fill=tuple(rng.randint(0, 90) for _ in "rgb"))
+            ink = tuple(rng.randint(0, 90) for _ in "rgb")
+            draw.rectangle((left, top, left + rng.randint(10, 50), top + 12), fill=ink)
             left += step
     return image
 
@@ -465,7 +466,8 @@ def main(argv=None) -> int:
     checks = [c.strip() for c in args.checks.split(",") if c.strip()]
     unknown = sorted(set(checks) - set(CHECKS))
     if unknown:
-        print(f"gpu-check: error: --checks {','.join(unknown)}: unknown; choose from {','.join(CHECKS)}", file=sys.stderr)
+        print(f"gpu-check: error: --checks {','.join(unknown)}: unknown; choose from {','.join(CHECKS)}",
+              file=sys.stderr)
         return 2
     start = time.perf_counter()
     args.num_crops = 2 if args.tiny else 16

@@ -65,7 +65,8 @@ def launch(tiny, data, out, log_dir, *extra, env: dict | None = None, status: in
     log_dir.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RECIPE_TEST_BATCH_LOG": str(log_dir), **(env or {})}
     proc = subprocess.run(command + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == status, f"{command}: exit {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == status, (
+        f"{command}: exit {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc.stdout if status == 0 else proc.stderr
 
 
