@@ -5,7 +5,7 @@
     python tools/gpu_check.py --device cpu --tiny --steps 2    # the same plan on CPU (the CI test)
 
 Weights are random, at the released widths (tests/fixtures/release/phi-3.5-vision-instruct:
-its config with 2 decoder layers, its tokenizer and image processor), in bf16 on one GPU. Each
+its config with 2 decoder layers, its tokenizer and image processor), in bf16 (fp16 on a GPU without it) on one GPU. Each
 training check is one run of the recipe's own runner (`recipe.train.run`: flags, model setup,
 data loader, Trainer, save, evaluation by generation) on synthetic document-like images at
 --num_crops 16, --steps optimizer steps of 4 examples:
@@ -162,6 +162,8 @@ def requirement(check: str, device: str) -> None:
     elif check == "flash":
         if device != "cuda":
             raise Skip("FlashAttention-2 runs on CUDA GPUs only")
+        if torch.cuda.get_device_capability(0)[0] < 8:
+            raise Skip("FlashAttention-2 needs an Ampere or newer GPU")
         _importable("flash_attn", "flash-attn does not import")
 
 
@@ -178,7 +180,7 @@ def train_check(mode: str, checkpoint: Path, task, work: Path, args) -> dict:
 
     out = work / f"run_{mode}"
     flags = ["--model_name_or_path", str(checkpoint), "--output_dir", str(out), "--overwrite_output_dir",
-             "--bf16", "--max_steps", args.steps, "--batch_size", 4, "--batch_size_per_gpu", 2,
+             f"--{args.precision}", "--max_steps", args.steps, "--batch_size", 4, "--batch_size_per_gpu", 2,
              "--num_crops", args.num_crops, "--learning_rate", "1e-5", "--warmup_steps", 0, "--save_strategy", "no",
              "--logging_steps", args.steps, "--skip_eval_before", "--max_eval_samples", 2, "--eval_batch_size", 2,
              "--max_new_tokens", 4, "--no-tqdm", "--report_to", "none", *MODE_FLAGS[mode]]
@@ -471,7 +473,10 @@ def main(argv=None) -> int:
         return 2
     start = time.perf_counter()
     args.num_crops = 2 if args.tiny else 16
-    info = environment(args.device)
+    # bf16 as released; a GPU without it (V100, T4) trains in fp16, as the recipe does there.
+    bf16 = args.device == "cpu" or torch.cuda.is_bf16_supported()
+    args.precision = "bf16" if bf16 else "fp16"
+    info = {**environment(args.device), "training precision": args.precision}
     print("gpu-check: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     json_path = Path(args.json).resolve()
     with contextlib.ExitStack() as stack:
@@ -503,7 +508,7 @@ def main(argv=None) -> int:
                     write_checkpoint(full, None, False, args.device)
                 entries += plan(full, "32 layers", checks, task, conversations, work, args, log, deadline, params)
     failed = [e for e in entries if e["status"] == "FAIL"]
-    summary = {"environment": info, "steps": args.steps, "num_crops": args.num_crops, "checks": entries,
+    summary = {"environment": info, "precision": args.precision, "steps": args.steps, "num_crops": args.num_crops, "checks": entries,
                "passed": sum(e["status"] == "PASS" for e in entries), "failed": len(failed),
                "skipped": sum(e["status"] == "SKIPPED" for e in entries),
                "seconds": round(time.perf_counter() - start, 1)}
