@@ -5,8 +5,8 @@
     python tools/gpu_check.py --device cpu --tiny --steps 2    # the same plan on CPU (the CI test)
 
 Weights are random, at the released widths (tests/fixtures/release/phi-3.5-vision-instruct:
-its config with 2 decoder layers, its tokenizer and image processor), in bf16 (fp16 on a GPU without it) on one GPU. Each
-training check is one run of the recipe's own runner (`recipe.train.run`: flags, model setup,
+its config with 2 decoder layers, its tokenizer and image processor), in bf16 (fp16 on a GPU
+without bf16) on one GPU. Each training check is one run of the recipe's own runner (`recipe.train.run`: flags, model setup,
 data loader, Trainer, save, evaluation by generation) on synthetic document-like images at
 --num_crops 16, --steps optimizer steps of 4 examples:
 
@@ -508,7 +508,8 @@ def main(argv=None) -> int:
                     write_checkpoint(full, None, False, args.device)
                 entries += plan(full, "32 layers", checks, task, conversations, work, args, log, deadline, params)
     failed = [e for e in entries if e["status"] == "FAIL"]
-    summary = {"environment": info, "precision": args.precision, "steps": args.steps, "num_crops": args.num_crops, "checks": entries,
+    summary = {"environment": info, "precision": args.precision, "steps": args.steps, "num_crops": args.num_crops,
+               "checks": entries,
                "passed": sum(e["status"] == "PASS" for e in entries), "failed": len(failed),
                "skipped": sum(e["status"] == "SKIPPED" for e in entries),
                "seconds": round(time.perf_counter() - start, 1)}
