@@ -7,8 +7,9 @@
 Weights are random, at the released widths (tests/fixtures/release/phi-3.5-vision-instruct:
 its config with 2 decoder layers, its tokenizer and image processor), in bf16 (fp16 on a GPU
 without bf16) on one GPU. Each training check is one run of the recipe's own runner
-(`recipe.train.run`: flags, model setup, data loader, Trainer, save, evaluation by generation) on synthetic document-like images at
---num_crops 16, --steps optimizer steps of 4 examples:
+(`recipe.train.run`: flags, model setup, data loader, Trainer, save, evaluation by
+generation) on synthetic document-like images at --num_crops 16, --steps optimizer steps of 4
+examples:
 
     full_zero2      full finetuning under DeepSpeed ZeRO-2 (SKIPPED when deepspeed does not import)
     frozen_vision   --freeze_vision_model, without DeepSpeed (fp32 weights, bf16 autocast)
