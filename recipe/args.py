@@ -45,6 +45,7 @@ __all__ = [
     "FlagError",
     "parse_flags",
     "build_training_args",
+    "parse_transformers_flags",
     "parse_args",
     "check_args",
     "world_size",
@@ -576,17 +577,30 @@ def build_training_args(flags: Flags):
     from .training_args import RecipeTrainingArguments
 
     values = {f.name: getattr(flags.training, f.name) for f in fields(TrainingFlags)}
-    if flags.transformers_argv:
-        parser = RecipeArgumentParser(RecipeTrainingArguments)
-        namespace, rest = parser.parse_known_args(flags.transformers_argv)
-        problems = _unknown(rest, frozenset(), parser.known_flags())
-        if problems:
-            raise parser.unknown_flags(problems)
-        for name in _given(flags.transformers_argv):
-            name = name if hasattr(namespace, name) or not name.startswith("no_") else name[3:]
-            if name not in values and hasattr(namespace, name):
-                values[name] = getattr(namespace, name)
+    values.update({name: value for name, value in parse_transformers_flags(flags).items() if name not in values})
     return _build(RecipeTrainingArguments, values)
+
+
+def parse_transformers_flags(flags: Flags) -> dict:
+    """{name: value} of the transformers flags that TrainingFlags does not declare
+    (flags.transformers_argv), parsed by transformers' own field types: an unknown name or a bad
+    value is a FlagError. Imports TrainingArguments (not light) but builds nothing, so --dry_run
+    checks them too."""
+    if not flags.transformers_argv:
+        return {}
+    from .training_args import RecipeTrainingArguments
+
+    parser = RecipeArgumentParser(RecipeTrainingArguments)
+    namespace, rest = parser.parse_known_args(flags.transformers_argv)
+    problems = _unknown(rest, frozenset(), parser.known_flags())
+    if problems:
+        raise parser.unknown_flags(problems)
+    values = {}
+    for name in _given(flags.transformers_argv):
+        name = name if hasattr(namespace, name) or not name.startswith("no_") else name[3:]
+        if hasattr(namespace, name):
+            values[name] = getattr(namespace, name)
+    return values
 
 
 def parse_args(data_args_class=DataArguments, argv: list[str] | None = None, defaults: dict | None = None,

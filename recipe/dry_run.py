@@ -158,9 +158,11 @@ def dry_run(task: Task, flags: Flags) -> dict:
     from phi3v.configuration_phi3v import Phi3VConfig
     from phi3v.processing_phi3v import Phi3VProcessor
 
+    from .args import parse_transformers_flags
     from .data import Collator, ConversationDataset
     from .train import setup_data
 
+    parse_transformers_flags(flags)  # (the flags a run would refuse, as build_training_args parses them)
     model_args, data_args, training = flags.model, flags.data, flags.training
     processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
     config = Phi3VConfig.from_pretrained(model_args.model_name_or_path)  # config.json only

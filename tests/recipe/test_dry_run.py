@@ -83,3 +83,19 @@ def test_dry_run_lora_counts_the_adapters(weightless, ucf101_data, tmp_path, cap
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=lora_target_modules(model, True)))
     assert results["trainable_parameters"] == peft_model.get_nb_trainable_parameters()[0]
     assert "LoRA (rank 4), no DeepSpeed, fp32" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, names_readable", [(["--torch_compile", "maybe"], True),
+                                                  (["--lr_scheduler_typ", "cosine"], False)])
+def test_dry_run_checks_the_transformers_flags_too(weightless, ucf101_data, tmp_path, flag, names_readable,
+                                                   monkeypatch):
+    """A transformers-only flag the run would refuse (a bad value; or an unknown flag, when
+    transformers' flag names could not be read from its source) fails the dry run too."""
+    from recipe import args
+
+    if not names_readable:
+        monkeypatch.setattr(args, "transformers_flag_names", lambda: None)
+    with pytest.raises(args.FlagError, match=flag[0]):
+        ucf.main(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
+                  str(tmp_path / "out"), "--num_crops", "1", "--use_lora", "--batch_size", "2", "--no-tqdm",
+                  "--dry_run", *flag])
