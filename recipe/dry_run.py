@@ -109,6 +109,10 @@ def estimate_memory(model_args, training, config, sizes, tokens: int, crops: int
     if model_args.use_lora:
         base = quantised * 4.5 / 8 + (total - quantised) * half if model_args.use_qlora else total * half
         weights, gradients, optimizer = base + 4 * trainable, 4 * trainable, adam  # fp32 adapters
+        if stage is not None:  # ZeRO partitions them as for full finetuning (below), the frozen base too
+            weights /= world if stage >= 3 else 1
+            gradients /= world if stage >= 2 else 1
+            optimizer /= world if stage >= 1 else 1
     elif stage is not None:
         # DeepSpeed holds half-precision weights and gradients and, with --bf16/--fp16, fp32
         # master weights next to the moments; ZeRO-1/2/3 partition optimizer / +gradients / +weights.

@@ -4,6 +4,7 @@ weights are loaded (the checkpoint it reads has none)."""
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,24 @@ def test_dry_run_checks_the_transformers_flags_too(weightless, ucf101_data, tmp_
         ucf.main(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
                   str(tmp_path / "out"), "--num_crops", "1", "--use_lora", "--batch_size", "2", "--no-tqdm",
                   "--dry_run", *flag])
+
+
+def test_memory_estimate_of_lora_under_zero3_partitions_the_frozen_base(monkeypatch):
+    """The standard accounting: ZeRO-3 keeps 1/N of every weight per GPU, the LoRA base included."""
+    from types import SimpleNamespace
+
+    from recipe.dry_run import estimate_memory
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    config = SimpleNamespace(hidden_size=8, num_hidden_layers=1, vocab_size=8, vision_config=None)
+    model_args = SimpleNamespace(use_lora=True, use_qlora=False, freeze_vision_model=True)
+    training = SimpleNamespace(bf16=True, fp16=False, activation_checkpointing=True,
+                               deepspeed=str(Path(ucf.__file__).parent / "ds_configs" / "zero3.json"))
+    total, trainable = 4_000_000, 40_000
+    memory = estimate_memory(model_args, training, config, (total, trainable, 0), tokens=1, crops=0)
+    assert memory.weights == (2 * total + 4 * trainable) / 4
+    assert memory.gradients + memory.optimizer == 12 * trainable / 4  # ZeRO-2/3: sharded
+    training.deepspeed = None  # DDP: everything on every GPU
+    memory = estimate_memory(model_args, training, config, (total, trainable, 0), tokens=1, crops=0)
+    assert (memory.weights, memory.gradients, memory.optimizer) == (2 * total + 4 * trainable, 4 * trainable,
+                                                                   8 * trainable)
