@@ -24,6 +24,7 @@ import ast
 import difflib
 import functools
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -693,6 +694,13 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
     if t.deepspeed:
         if not Path(t.deepspeed).is_file():
             raise FlagError(f"--deepspeed {t.deepspeed}: no such file (or 'none' to train without DeepSpeed)")
+        try:
+            config = json.loads(Path(t.deepspeed).read_text(encoding="utf-8"))
+            problem = None if isinstance(config, dict) else f"a JSON {type(config).__name__}"
+        except (ValueError, OSError) as err:
+            problem = " ".join(str(err).split())
+        if problem:  # (DeepSpeed, and --dry_run's ZeRO stage, read it as an object)
+            raise FlagError(f"--deepspeed {t.deepspeed}: not a JSON object of DeepSpeed settings ({problem})")
         if "LOCAL_RANK" not in os.environ and not planning:
             raise FlagError(
                 "DeepSpeed needs a launcher: run with `torchrun --nproc_per_node=N script.py ...` "

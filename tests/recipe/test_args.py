@@ -123,3 +123,12 @@ def test_a_chosen_log_level_shows_the_hidden_library_messages():
         assert hidden_logger.level == logging.NOTSET and not hidden_warnings()
     finally:
         recipe.quiet_libraries()
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_a_deepspeed_file_that_is_no_json_object_is_a_flag_error_naming_it(text, tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(text, encoding="utf-8")
+    with pytest.raises(FlagError, match=rf"--deepspeed {config}: not a JSON object"):
+        parse_flags(ucf.Ucf101Arguments, ["--deepspeed", str(config), "--dry_run", "--output_dir", str(tmp_path / "o")],
+                    ucf.TASK.defaults)
