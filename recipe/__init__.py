@@ -1,7 +1,7 @@
 """The finetuning recipes' shared code: flags, data, model setup, training runner, evaluation.
 
 Importing it quiets third-party messages a user cannot act on (each one named below); any
---log_level other than the default 'passive' shows them again (recipe.train._setup_logging).
+--log_level other than the default 'passive' shows them again (recipe.task.task_flags).
 It imports nothing heavy: `--help` and flag errors must stay fast.
 """
 
