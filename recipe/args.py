@@ -402,12 +402,15 @@ class _HelpFormatter(argparse.HelpFormatter):
 def transformers_flag_names() -> frozenset[str] | None:
     """The field names of the installed transformers' TrainingArguments, read from its source
     (importing it takes seconds: torch, accelerate, peft, bitsandbytes). None if the source is
-    not where or what it used to be; unknown flags are then left to transformers' parser."""
+    not where or what it used to be (a class with bases: some fields would be elsewhere);
+    unknown flags are then left to transformers' parser (build_training_args, after the imports)."""
     try:
         spec = importlib.util.find_spec("transformers")
         source = Path(spec.origin).with_name("training_args.py").read_text(encoding="utf-8")
         for node in ast.parse(source).body:
             if isinstance(node, ast.ClassDef) and node.name == "TrainingArguments":
+                if node.bases or node.keywords:  # (fields it inherits are not in this source)
+                    return None
                 names = frozenset(item.target.id for item in node.body
                                   if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
                                   and not item.target.id.startswith("_"))

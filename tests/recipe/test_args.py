@@ -132,3 +132,15 @@ def test_a_deepspeed_file_that_is_no_json_object_is_a_flag_error_naming_it(text,
     with pytest.raises(FlagError, match=rf"--deepspeed {config}: not a JSON object"):
         parse_flags(ucf.Ucf101Arguments, ["--deepspeed", str(config), "--dry_run", "--output_dir", str(tmp_path / "o")],
                     ucf.TASK.defaults)
+
+
+def test_flag_names_are_not_guessed_from_a_class_with_bases(tmp_path, monkeypatch):
+    """A newer transformers whose TrainingArguments inherits fields: rather than a partial list
+    (its real flags refused as unknown), no list, and transformers' parser judges the flags."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    (tmp_path / "__init__.py").write_text("")
+    (tmp_path / "training_args.py").write_text("class TrainingArguments(Base):\n    own: int = 1\n")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(origin=str(tmp_path / "__init__.py")))
+    assert transformers_flag_names.__wrapped__() is None
