@@ -520,7 +520,7 @@ def _build(dtype, values: dict):
         return dtype(**values)
     except FlagError:
         raise
-    except ValueError as err:  # transformers' own flag validation
+    except (ValueError, OSError) as err:  # transformers' own flag validation (and files its flags name)
         raise FlagError(" ".join(str(err).split())) from None
 
 

@@ -144,3 +144,9 @@ def test_flag_names_are_not_guessed_from_a_class_with_bases(tmp_path, monkeypatc
     (tmp_path / "training_args.py").write_text("class TrainingArguments(Base):\n    own: int = 1\n")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(origin=str(tmp_path / "__init__.py")))
     assert transformers_flag_names.__wrapped__() is None
+
+
+def test_a_missing_file_named_by_a_transformers_flag_is_a_flag_error(tmp_path):
+    with pytest.raises(FlagError, match="accelerator_config.json"):
+        parse_args(ucf.Ucf101Arguments, ["--use_lora", "--output_dir", str(tmp_path / "out"), "--accelerator_config",
+                                         str(tmp_path / "accelerator_config.json")], ucf.TASK.defaults)
