@@ -76,9 +76,11 @@ def test_help_shows_each_default_once_and_switches_without_a_value(capsys):
     assert sections["--eval_batch_size"] == sections["--eval_only"] == "evaluation"
 
 
-def test_data_workers_default_to_the_cpus_available():
+@pytest.mark.parametrize("cpus, workers", [(1, 1), (3, 3), (16, 4)])
+def test_data_workers_default_to_the_cpus_available(cpus, workers, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     flags = parse_flags(ucf.Ucf101Arguments, ["--use_lora"], ucf.TASK.defaults)
-    assert flags.training.dataloader_num_workers == min(4, len(os.sched_getaffinity(0)))
+    assert flags.training.dataloader_num_workers == workers
 
 
 def test_light_flags_agree_with_transformers():
