@@ -34,7 +34,13 @@ from typing import NamedTuple
 
 from transformers import HfArgumentParser
 
+from .checkpoints import last_complete_checkpoint, verify
 from .errors import FlagError
+
+# Seconds a data worker may take to hand over a batch before the run stops with an error
+# (--dataloader_timeout, recipe.faults): long enough for the slowest batch of large images, short
+# enough that a dead or stuck worker is reported rather than waited on forever.
+DATALOADER_TIMEOUT = 600
 
 __all__ = [
     "ModelArguments",
@@ -250,6 +256,11 @@ class TrainingFlags:
     dataloader_prefetch_factor: int | None = field(
         default=2, metadata={"help": "Batches each worker loads ahead (ignored with --dataloader_num_workers 0)."}
     )
+    dataloader_timeout: int = field(
+        default=DATALOADER_TIMEOUT,
+        metadata={"help": "Seconds a data loader worker may take to deliver a batch; past it (or when a worker dies) "
+                          "the run stops with an error naming the cause instead of waiting forever. 0: no limit."},
+    )
     no_tqdm: bool = field(default=False, metadata={"aliases": ["--no-tqdm"], "help": "No progress bars."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow an output_dir that already holds a finished run; it is replaced."}
@@ -358,7 +369,7 @@ TRAINING_FLAGS = {
     "lr_scheduler_type", "warmup_steps", "max_grad_norm", "activation_checkpointing", "bf16", "fp16",
     "deepspeed", "seed", "save_strategy", "save_steps", "save_total_limit", "logging_steps",
     "report_to", "train_sampling_strategy", "dataloader_num_workers", "dataloader_prefetch_factor", "no_tqdm",
-    "log_level", "log_level_replica", "padding_free", "max_tokens_per_row", "dry_run",
+    "dataloader_timeout", "log_level", "log_level_replica", "padding_free", "max_tokens_per_row", "dry_run",
 }
 EVALUATION_FLAGS = {
     "eval_strategy", "eval_steps", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
@@ -626,19 +637,10 @@ def parse_args(data_args_class=DataArguments, argv: list[str] | None = None, def
 
 
 def _last_complete_checkpoint(output_dir: Path) -> str | None:
-    """The newest checkpoint-N that was completely written: the Trainer writes trainer_state.json
-    last, so a run killed while saving leaves a directory without it (older ones are kept until
-    the new one is done)."""
-    steps = sorted(
-        (int(path.name.split("-")[1]), path) for path in output_dir.glob("checkpoint-*")
-        if path.is_dir() and path.name.split("-")[1].isdigit()
-    )
-    for _, path in reversed(steps):
-        if (path / TRAINER_STATE_NAME).is_file():
-            return str(path)
-        logger.warning("%s is incomplete (no %s; killed while saving?): not resuming from it", path,
-                       TRAINER_STATE_NAME)
-    return None
+    """The newest checkpoint-N whose files all load (recipe.checkpoints.verify); a newer one that
+    does not (killed while saving before atomic saves, truncated, corrupted) is named in a warning
+    and the previous one is taken."""
+    return last_complete_checkpoint(output_dir)
 
 
 def _check_resume(data_args, training_args) -> None:
@@ -654,6 +656,9 @@ def _check_resume(data_args, training_args) -> None:
             logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting from scratch", output_dir)
     elif resume is not None and not Path(resume).is_dir():
         raise FlagError(f"--resume_from_checkpoint {resume}: no such checkpoint directory (or use 'auto')")
+    elif resume is not None and (problem := verify(Path(resume))):
+        raise FlagError(f"--resume_from_checkpoint {resume} cannot be resumed from: {problem}; name an earlier "
+                        "checkpoint or use 'auto' (the newest complete one)")
     elif resume is None and not training_args.overwrite_output_dir and any(
         p.is_dir() for p in output_dir.glob("checkpoint-*")
     ):
@@ -753,6 +758,8 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
             f"--overwrite_output_dir would delete the model being finetuned ({model_args.model_name_or_path} is also "
             "--output_dir); choose another --output_dir"
         )
+    if getattr(t, "dataloader_timeout", 0) < 0:
+        raise FlagError("--dataloader_timeout must be >= 0 (0: no limit)")
     if data_args.eval_batch_size < 1:
         raise FlagError("--eval_batch_size must be >= 1")
     if not 1 <= data_args.max_tokens_per_row <= MAX_TOKENS_PER_ROW:

@@ -43,11 +43,20 @@ class DataError(UserError, ValueError):
     """Data that cannot be used (file:line and what to change)."""
 
 
+# Exit status of a run stopped at once by a second Ctrl-C: 128 + SIGINT, as a shell reports it.
+INTERRUPTED = 130
+
+
 def cli(main: Callable[[], object]) -> int:
     """Runs `main()`; a user error ends with one `error:` line on stderr (its details above it)
-    and exit status 2. Use: `sys.exit(cli(main))`."""
+    and exit status 2; a second Ctrl-C (recipe.faults) with one line and status 130. Use:
+    `sys.exit(cli(main))`."""
     try:
         main()
+    except KeyboardInterrupt:
+        print("interrupted: stopped without saving; the last checkpoint is kept (resume with "
+              "--resume_from_checkpoint auto)", file=sys.stderr, flush=True)
+        return INTERRUPTED
     except UserError as err:
         rank = os.environ.get("RANK", "0")
         if rank == "0" or not err.everywhere:

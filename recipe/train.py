@@ -9,10 +9,13 @@ conversation, how predictions are scored) in a `Task` and calls `run(task)`.
 Outputs in --output_dir (rank 0 writes them):
     eval_before.json, eval_after.json   metric + per-example predictions (--eval_only: eval_after.json)
     eval_step<N>.json                    --eval_strategy steps: the task metric during training
-    checkpoint-N/                        every --save_steps (resume with --resume_from_checkpoint)
+    checkpoint-N/                        every --save_steps and on SIGTERM/SIGUSR1/Ctrl-C (recipe.faults),
+                                         written atomically (recipe.checkpoints); resume with
+                                         --resume_from_checkpoint auto
     the final model (full) or adapter (LoRA/QLoRA) + processor, in the official format
     merged/                              --merge_lora: the merged full model + processor
     README.md                            model card: what was trained, how, with what result
+    .run.lock                            while a run uses the directory (recipe.lock)
     training_curves.png                  loss, learning rate, task metric
     run_complete.json                    flags, results, throughput and versions of the finished run
 """
@@ -35,15 +38,20 @@ from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import get_length_grouped_indices
+from transformers.trainer_utils import rotate_checkpoints
 
 from phi3v.export import SAVE_DTYPES, finalize_output, load_merged, merge_lora
 from phi3v.processing_phi3v import Phi3VProcessor
 from phi3v.tokenization import end_token_ids
 
 from .args import RUN_COMPLETE_FILE, Flags, ModelArguments, RecipeTrainingArguments, build_training_args
+from .checkpoints import TMP_DIR, publish, save_error
 from .data import Collator, ConversationDataset
 from .errors import DataError
+from .faults import StopOnSignal, Stopped, dataloader_error
+from .lock import lock_output_dir
 from .evaluate import evaluate
 from .model import SEPARATORS, count_parameters, load_model, parameter_groups
 from .records import Conversation, subset
@@ -123,8 +131,64 @@ class RecipeTrainer(Trainer):
     def __init__(self, *args, model_args: ModelArguments | None = None, task_eval: TaskEvaluator | None = None,
                  **kwargs):
         self.model_args, self.task_eval = model_args, task_eval
+        # Written into each checkpoint before it is published (the processor: a checkpoint is a
+        # complete official-format directory).
+        self.checkpoint_extras: list[Callable[[Path], None]] = []
+        self._saving_into: Path | None = None
         super().__init__(*args, **kwargs)
         self.throughput = Throughput(getattr(self.data_collator, "pad_token_id", None))
+
+    def get_train_dataloader(self):
+        """With --dataloader_timeout: a worker that dies or delivers nothing is an error, not a hang."""
+        loader = super().get_train_dataloader()
+        if self.args.dataloader_num_workers > 0 and self.args.dataloader_timeout:
+            loader.timeout = self.args.dataloader_timeout
+        return loader
+
+    def _run_epoch(self, *args, **kwargs):
+        """Nothing left to train (resumed from the checkpoint of the last step, e.g. after a kill
+        during the final save or evaluation): the Trainer would otherwise train one step more."""
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._saving_into) if self._saving_into is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written under OUTPUT_DIR/.checkpoint-tmp by every rank and
+        renamed into place by the main process once all are done (recipe.checkpoints)."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        tmp_root = run_dir / TMP_DIR
+        tmp, final = tmp_root / name, run_dir / name
+        if self.args.should_save and tmp.exists():
+            shutil.rmtree(tmp)  # left by a save that was killed
+        _barrier()
+        self._saving_into = tmp_root
+        try:
+            super()._save_checkpoint(model, trial)
+            best = self.state.best_model_checkpoint
+            if self.args.should_save:
+                if best is not None and Path(best).parent == tmp_root:
+                    self.state.best_model_checkpoint = str(run_dir / Path(best).name)  # where it is published
+                    self.state.save_to_json(str(tmp / TRAINER_STATE_NAME))
+                for extra in self.checkpoint_extras:
+                    extra(tmp)
+        except Exception as err:  # noqa: BLE001 - torch and safetensors do not keep the OSError
+            if not _is_write_failure(err):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise save_error(err, final) from None
+        finally:
+            self._saving_into = None
+        _barrier()
+        if self.args.should_save:
+            publish(tmp, final)
+            rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        _barrier()
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -180,6 +244,14 @@ class RecipeTrainer(Trainer):
         self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+def _is_write_failure(err: Exception) -> bool:
+    """An error of writing a file (disk full, quota, file size limit, permissions): OSError, or
+    torch.save's RuntimeError ("PytorchStreamWriter failed", "unexpected pos") and safetensors'
+    error, which do not keep the OSError."""
+    text = str(err)
+    return isinstance(err, OSError) or "os error" in text or "PytorchStreamWriter" in text or "unexpected pos" in text
 
 
 class _LogAtSaveAndEnd(TrainerCallback):
@@ -264,7 +336,7 @@ def setup_data(task: Task, model_args, data_args, training_args, processor):
 
 # What a run writes into --output_dir; --overwrite_output_dir removes exactly these (other files stay).
 RUN_OUTPUTS = (
-    "checkpoint-*", "eval_*.json", RUN_COMPLETE_FILE, "training_curves.png", "README.md", "merged", "runs",
+    "checkpoint-*", TMP_DIR, "eval_*.json", RUN_COMPLETE_FILE, "training_curves.png", "README.md", "merged", "runs",
     "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "config.json", "generation_config.json",
     "adapter_config.json", "tokenizer*.json", "special_tokens_map.json", "preprocessor_config.json",
     "processor_config.json", "chat_template.*", "training_args.bin", "*.py",
@@ -307,7 +379,8 @@ def setup_model(model_args, training_args, processor):
 
 
 def setup_trainer(model, train, eval_conversations, processor, evaluator, model_args, data_args, training_args):
-    callbacks = [_LogAtSaveAndEnd()]
+    # StopOnSignal before _LogAtSaveAndEnd: the step a signal stops at is logged like a save.
+    callbacks = [StopOnSignal(), _LogAtSaveAndEnd()]
     eval_before = None
     if not training_args.resume_from_checkpoint and not evaluator.skip_before:
         eval_before = _EvalAtTrainBegin(evaluator)
@@ -327,7 +400,7 @@ def setup_trainer(model, train, eval_conversations, processor, evaluator, model_
         task_eval=evaluator,
         callbacks=callbacks,
     )
-    trainer.add_callback(_SaveProcessor(processor))
+    trainer.checkpoint_extras.append(processor.save_pretrained)
     _name_tensorboard_run(trainer, evaluator.task.name)
     if eval_before is not None:
         eval_before.trainer = trainer
@@ -348,17 +421,6 @@ def _name_tensorboard_run(trainer: RecipeTrainer, task_name: str) -> None:
         trainer.args.run_name = task_name
 
 
-class _SaveProcessor(TrainerCallback):
-    """Each checkpoint is a complete official-format directory: the processor goes with it."""
-
-    def __init__(self, processor):
-        self.processor = processor
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.processor.save_pretrained(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
-
 def train(trainer: RecipeTrainer, eval_before: _EvalAtTrainBegin | None, results: dict) -> None:
     resume = trainer.args.resume_from_checkpoint
     before_file = Path(trainer.args.output_dir) / "eval_before.json"
@@ -367,7 +429,19 @@ def train(trainer: RecipeTrainer, eval_before: _EvalAtTrainBegin | None, results
         logger.info("resuming: keeping %s", before_file)
     elif resume:
         logger.info("resuming without %s: the model before training is gone, no evaluation before", before_file)
-    output = trainer.train(resume_from_checkpoint=resume)
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    except RuntimeError as err:
+        user_error = dataloader_error(err, trainer.args.dataloader_num_workers, trainer.args.dataloader_timeout)
+        if user_error is None:
+            raise
+        raise user_error from None
+    stop = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnSignal))
+    if stop.stopped_at is not None:
+        message = stop.message(trainer.args.output_dir)
+        if trainer.is_world_process_zero():
+            logger.warning(message)
+        raise Stopped(stop.signum, message)
     if eval_before is not None:
         results["eval_before"] = eval_before.result
     results["global_step"] = output.global_step
@@ -437,6 +511,14 @@ def run(task: Task, argv: list[str] | None = None, flags: Flags | None = None) -
     """Parses flags, validates everything, evaluates, trains, evaluates again; returns the results."""
     model_args, data_args, training_args = parse_and_check(task, argv, flags)
     task = task.resolve(data_args)
+    lock = lock_output_dir(training_args.output_dir)  # a second run into the directory stops here
+    try:
+        return _run(task, model_args, data_args, training_args)
+    finally:
+        lock.release()
+
+
+def _run(task: Task, model_args, data_args, training_args) -> dict:
     processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
     train_data, eval_data = setup_data(task, model_args, data_args, training_args, processor)
     setup_output_dir(data_args, training_args)
