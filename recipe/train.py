@@ -142,7 +142,9 @@ class RecipeTrainer(Trainer):
         """With --dataloader_timeout: a worker that dies or delivers nothing is an error, not a hang."""
         loader = super().get_train_dataloader()
         if self.args.dataloader_num_workers > 0 and self.args.dataloader_timeout:
-            loader.timeout = self.args.dataloader_timeout
+            # (accelerate's loader wraps torch's: the setting belongs to the wrapped one, which
+            # iterates; a resumed run's skipping loader copies it from there)
+            getattr(loader, "base_dataloader", loader).timeout = self.args.dataloader_timeout
         return loader
 
     def _run_epoch(self, *args, **kwargs):

@@ -4,6 +4,8 @@
 
 RECIPE_TEST_KILL_AFTER_SAVE=N  the process SIGKILLs itself right after the checkpoint of step N
                                is written (no cleanup, like a node lost mid-run)
+RECIPE_TEST_SIGNAL=STEP:NAME:RANK  process RANK sends itself signal NAME (e.g. SIGTERM) while training
+                               step STEP (as a scheduler would, to one node of a job)
 RECIPE_TEST_WRITE_LOG=DIR      every path this process opens for writing, renames, creates or
                                removes goes to DIR/rank<RANK>.txt (Python's audit hooks; files
                                written by native code, such as safetensors, are not seen)
@@ -56,11 +58,34 @@ def kill_after_save(step: int) -> None:
     recipe.train.RecipeTrainer = Trainer
 
 
+def signal_during_step(spec: str) -> None:
+    from transformers import TrainerCallback
+
+    import recipe.train
+
+    step, name, rank = spec.split(":")
+
+    class SignalDuringStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == int(step) and os.environ.get("RANK", "0") == rank:
+                os.kill(os.getpid(), getattr(signal, name))
+
+    class Trainer(recipe.train.RecipeTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(SignalDuringStep())
+
+    recipe.train.RecipeTrainer = Trainer
+
+
 if __name__ == "__main__":
+    if os.environ.get("RECIPE_TEST_SIGNAL"):
+        signal_during_step(os.environ["RECIPE_TEST_SIGNAL"])
     if os.environ.get("RECIPE_TEST_WRITE_LOG"):
         record_writes(os.environ["RECIPE_TEST_WRITE_LOG"])
     if os.environ.get("RECIPE_TEST_KILL_AFTER_SAVE"):
         kill_after_save(int(os.environ["RECIPE_TEST_KILL_AFTER_SAVE"]))
     import finetune_hf_trainer_ucf101
+    from recipe.errors import cli
 
-    finetune_hf_trainer_ucf101.main(sys.argv[1:])
+    sys.exit(cli(lambda: finetune_hf_trainer_ucf101.main(sys.argv[1:])))
