@@ -53,27 +53,36 @@ def comparable(run_complete: dict) -> dict:
 # -- signals: 2 ranks, one of them signalled, both stop after the same step --------------------
 
 
-@pytest.mark.parametrize("mode", [pytest.param(["--deepspeed", "none", "--use_lora"], id="ddp_lora"),
-                                  pytest.param(["--deepspeed", ZERO2], id="zero2",
-                                               marks=pytest.mark.slow)])
-def test_sigterm_on_one_rank_saves_and_resumes_exactly_on_two_ranks(mode, tiny_checkpoint, ucf101_data, tmp_path):
-    common = [*COMMON, "--max_steps", 4, "--save_steps", 100, *mode]
-    stopped = tmp_path / "stopped"
-    proc = launch(flags(tiny_checkpoint, ucf101_data, stopped, *common), torchrun_procs=2, check=False,
-                  env={"RECIPE_TEST_SIGNAL": "2:SIGTERM:1"})  # rank 1 only, during step 2
+def stop_on_two_ranks(tiny, data, out, *extra) -> None:
+    """SIGTERM to rank 1 alone during step 2: both ranks stop after step 2 with checkpoint-2."""
+    proc = launch(flags(tiny, data, out, *extra), torchrun_procs=2, check=False,
+                  env={"RECIPE_TEST_SIGNAL": "2:SIGTERM:1"})
     assert proc.returncode != 0, proc.stdout[-3000:]
     # Each rank exits with 143; torchrun reports the failure of its workers.
     assert f"exitcode  : {exit_status(signal.SIGTERM)}" in proc.stderr, proc.stderr[-3000:]
-    line = ("stopped by SIGTERM at step 2; checkpoint-2 saved in " + str(stopped)
-            + "; resume with --resume_from_checkpoint auto")
+    line = f"stopped by SIGTERM at step 2; checkpoint-2 saved in {out}; resume with --resume_from_checkpoint auto"
     assert (proc.stdout + proc.stderr).count(line) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert [p.name for p in stopped.glob("checkpoint-*")] == ["checkpoint-2"]
-    assert verify(stopped / "checkpoint-2") is None and not (stopped / RUN_COMPLETE_FILE).exists()
-    assert not (stopped / LOCK_FILE).exists()  # released on the way out
+    # (torchrun prints its own ChildFailedError traceback for any worker status but 0; the workers print none)
+    assert not [line for line in proc.stderr.splitlines() if line.strip().startswith('File "') and "recipe" in line]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert verify(out / "checkpoint-2") is None and not (out / RUN_COMPLETE_FILE).exists()
+    history = read_json(out / "checkpoint-2" / "trainer_state.json")["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]
+    assert not (out / LOCK_FILE).exists()  # released on the way out
 
+
+def test_sigterm_on_one_rank_stops_both_after_the_same_step(tiny_checkpoint, ucf101_data, tmp_path):
+    stop_on_two_ranks(tiny_checkpoint, ucf101_data, tmp_path / "out", *COMMON, *LORA, "--max_steps", 4,
+                      "--save_steps", 100)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [pytest.param(LORA, id="ddp_lora"), pytest.param(["--deepspeed", ZERO2], id="zero2")])
+def test_sigterm_on_two_ranks_resumes_exactly(mode, tiny_checkpoint, ucf101_data, tmp_path):
+    common = [*COMMON, "--max_steps", 4, "--save_steps", 100, *mode]
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    stop_on_two_ranks(tiny_checkpoint, ucf101_data, stopped, *common)
     launch(flags(tiny_checkpoint, ucf101_data, stopped, *common, "--resume_from_checkpoint", "auto"), torchrun_procs=2)
-    straight = tmp_path / "straight"
     launch(flags(tiny_checkpoint, ucf101_data, straight, *common), torchrun_procs=2)
     weights = "adapter_model.safetensors" if "--use_lora" in mode else "model.safetensors"
     assert_same_tensors(load_file(stopped / weights), load_file(straight / weights))
@@ -82,7 +91,7 @@ def test_sigterm_on_one_rank_saves_and_resumes_exactly_on_two_ranks(mode, tiny_c
 
 def test_sigusr1_in_process_stops_with_its_status(tiny_checkpoint, ucf101_data, tmp_path, monkeypatch, caplog):
     """One process (python script.py): the same stop on SIGUSR1 (SLURM's --signal), also with
-    --save_strategy no, and status 128 + 10."""
+    --save_strategy no, and status 128 + 10; resuming gives the weights of a straight run."""
     caplog.set_level(logging.INFO, logger="recipe")
     import recipe.train
 
@@ -101,11 +110,20 @@ def test_sigusr1_in_process_stops_with_its_status(tiny_checkpoint, ucf101_data, 
     monkeypatch.setattr(recipe.train, "setup_trainer", with_signal)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
-        run(ucf.TASK, flags(tiny_checkpoint, ucf101_data, out, *COMMON, *LORA, "--max_steps", 4, "--save_strategy", "no"))
+        run(ucf.TASK, flags(tiny_checkpoint, ucf101_data, out, *COMMON, *LORA, "--max_steps", 4,
+                            "--save_strategy", "no"))
     assert stop.value.code == exit_status(signal.SIGUSR1) == 138
     assert "stopped by SIGUSR1 at step 2; checkpoint-2 saved" in caplog.text
     assert verify(out / "checkpoint-2") is None
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handlers restored after training
+
+    monkeypatch.setattr(recipe.train, "setup_trainer", original)
+    common = [*COMMON, *LORA, "--max_steps", 4, "--save_strategy", "no"]
+    resumed = run(ucf.TASK, flags(tiny_checkpoint, ucf101_data, out, *common, "--resume_from_checkpoint", "auto"))
+    straight = run(ucf.TASK, flags(tiny_checkpoint, ucf101_data, tmp_path / "straight", *common))
+    assert resumed["global_step"] == 4 and resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-6)
+    assert_same_tensors(load_file(out / "adapter_model.safetensors"),
+                        load_file(tmp_path / "straight" / "adapter_model.safetensors"))
 
 
 # -- resuming: from the last step, from a broken newest checkpoint --------------------------------
@@ -239,10 +257,12 @@ def test_second_run_into_a_directory_in_use_stops_at_once_on_two_ranks(tiny_chec
     out.mkdir()
     (out / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": "now"}))
     start = time.monotonic()
-    proc = launch(flags(tiny_checkpoint, ucf101_data, out, *COMMON, *LORA, "--max_steps", 2), torchrun_procs=2, check=False)
+    proc = launch(flags(tiny_checkpoint, ucf101_data, out, *COMMON, *LORA, "--max_steps", 2), torchrun_procs=2,
+                  check=False)
     assert proc.returncode != 0
     assert time.monotonic() - start < SUBPROCESS_TIMEOUT
     errors = [line for line in proc.stderr.splitlines() if "error:" in line and "in use by another run" in line]
     assert len(errors) == 1, proc.stderr[-3000:]
-    assert "exitcode  : 2" in proc.stderr and "Traceback" not in proc.stderr.split("exitcode")[0]
+    assert "exitcode  : 2" in proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if line.strip().startswith('File "') and "recipe" in line]
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written, the lock left to its owner
