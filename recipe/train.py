@@ -59,6 +59,7 @@ from .report import Throughput, precision_of, write_report
 from .shared_fs import check_shared_output_dir
 from .task import Task, task_flags
 from .validation import validate
+from .validation_cache import CACHE_DIR
 
 __all__ = ["Task", "run", "RecipeTrainer", "GroupedByLengthSampler"]
 
@@ -319,7 +320,8 @@ def setup_data(task: Task, model_args, data_args, training_args, processor):
     """The task's conversations, validated (and measured) once."""
     train, eval_ = task.load_data(data_args, model_args)
     common = dict(tokenizer=processor.tokenizer, num_crops=model_args.num_crops, decode_images=data_args.decode_images,
-                  skip_bad=data_args.skip_bad_examples, progress=not training_args.disable_tqdm)
+                  skip_bad=data_args.skip_bad_examples, progress=not training_args.disable_tqdm,
+                  cache_dir=Path(training_args.output_dir) / CACHE_DIR)  # (a resume or rerun starts in seconds)
     seed = training_args.seed
     if train is not None and not data_args.eval_only:
         train = subset(train, data_args.max_train_samples, seed)

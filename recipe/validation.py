@@ -22,6 +22,7 @@ from PIL import Image
 from .data import build_messages, image_tokens, tokenize_conversation
 from .errors import DataError
 from .records import MAX_PROBLEMS_SHOWN, Conversation, Problem, load_image, open_image, problems_error
+from .validation_cache import ValidationCache, example_key
 
 __all__ = ["validate", "TokenCount", "LONG_ROPE_THRESHOLD"]
 
@@ -111,17 +112,40 @@ def _check_one(
     return [], TokenCount(length - sum(counts), tuple(counts), tuple(sizes))
 
 
-def _check_all(conversations, tokenizer, num_crops: int, decode_images: bool, what: str, progress: bool):
-    """`_check_one` of every example, each rank checking its share; every rank gets all results."""
+def _check_all(conversations, tokenizer, num_crops: int, decode_images: bool, what: str, progress: bool,
+               cache: ValidationCache | None = None):
+    """`_check_one` of every example, each rank checking its share; every rank gets all results.
+
+    With a cache, only the examples it does not hold are checked (shared over the ranks as
+    well), and the main process adds their results to it."""
     from accelerate import PartialState
-    from accelerate.utils import gather_object
+    from accelerate.utils import broadcast_object_list, gather_object
     from tqdm.auto import tqdm
 
     state = PartialState()
-    with state.split_between_processes(list(range(len(conversations)))) as mine:
+    indices = list(range(len(conversations)))
+    keys: list = [None] * len(conversations)
+    results: list = [None] * len(conversations)
+    if cache is not None:
+        with state.split_between_processes(indices) as mine:  # keys stat image files: shared too
+            keys = gather_object([example_key(conversations[i]) for i in mine])
+        # The main process's cache decides for every rank (other nodes may not share its disk).
+        found = [cache.lookup(keys) if state.is_main_process else None]
+        if state.num_processes > 1:
+            broadcast_object_list(found, from_process=0)
+        results = found[0]
+    todo = [i for i in indices if results[i] is None]
+    if cache is not None:
+        logger.info("%s: %d of %d examples validated before (%s), checking %d", what, len(indices) - len(todo),
+                    len(indices), cache.path, len(todo))
+    with state.split_between_processes(todo) as mine:
         bar = tqdm(mine, desc=f"checking {what}", unit="example", disable=not (progress and state.is_main_process))
-        results = [_check_one(conversations[i], tokenizer, num_crops, decode_images) for i in bar]
-    return gather_object(results)  # shares are contiguous and in rank order: the original order
+        checked = gather_object([_check_one(conversations[i], tokenizer, num_crops, decode_images) for i in bar])
+    for i, result in zip(todo, checked):  # shares are contiguous and in rank order: the original order
+        results[i] = result
+    if cache is not None and todo and state.is_main_process:
+        cache.store([(keys[i], results[i]) for i in todo])
+    return results
 
 
 def validate(
@@ -134,6 +158,7 @@ def validate(
     what: str = "the data",
     training: bool = False,
     progress: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> list[Conversation]:
     """Checks every conversation before training; returns the usable ones, each with its
     measured length in `conversation.tokens`.
@@ -144,7 +169,9 @@ def validate(
     `skip_bad=False` any problem raises `DataError` listing them all with file:line; with
     `skip_bad=True` bad examples are dropped with a WARNING by reason, unless that drops more
     than half of the `training` data, which is an error saying what to change. Ranks share
-    the work (progress bar on the first); every rank returns the same result.
+    the work (progress bar on the first); every rank returns the same result. With `cache_dir`,
+    each example's result is kept there and reused while the example, its images, the tokenizer,
+    `num_crops` and `decode_images` are unchanged (recipe.validation_cache).
     """
     problems: list[Problem] = list(getattr(conversations, "problems", []))  # lines that could not be read
     unreadable = len({p.where for p in problems}) if getattr(conversations, "count_problems", True) else 0
@@ -152,7 +179,8 @@ def validate(
     good: list[Conversation] = []
     seen_ids: dict[str, str] = {}
     too_long: list[Conversation] = []
-    results = _check_all(conversations, tokenizer, num_crops, decode_images, what, progress)
+    cache = ValidationCache(cache_dir, tokenizer, num_crops, decode_images) if cache_dir is not None else None
+    results = _check_all(conversations, tokenizer, num_crops, decode_images, what, progress, cache)
     for conversation, (found, tokens) in zip(conversations, results):
         where = conversation.where or conversation.id
         if conversation.id in seen_ids:

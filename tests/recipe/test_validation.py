@@ -202,3 +202,51 @@ def test_validation_is_shared_between_ranks(tmp_path):
     assert ranks[0]["checked"] == ["c0", "c1", "c2"] and ranks[1]["checked"] == ["c3", "c4"]
     assert ranks[0]["kept"] == ranks[1]["kept"] == ["c0", "c1", "c2", "c4"]  # c3: empty answer, seen by rank 1
     assert ranks[0]["lengths"] == ranks[1]["lengths"]
+
+
+def test_cached_validation_rechecks_only_what_changed(tmp_path, processor, monkeypatch):
+    """A second validation of the same data reads its results from the cache; an edited line,
+    a replaced image or another --num_crops is checked again, and only that; --max_length applies
+    to the cached lengths; a damaged cache is only a slower start."""
+    import os
+
+    import recipe.validation
+
+    img_dir, cache = tmp_path / "img", tmp_path / "cache"
+    img_dir.mkdir()
+    for name in ("a.png", "b.png"):
+        image(336, 336).save(img_dir / name)
+    lines = [good_record(0, ["a.png"]), good_record(1, ["b.png"]), good_record(2, []), good_record(3, ["missing.png"])]
+    data = write_jsonl(tmp_path / "d.jsonl", lines)
+    checked = []
+    check_one = recipe.validation._check_one
+    monkeypatch.setattr(recipe.validation, "_check_one", lambda c, *a: checked.append(c.id) or check_one(c, *a))
+
+    def run(num_crops=1, **kwargs):
+        checked.clear()
+        conversations, _ = read_jsonl(data, img_dir)
+        kept = validate(conversations, processor.tokenizer, num_crops=num_crops, skip_bad=True, cache_dir=cache,
+                        **kwargs)
+        return kept, list(checked)
+
+    first, checked_first = run()
+    assert checked_first == ["ex0", "ex1", "ex2", "ex3"] and [c.id for c in first] == ["ex0", "ex1", "ex2"]
+    again, checked_again = run()
+    assert checked_again == [] and [(c.id, c.tokens) for c in again] == [(c.id, c.tokens) for c in first]
+
+    image(672, 336).save(img_dir / "b.png")  # replaced: another size, another mtime
+    os.utime(img_dir / "b.png", ns=(1, 1))
+    lines[2]["conversations"][0]["assistant"] = "blue"  # an edited line
+    write_jsonl(data, lines)
+    changed, checked_changed = run()
+    assert checked_changed == ["ex1", "ex2"]
+    assert changed[1].tokens.image_sizes == ((672, 336),) and changed[0].tokens == first[0].tokens
+
+    assert run(num_crops=2)[1] == ["ex0", "ex1", "ex2", "ex3"]  # another setting: another cache file
+    short = min(c.tokens.total for c in changed)
+    kept, checked_limited = run(max_length=short)
+    assert checked_limited == [] and all(c.tokens.total <= short for c in kept) and len(kept) < len(changed)
+
+    for path in cache.iterdir():
+        path.write_bytes(b"garbage")
+    assert run()[1] == ["ex0", "ex1", "ex2", "ex3"]
