@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(PY) bench/attention.py
 	$(PY) bench/padding.py
 	$(PY) bench/throughput.py
+	$(PY) bench/startup.py
 
 # Proves a CUDA machine in < 8 minutes with no download: random weights at the released widths,
 # every training mode (20 steps each), FlashAttention-2 vs SDPA logits, generation; one line per

@@ -89,6 +89,19 @@ class TokenizedConversation:
     num_image_tokens: list[int]
 
 
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """`tokenizer(text, add_special_tokens=...)["input_ids"]`, through the fast tokenizer's Rust
+    backend when there is one: the same ids without transformers' per-call wrapping, which is
+    most of the cost of tokenizing the short pieces of a conversation (validation tokenizes
+    every example before the first step)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (not getattr(tokenizer, "is_fast", False) or backend is None or getattr(tokenizer, "split_special_tokens", False)
+            or backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens):
+        # (what the plain call would switch off or on first)
+        return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    return backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -133,7 +146,7 @@ def tokenize_conversation(
         cuts = sorted({chunk_start, chunk_end, *[p for s, e in spans for p in (s, e) if chunk_start < p < chunk_end]})
         for i, (a, b) in enumerate(zip(cuts, cuts[1:] or [chunk_end])):
             piece = text[a:b]
-            ids = tokenizer(piece, add_special_tokens=(i == 0))["input_ids"] if (piece or i == 0) else []
+            ids = _encode(tokenizer, piece, add_special_tokens=(i == 0)) if (piece or i == 0) else []
             is_answer = any(s <= a and b <= e for s, e in spans) and a < b
             input_ids += ids
             labels += ids if is_answer else [IGNORE_INDEX] * len(ids)

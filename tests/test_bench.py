@@ -192,3 +192,11 @@ def test_throughput_real_size_settings_are_a_gpu_runs(monkeypatch):
     flags = throughput.column_flags("ours", argparse.Namespace(real_size=True, batch_size=4, num_crops=16, seed=0),
                                     Path("/tmp/x"), 3)
     assert "--bf16" in flags
+
+
+@pytest.mark.slow  # four whole training processes (~2 min on a busy CPU)
+def test_startup_quick(capsys):
+    result = load("startup").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "examples: cold" in out and out.strip().splitlines()[-1].startswith("cold/cached per-example cost")
+    assert all(positive_finite(row["cold_s"]) and positive_finite(row["cached_s"]) for row in result["rows"].values())
