@@ -32,6 +32,7 @@ logger = logging.getLogger("recipe.validation")
 
 CACHE_DIR = ".cache"
 VERSION = 1  # raise when what a result holds changes
+_LOADED: dict[Path, tuple[int, dict]] = {}  # the last cache file read or written, by its mtime
 
 
 def _image_key(image: Any) -> tuple | None:
@@ -77,8 +78,14 @@ class ValidationCache:
     def _load(self) -> dict[bytes, Any]:
         if self._entries is None:
             try:
+                stamp = os.stat(self.path).st_mtime_ns
+                if _LOADED.get(self.path, (None,))[0] == stamp:  # (training then evaluation data: read once)
+                    self._entries = _LOADED[self.path][1]
+                    return self._entries
                 with open(self.path, "rb") as f:
                     self._entries = pickle.load(f)
+                _LOADED.clear()
+                _LOADED[self.path] = (stamp, self._entries)
             except FileNotFoundError:
                 self._entries = {}
             except Exception as err:  # noqa: BLE001 - a damaged cache is only a slower start
@@ -103,6 +110,8 @@ class ValidationCache:
             with open(tmp, "wb") as f:
                 pickle.dump(entries, f, protocol=pickle.HIGHEST_PROTOCOL)
             os.replace(tmp, self.path)
+            _LOADED.clear()
+            _LOADED[self.path] = (os.stat(self.path).st_mtime_ns, entries)
         except OSError as err:  # a full disk costs the cache, not the run
             tmp.unlink(missing_ok=True)
             logger.warning("could not write the validation cache %s (%s)", self.path, err)

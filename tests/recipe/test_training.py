@@ -26,6 +26,7 @@ import phi3v  # noqa: F401  (registers Phi3VForCausalLM with AutoModelForCausalL
 from phi3v.modeling_phi3v import Phi3VForCausalLM
 from phi3v.processing_phi3v import Phi3VProcessor
 from recipe.args import RUN_COMPLETE_FILE, FlagError, check_args, parse_args
+from recipe.checkpoints import TMP_DIR
 from recipe.data import Collator, ConversationDataset
 from recipe.records import subset
 from recipe.evaluate import evaluate
@@ -673,12 +674,14 @@ def test_only_rank_zero_writes_shared_files(two_rank_run):
     names0 = {path.name for _, path in rank0}
     for name in ("eval_before.json", "eval_after.json", RUN_COMPLETE_FILE, "training_curves.png"):
         assert any(n == name or n.startswith(f".{name}") for n in names0), name
-    assert {path.parts[0] for _, path in rank0} >= {"runs", "merged", "checkpoint-2", "adapter_config.json"}
+    assert {path.parts[0] for _, path in rank0} >= {"runs", "merged", TMP_DIR, "adapter_config.json"}
+    # Checkpoints are written under .checkpoint-tmp/ and published by rank 0's rename.
+    assert ("os.rename", Path(TMP_DIR, "checkpoint-2")) in rank0
     # Rank 1 only creates the checkpoint directories (if rank 0 has not yet) and writes its RNG state into them.
     assert rank1, "the write log of rank 1 is empty"
     for event, path in rank1:
-        assert path.parts[0].startswith("checkpoint-"), (event, path)
-        assert (event, path.parts[1:]) in {("os.mkdir", ()), ("open", ("rng_state_1.pth",))}, (event, path)
+        assert path.parts[0] == TMP_DIR and (len(path.parts) == 1 or path.parts[1].startswith("checkpoint-")), path
+        assert (event, path.parts[2:]) in {("os.mkdir", ()), ("open", ("rng_state_1.pth",))}, (event, path)
 
 
 def test_overwrite_output_dir_starts_over(tiny_checkpoint, ucf101_data, tmp_path):
