@@ -70,7 +70,7 @@ from phi3v.tiny import build_tiny_model, tiny_config  # noqa: E402
 CROP = 336
 MODES = ("all", "real")
 
-# The released model, for the analytic estimate (§1 of the spec; CLIP-L/14-336 hard-coded).
+# The released model, for the analytic estimate (docs/checkpoint_format.md §1; CLIP-L/14-336 hard-coded).
 REAL_TEXT = dict(hidden=3072, intermediate=8192, layers=32, heads=32, kv_heads=32, vocab=32064)
 REAL_VISION = dict(hidden=1024, intermediate=4096, layers_run=23, patch=14, image=CROP)
 

@@ -16,7 +16,7 @@ Differences from the official class, all deliberate:
   released config loads on machines without flash-attn.
 
 One class serves both releases of the architecture, Phi-3.5-vision-instruct and
-Phi-3-vision-128k-instruct (PHI3V_SPEC.md 8.1). Their code differs in two numeric rules, chosen
+Phi-3-vision-128k-instruct (docs/checkpoint_format.md §5). Their code differs in two numeric rules, chosen
 by `model_family`:
 - "phi3.5v": LongRoPE switches to the long factors when the key length (cache + new tokens,
   padding included) exceeds original_max_position_embeddings, and generate() drops the KV cache

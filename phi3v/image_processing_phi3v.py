@@ -1,4 +1,4 @@
-"""Image processor for Phi-3.5-vision-instruct (spec: /work/shared/PHI3V_SPEC.md, section 3).
+"""Image processor for Phi-3.5-vision-instruct (format: docs/checkpoint_format.md §3).
 
 Every image becomes an "HD image": resized (aspect ratio kept) so that its long side is a
 multiple of 336 and padded with white so that its short side is one too. The model sees a
@@ -117,7 +117,7 @@ def _resized_size(long_side: int, short_side: int, num_crops: int) -> tuple[int,
     new_long = scale * CROP_SIZE
     # Quirk: truncation of a float64 quotient, not rounding, so an exact result can lose a
     # pixel: 672x300 has ratio 2.24, 336 / ratio = 149.99999999999997 -> 149 rows instead of
-    # 150 (299 instead of 300 at num_crops=4). (700x300, quoted in the spec as an example,
+    # 150 (299 instead of 300 at num_crops=4). (700x300, an often quoted example,
     # happens to divide exactly in float64: 672 / 2.3333333333333335 == 288.0.)
     new_short = int(new_long / ratio)
     # Deliberate difference: the official code lets this reach 0 for aspect ratios above

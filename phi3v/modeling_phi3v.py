@@ -25,7 +25,7 @@ takes them back in another, so a second forward over the same images (a DPO refe
 whose vision side is the policy's) does not run the vision tower again.
 
 The same classes compute Phi-3-vision-128k-instruct when `config.model_family` is "phi3v-128k"
-(PHI3V_SPEC.md 8.1): its LongRoPE switch (`Phi3VRotaryEmbedding`) and its generation cache
+(docs/checkpoint_format.md §5): its LongRoPE switch (`Phi3VRotaryEmbedding`) and its generation cache
 (`prepare_inputs_for_generation`) follow that release's code. Deliberate: its forward's
 in-place clamping of the caller's input_ids is not copied (3.5's out-of-place one is used).
 """
@@ -579,7 +579,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-        # Deliberate (spec): generation stops at <|end|> and <|endoftext|> by default, not at the
+        # Deliberate (docs/checkpoint_format.md §1): generation stops at <|end|> and <|endoftext|> by default, not at the
         # config's eos 2. In the released vocabulary (and the tiny one) <|end|> sits 7 ids after
         # <|endoftext|> (= pad). A generation_config.json in a checkpoint still takes precedence.
         pad = config.pad_token_id

@@ -1,4 +1,4 @@
-"""Processor for Phi-3.5-vision-instruct: prompt expansion (spec: /work/shared/PHI3V_SPEC.md, §4).
+"""Processor for Phi-3.5-vision-instruct: prompt expansion (format: docs/checkpoint_format.md §4).
 
 A prompt refers to its images with the tags `<|image_1|>`, `<|image_2|>`, ... The processor
 runs the image processor on the images and replaces tag k by as many copies of the id -k as

@@ -7,8 +7,8 @@ template. The directory it writes has the official file layout (config.json with
 "phi3_v" and the official auto_map, model.safetensors, tokenizer and preprocessor files) and
 loads with the Auto classes after `import phi3v`.
 
-`--family phi3v-128k` writes it laid out like Phi-3-vision-128k-instruct instead (PHI3V_SPEC.md
-8.1): its config.json keys (sliding_window 131072, no embd_pdrop / resid_pdrop, no
+`--family phi3v-128k` writes it laid out like Phi-3-vision-128k-instruct instead (docs/checkpoint_format.md
+§5): its config.json keys (sliding_window 131072, no embd_pdrop / resid_pdrop, no
 model_family key: like the release, it is recognised by `detect_model_family`), num_crops 16
 and the 128k `auto_map` in preprocessor_config.json, and no generation_config.json.
 """

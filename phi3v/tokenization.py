@@ -1,4 +1,4 @@
-"""A tiny Phi-3.5-vision tokenizer, trained in-process (spec: /work/shared/PHI3V_SPEC.md, §1).
+"""A tiny Phi-3.5-vision tokenizer, trained in-process (format: docs/checkpoint_format.md §1).
 
 The released tokenizer is Llama's 32000-token byte-fallback BPE plus 45 added tokens
 (`<|endoftext|>` = 32000 ... `<|image|>` = 32044). Tests, the demo and the tiny random model

@@ -1,4 +1,4 @@
-"""Phi-3-vision-128k-instruct rules in the same classes (PHI3V_SPEC.md 8.1), chosen per checkpoint.
+"""Phi-3-vision-128k-instruct rules in the same classes (docs/checkpoint_format.md §5), chosen per checkpoint.
 
 The two releases differ in the LongRoPE switch (3.5: key length, padding included; 128k:
 max(position_ids) + 1) and in generation across the switch (3.5 drops the KV cache once;

@@ -1,7 +1,7 @@
-"""Tests for phi3v.image_processing_phi3v (spec: PHI3V_SPEC.md section 3).
+"""Tests for phi3v.image_processing_phi3v (docs/checkpoint_format.md §3).
 
 Pixel tests compare against `_reference`, an independent step-by-step transcription of the
-spec (PIL ImageOps padding, explicit tile slicing) rather than the module's own helpers.
+format's description (PIL ImageOps padding, explicit tile slicing) rather than the module's own helpers.
 """
 
 import json
@@ -51,7 +51,7 @@ def _image(width, height, seed=0):
 
 
 def _reference(image, num_crops, mean=CLIP_MEAN, std=CLIP_STD):
-    """Spec section 3, literally: returns (crops (num_crops + 1, 3, 336, 336), (h, w))."""
+    """docs/checkpoint_format.md §3, literally: returns (crops (num_crops + 1, 3, 336, 336), (h, w))."""
     img = image.convert("RGB")
     width, height = img.size
     transposed = width < height
@@ -113,7 +113,7 @@ def test_spec_examples_through_processor(width, height, num_crops, hd_size, toke
     assert out["num_img_tokens"] == [tokens]
 
 
-# (width, height, num_crops) -> (h, w), worked out by hand from the spec.
+# (width, height, num_crops) -> (h, w), worked out by hand from docs/checkpoint_format.md §3.
 HAND_COMPUTED = [
     ((1, 1, 1), (336, 336)),
     ((1, 1, 4), (672, 672)),
@@ -276,7 +276,7 @@ def test_local_tiles_are_the_padded_hd_image_row_major():
 
 def test_float_truncation_quirk():
     # 672x300: ratio 2.24, 336 / 2.24 = 149.99999999999997 in float64 -> 149 rows, not 150.
-    # (The spec's 700x300 example divides exactly: 288 and 144 rows, checked too.)
+    # (The often quoted 700x300 example divides exactly: 288 and 144 rows, checked too.)
     for size, num_crops, new_h in (
         ((672, 300), 1, 149),
         ((672, 300), 4, 299),

@@ -149,7 +149,10 @@ def test_vision_features_are_clip_layer_minus_2_of_the_library_clip(model):
 
 
 def reference_image_features(model, pixel_values, image_sizes):
-    """Spec §5 written out with loops, running CLIP on *every* crop (as the official code)."""
+    """The feature assembly (docs/checkpoint_format.md §3) written out with loops.
+
+    Runs CLIP on *every* crop, padding crops included, as the official code does.
+    """
     emb = model.model.vision_embed_tokens
     n, c = pixel_values.shape[:2]
     with torch.no_grad():

@@ -11,7 +11,7 @@ from phi3v.processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor, check_imag
 from phi3v.tokenization import build_tokenizer
 
 PROMPT = "<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n"
-# Token counts from the spec (§3): a 336x336 HD image gives 313 positions; at num_crops=4 a
+# Token counts from docs/checkpoint_format.md §3: a 336x336 HD image gives 313 positions; at num_crops=4 a
 # square image becomes 672x672 (757) and a 700x300 one 336x672 (457).
 TOKENS_336 = 313
 
