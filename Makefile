@@ -10,17 +10,19 @@ STAMP := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Re-install only when requirements.txt changes.
+# Re-install only when requirements.txt changes. setuptools is the build backend of
+# pyproject.toml, which the packaging test runs offline (no build isolation); a new venv may
+# have none (Python >= 3.12) or an older one.
 $(STAMP): requirements.txt | $(PY)
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt "setuptools>=77"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 # The main job on the embedded default, on CPU: a tiny random Phi-3.5-vision, synthetic
 # UCF-101-style videos (colour/motion classes), full finetuning without DeepSpeed, accuracy
-# on the test split before and after.
-DEMO := demo_out
+# on the test split before and after. `make demo DEMO=DIR` writes to DIR instead (the test does).
+DEMO ?= demo_out
 demo: $(STAMP)
 	$(PY) -m phi3v.tiny --output_dir $(DEMO)/tiny --num_crops 1
 	$(PY) convert_ucf101.py --synthetic --out_dir $(DEMO)/data --num_frames 4 --overwrite --no-tqdm

@@ -142,9 +142,12 @@ def assert_evaluated_and_saved(out: Path, tiny: Path, data: Path, dtype=torch.bf
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_mixed_batches_on_two_ranks(stage, tiny_checkpoint, mixed_data, tmp_path):
-    """In bf16, as on GPUs: DeepSpeed holds bf16 weights and steps its own fp32 copies."""
+    """In bf16, as on GPUs: DeepSpeed holds bf16 weights and steps its own fp32 copies. ZeRO-2
+    runs without a --deepspeed flag (full finetuning's default) and saves a checkpoint whose
+    optimizer state is partitioned over the ranks."""
     out, log_dir = tmp_path / "out", tmp_path / "log"
-    stdout = launch(tiny_checkpoint, mixed_data, out, log_dir, "--deepspeed", ZERO2 if stage == "zero2" else ZERO3,
+    stage_flags = ["--save_strategy", "steps", "--save_steps", 2] if stage == "zero2" else ["--deepspeed", ZERO3]
+    stdout = launch(tiny_checkpoint, mixed_data, out, log_dir, *stage_flags,
                     "--train_sampling_strategy", "sequential", "--bf16", env={"RECIPE_TEST_RANKS_AS_NODES": "1"})
     # Each rank pretended to be a node: both saw each other's marker in --output_dir, which is clean again.
     assert "is shared by all 2 nodes" in stdout and not list(out.glob(".shared_fs_check*"))
@@ -154,8 +157,12 @@ def test_deepspeed_mixed_batches_on_two_ranks(stage, tiny_checkpoint, mixed_data
     assert_ranks_mixed_in_every_step(log_dir)
     assert_optimizer_steps(log_dir, "torch.bfloat16")
     assert_loaded(log_dir, "torch.bfloat16")  # not fp32: half the host memory per rank
+    if stage == "zero2":
+        zero_files = [p.name for p in (out / "checkpoint-2" / "global_step2").iterdir()]
+        assert sum("optim_states" in name for name in zero_files) == 2
     if stage == "zero3":
         assert_lockstep_generation_mixed(log_dir)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "phi3_v"
     assert_evaluated_and_saved(out, tiny_checkpoint, mixed_data)
 
 

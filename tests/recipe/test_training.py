@@ -575,6 +575,10 @@ def test_killed_deepspeed_run_resumes_exactly(tiny_checkpoint, ucf101_data, tmp_
 # -- 2. DeepSpeed ZeRO-2 full finetuning under torchrun ---------------------------------------
 
 
+# CI covers both stages with the 2-rank bf16 runs of test_distributed.py (which also check the
+# default ZeRO-2 config, the partitioned optimizer state and the saved official format); these
+# fp32 runs repeat that at the cost of two more DeepSpeed launches.
+@pytest.mark.slow
 def test_deepspeed_zero2_trains_and_saves_official_format(tiny_checkpoint, ucf101_data, tmp_path):
     out = tmp_path / "out"
     # No --deepspeed flag: full finetuning defaults to ds_configs/zero2.json.
@@ -593,6 +597,7 @@ def test_deepspeed_zero2_trains_and_saves_official_format(tiny_checkpoint, ucf10
     assert_same_tensors({k: v for k, v in reloaded.state_dict().items() if k in saved}, saved)
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_evaluates_trains_and_saves(tiny_checkpoint, ucf101_data, tmp_path):
     """ZeRO-3 partitions the weights at load time: the evaluation before training has to run
     through the DeepSpeed engine (generate with synced ranks), and saving gathers them back."""

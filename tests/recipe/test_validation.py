@@ -197,7 +197,7 @@ def test_validation_is_shared_between_ranks(tmp_path):
     script = Path(__file__).with_name("validate_ranks.py")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     str(script), str(tmp_path / "rank")], check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()})
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[2])})
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["checked"] == ["c0", "c1", "c2"] and ranks[1]["checked"] == ["c3", "c4"]
     assert ranks[0]["kept"] == ranks[1]["kept"] == ["c0", "c1", "c2", "c4"]  # c3: empty answer, seen by rank 1
