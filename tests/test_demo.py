@@ -4,6 +4,7 @@ The test runs the Makefile's own commands with `DEMO=` pointing into a temporary
 so the user's `demo_out/` in the checkout is neither read nor overwritten.
 """
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -22,7 +23,11 @@ def test_make_demo_learns_the_synthetic_videos(tmp_path):
     users_demo = ROOT / "demo_out"
     before = tree_state(users_demo)
     out = tmp_path / "demo"
-    result = subprocess.run(["make", "demo", f"DEMO={out}"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    # One thread per process, as the other subprocess tests: the tiny model gains nothing from a
+    # second one, and on busy cores OpenMP's spinning threads double the CPU time.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["make", "demo", f"DEMO={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     match = re.search(r"ucf101 accuracy: before ([\d.]+) -> after ([\d.]+)", result.stdout)
     assert match, result.stdout[-2000:]
