@@ -119,11 +119,17 @@ def tiny_128k(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny128k"), family=PHI3V_128K)
 
 
-@pytest.mark.parametrize("run_task", [test_docvqa, test_hateful_memes, test_nlvr2, test_ucf101],
-                         ids=["docvqa", "hateful_memes", "nlvr2", "ucf101"])
+@pytest.mark.parametrize("run_task", [
+    test_docvqa, test_hateful_memes,
+    pytest.param(test_nlvr2, marks=pytest.mark.slow), pytest.param(test_ucf101, marks=pytest.mark.slow),
+], ids=["docvqa", "hateful_memes", "nlvr2", "ucf101"])
 def test_every_task_script_on_a_phi3v_128k_checkpoint(run_task, tiny_128k, tmp_path):
     """The same runs and checks on a checkpoint laid out like Phi-3-vision-128k-instruct (no
-    model_family key: detected); the output keeps its rules and its preprocessor layout."""
+    model_family key: detected); the output keeps its rules and its preprocessor layout.
+
+    CI runs the two tasks whose published tables were measured on that model; what a task
+    script adds (its data and scoring) is the same on both checkpoints, so the other two are
+    in the slow set."""
     run_task(tiny_128k, tmp_path)
     out = tmp_path / "out"
     assert json.loads((out / "config.json").read_text())["model_family"] == PHI3V_128K
