@@ -14,7 +14,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from PIL import Image
 
@@ -79,7 +79,7 @@ def _inspect_image(image: Any, decode: bool) -> tuple[tuple[int, int] | None, st
 
 
 def _check_one(
-    conversation: Conversation, tokenizer, num_crops: int, decode_images: bool
+    conversation: Conversation, tokenizer, num_crops: int, decode_images: bool, measure=None
 ) -> tuple[list[Problem], TokenCount | None]:
     """The problems of one example and, when it has none, its measured length. The examples'
     own checks only: duplicates and --max_length are decided over the whole set afterwards."""
@@ -106,14 +106,15 @@ def _check_one(
         if counts is None:
             build_messages(conversation)  # the tag check alone: the other problems are reported too
             return found, None
-        length = len(tokenize_conversation(conversation, tokenizer, counts).input_ids)
+        length = (measure(conversation, counts) if measure is not None
+                  else len(tokenize_conversation(conversation, tokenizer, counts).input_ids))
     except ValueError as err:
         return found + [Problem(where, str(err), "tag mismatch")], None
     return [], TokenCount(length - sum(counts), tuple(counts), tuple(sizes))
 
 
 def _check_all(conversations, tokenizer, num_crops: int, decode_images: bool, what: str, progress: bool,
-               cache: ValidationCache | None = None):
+               cache: ValidationCache | None = None, measure=None):
     """`_check_one` of every example, each rank checking its share; every rank gets all results.
 
     With a cache, only the examples it does not hold are checked (shared over the ranks as
@@ -140,7 +141,8 @@ def _check_all(conversations, tokenizer, num_crops: int, decode_images: bool, wh
                     len(indices), cache.path, len(todo))
     with state.split_between_processes(todo) as mine:
         bar = tqdm(mine, desc=f"checking {what}", unit="example", disable=not (progress and state.is_main_process))
-        checked = gather_object([_check_one(conversations[i], tokenizer, num_crops, decode_images) for i in bar])
+        checked = gather_object([_check_one(conversations[i], tokenizer, num_crops, decode_images, measure)
+                                 for i in bar])
     for i, result in zip(todo, checked):  # shares are contiguous and in rank order: the original order
         results[i] = result
     if cache is not None and todo and state.is_main_process:
@@ -159,6 +161,7 @@ def validate(
     training: bool = False,
     progress: bool = False,
     cache_dir: str | Path | None = None,
+    measure: Callable[[Conversation, list[int]], int] | None = None,
 ) -> list[Conversation]:
     """Checks every conversation before training; returns the usable ones, each with its
     measured length in `conversation.tokens`.
@@ -172,6 +175,9 @@ def validate(
     the work (progress bar on the first); every rank returns the same result. With `cache_dir`,
     each example's result is kept there and reused while the example, its images, the tokenizer,
     `num_crops` and `decode_images` are unchanged (recipe.validation_cache).
+
+    `measure(conversation, image_token_counts)` gives an example's length in tokens when it is
+    not the conversation's own (a preference pair: prompt + chosen + rejected; not cached).
     """
     problems: list[Problem] = list(getattr(conversations, "problems", []))  # lines that could not be read
     unreadable = len({p.where for p in problems}) if getattr(conversations, "count_problems", True) else 0
@@ -179,8 +185,9 @@ def validate(
     good: list[Conversation] = []
     seen_ids: dict[str, str] = {}
     too_long: list[Conversation] = []
-    cache = ValidationCache(cache_dir, tokenizer, num_crops, decode_images) if cache_dir is not None else None
-    results = _check_all(conversations, tokenizer, num_crops, decode_images, what, progress, cache)
+    cache = (ValidationCache(cache_dir, tokenizer, num_crops, decode_images)
+             if cache_dir is not None and measure is None else None)
+    results = _check_all(conversations, tokenizer, num_crops, decode_images, what, progress, cache, measure)
     for conversation, (found, tokens) in zip(conversations, results):
         where = conversation.where or conversation.id
         if conversation.id in seen_ids:
@@ -190,7 +197,8 @@ def validate(
             seen_ids[conversation.id] = where
         conversation.tokens = tokens
         if not found and max_length is not None and tokens.total > max_length:
-            found = [Problem(where, f"{tokens.total} tokens > --max_length {max_length} ({tokens.describe(num_crops)})",
+            found = [Problem(where, f"{tokens.total} tokens > --max_length {max_length} by {tokens.total - max_length} "
+                                    f"({tokens.describe(num_crops)})",
                              "too long")]
             too_long.append(conversation)
         if found:

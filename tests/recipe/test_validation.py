@@ -150,7 +150,7 @@ def test_too_long_example_reports_text_and_image_tokens(processor):
         validate([conv], processor.tokenizer, num_crops=16, max_length=1000)
     [detail] = err.value.details
     text = conv.tokens.total - 2509
-    assert detail == (f"d.jsonl:1: {2509 + text} tokens > --max_length 1000 ({text} text tokens + image tokens "
+    assert detail == (f"d.jsonl:1: {2509 + text} tokens > --max_length 1000 by {1509 + text} ({text} text tokens + image tokens "
                       "2509 per image at --num_crops 16)")
 
 
