@@ -15,6 +15,7 @@ from .args import DataArguments, Flags, ModelArguments, parse_flags
 
 if TYPE_CHECKING:
     from .records import Conversation
+    from .train import Objective
 
 __all__ = ["Task", "run", "task_flags"]
 
@@ -28,6 +29,8 @@ class Task:
     from_flags(data_args) -> Task: for a task named and scored by its flags (finetune_hf_trainer_custom.py's
     --task_name, --metric), the task those flags describe; its name goes into every output.
     script: the script's file name, for the model card (default finetune_hf_trainer_<name>.py).
+    objective: what training optimises (recipe.train.Objective); None is supervised finetuning,
+    recipe.preference.PREFERENCE preference tuning (DPO).
     """
 
     name: str
@@ -38,6 +41,7 @@ class Task:
     defaults: dict = field(default_factory=dict)
     from_flags: Callable[[DataArguments], Task] | None = None
     script: str | None = None
+    objective: Objective | None = None  # None: supervised finetuning (labels on the answers)
 
     def resolve(self, data_args) -> Task:
         return self.from_flags(data_args) if self.from_flags is not None else self

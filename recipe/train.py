@@ -61,7 +61,7 @@ from .task import Task, task_flags
 from .validation import validate
 from .validation_cache import CACHE_DIR
 
-__all__ = ["Task", "run", "RecipeTrainer", "GroupedByLengthSampler"]
+__all__ = ["Task", "Objective", "run", "RecipeTrainer", "GroupedByLengthSampler"]
 
 logger = logging.getLogger("recipe")
 
@@ -512,8 +512,27 @@ def merge(trainer: RecipeTrainer, processor, evaluator: TaskEvaluator, model_arg
     _barrier()
 
 
+@dataclass
+class Objective:
+    """What a training objective supplies to the runner, with the phases' signatures: its data
+    (read and validated), its evaluator (an object like TaskEvaluator: called with a model and a
+    name, writes <name>.json, returns `metric`'s value) and its trainer (a RecipeTrainer subclass
+    with the objective's loss). The defaults are supervised finetuning; preference tuning
+    (recipe/preference.py) supplies its own. Everything else (flags, output directory, modes,
+    checkpoints, saving, merging, the report) is the runner's."""
+
+    setup_data: Callable = setup_data
+    make_evaluator: Callable = lambda task, processor, eval_data, model_args, data_args, training_args: (  # noqa: E731
+        TaskEvaluator(task, processor, eval_data, data_args, training_args))
+    setup_trainer: Callable = setup_trainer
+
+
+SUPERVISED = Objective()
+
+
 def run(task: Task, argv: list[str] | None = None, flags: Flags | None = None) -> dict:
     """Parses flags, validates everything, evaluates, trains, evaluates again; returns the results."""
+    objective = task.objective or SUPERVISED
     model_args, data_args, training_args = parse_and_check(task, argv, flags)
     task = task.resolve(data_args)
     lock = lock_output_dir(training_args.output_dir)  # a second run into the directory stops here
@@ -525,10 +544,10 @@ def run(task: Task, argv: list[str] | None = None, flags: Flags | None = None) -
 
 def _run(task: Task, model_args, data_args, training_args) -> dict:
     processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
-    train_data, eval_data = setup_data(task, model_args, data_args, training_args, processor)
+    train_data, eval_data = objective.setup_data(task, model_args, data_args, training_args, processor)
     setup_output_dir(data_args, training_args)
     model = setup_model(model_args, training_args, processor)
-    evaluator = TaskEvaluator(task, processor, eval_data, data_args, training_args)
+    evaluator = objective.make_evaluator(task, processor, eval_data, model_args, data_args, training_args)
     results: dict = {}
     if data_args.eval_only:
         # The one evaluation of an unchanged model is eval_after.json.
@@ -536,8 +555,8 @@ def _run(task: Task, model_args, data_args, training_args) -> dict:
         _barrier()
         return results
 
-    trainer, eval_before = setup_trainer(model, train_data, eval_data, processor, evaluator, model_args, data_args,
-                                         training_args)
+    trainer, eval_before = objective.setup_trainer(model, train_data, eval_data, processor, evaluator, model_args,
+                                                   data_args, training_args)
     train(trainer, eval_before, results)
     save(trainer, processor, model_args, training_args)
     results["eval_after"] = evaluator(trainer.model, "eval_after", trainer)

@@ -1,0 +1,501 @@
+"""Preference tuning (DPO) as an objective of the shared runner (recipe.train.run).
+
+A task script passes `PREFERENCE` as its Task's `objective`; the runner keeps everything else
+(flags, modes, checkpoints, saving, merging, the report). What this objective supplies:
+
+- data: pairs read by the task (recipe.preference_data), validated with `validate_pairs`;
+- trainer: `PreferenceTrainer`, a RecipeTrainer whose loss is DPO (recipe.dpo) on the log-probs of
+  the shared-prefix pair forward (recipe.pairs.pair_log_probs), and which logs TRL's metrics;
+- reference model (`Reference`): LoRA/QLoRA: the same model with its adapters disabled (peft's
+  `disable_adapter`, no second copy); full and frozen-vision finetuning: a frozen copy (under
+  ZeRO-3 sharded like the policy, through `deepspeed.initialize` as TRL prepares its reference);
+  `--precompute_ref_log_probs`: one pass before the first step, stored in the output directory
+  (ref_log_probs_train.pt) and reused on resume, no reference in memory during training. Where the
+  vision side is frozen (it carries no adapter and is not trained) the reference takes the
+  policy's image features instead of encoding the images again;
+- evaluation (`PairEvaluator`): on held-out pairs, the metrics TRL logs (rewards/accuracies,
+  rewards/margins, rewards/chosen, rewards/rejected, logps/chosen, logps/rejected) in
+  eval_before.json / eval_after.json and through the Trainer's loggers (tensorboard). The
+  reference log-probs of the held-out pairs are computed once, before the first step (the model is
+  still the reference then), and stored (ref_log_probs_eval.pt) for resumed runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from transformers import TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from phi3v.export import write_json_atomic
+from phi3v.modeling_phi3v import Phi3VModel
+
+from .args import DataArguments
+from .dpo import LOSS_TYPES, METRIC_NAMES, DPOLoss
+from .errors import DataError, FlagError
+from .model import load_model
+from .pairs import PairCollator, PairDataset, PreferencePair, pair_log_probs
+from .preference_data import validate_pairs
+from .records import subset
+from .report import Throughput
+from .train import Objective, RecipeTrainer, _EvalAtTrainBegin, _LogAtSaveAndEnd, _SaveProcessor
+
+__all__ = ["PreferenceArguments", "PREFERENCE", "PreferenceTrainer", "PairEvaluator", "Reference",
+           "dataset_log_probs"]
+
+logger = logging.getLogger("recipe")
+
+REF_TRAIN_FILE = "ref_log_probs_train.pt"
+REF_EVAL_FILE = "ref_log_probs_eval.pt"
+
+
+@dataclass
+class PreferenceArguments(DataArguments):
+    """The DPO flags, with TRL's names and defaults."""
+
+    beta: float = field(default=0.1, metadata={"help": "DPO's beta: how far the policy may move from the reference "
+                                                       "(higher: closer). IPO: its regularisation tau."})
+    loss_type: str = field(default="sigmoid", metadata={
+        "help": "sigmoid (DPO), ipo (on log-probs averaged over answer tokens), hinge (RSO), robust (noise-robust DPO).",
+        "choices": list(LOSS_TYPES)})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "Assumed share of flipped preference labels, 0 <= x < 0.5 (cDPO with sigmoid; robust)."})
+    rpo_alpha: float | None = field(default=None, metadata={
+        "help": "Add this times the chosen answer's mean token NLL to the loss (RPO; the paper uses 1.0)."})
+    precompute_ref_log_probs: bool = field(default=False, metadata={
+        "help": "Compute the reference log-probs of every training pair in one pass before training (stored in "
+                "OUTPUT_DIR, reused on resume): no reference model in memory during training."})
+
+    def check(self) -> None:
+        super().check()
+        if self.beta <= 0:
+            raise FlagError(f"--beta {self.beta} must be > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise FlagError(f"--label_smoothing {self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise FlagError(f"--label_smoothing applies to --loss_type sigmoid or robust, not {self.loss_type}")
+        if self.rpo_alpha is not None and self.rpo_alpha < 0:
+            raise FlagError(f"--rpo_alpha {self.rpo_alpha} must be >= 0")
+        if self.eval_only:
+            raise FlagError("--eval_only: a preference evaluation compares the model with its reference, the "
+                            "model before training; run the training command (with --max_steps 0 to only "
+                            "evaluate the starting model)")
+
+    def dpo_loss(self) -> DPOLoss:
+        return DPOLoss(self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def setup_pair_data(task, model_args, data_args, training_args, processor):
+    """The task's pairs, validated once (recipe.train.setup_data for pairs)."""
+    train, eval_ = task.load_data(data_args, model_args)
+    common = dict(tokenizer=processor.tokenizer, num_crops=model_args.num_crops, decode_images=data_args.decode_images,
+                  skip_bad=data_args.skip_bad_examples, progress=not training_args.disable_tqdm)
+    train = subset(train, data_args.max_train_samples, training_args.seed)
+    train = validate_pairs(train, max_length=data_args.max_length, what=f"{task.name} training pairs", training=True,
+                           **common)
+    if not train:
+        raise DataError(f"no usable {task.name} training pairs", everywhere=True)
+    eval_ = subset(eval_, data_args.max_eval_samples, training_args.seed)
+    eval_ = validate_pairs(eval_, max_length=None, what=f"{task.name} evaluation pairs", **common)
+    if not eval_:
+        raise DataError(f"no usable {task.name} evaluation pairs", everywhere=True)
+    logger.info("%s: %d training / %d evaluation pairs", task.name, len(train), len(eval_))
+    return train, eval_
+
+
+class IndexedPairDataset(PairDataset):
+    """PairDataset whose items carry their index (precomputed reference log-probs are looked up
+    by it) and whose lengths are the ones `validate_pairs` measured."""
+
+    def __init__(self, pairs: Sequence[PreferencePair], processor):
+        super().__init__(pairs, processor)
+        if all(pair.conversation.tokens is not None for pair in self.pairs):
+            self._lengths = [pair.conversation.tokens.total for pair in self.pairs]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**super().__getitem__(index), "index": index}
+
+
+@dataclass
+class IndexedPairCollator(PairCollator):
+    def __call__(self, items):
+        batch = super().__call__(items)
+        batch["pair_index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
+        return batch
+
+
+def _collator(processor, model) -> IndexedPairCollator:
+    config = model.config
+    switch = getattr(config, "original_max_position_embeddings", None) or 4096
+    return IndexedPairCollator(pad_token_id=processor.tokenizer.pad_token_id, original_max_position_embeddings=switch)
+
+
+# -- log-probs over a whole dataset ------------------------------------------------------------
+
+
+@dataclass
+class LogProbs:
+    """Per pair, in dataset order: summed answer log-probs and answer token counts."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    def save(self, path: Path, ids: Sequence[str]) -> None:
+        tmp = path.with_suffix(".tmp")
+        torch.save({"ids": list(ids), **{k: getattr(self, k) for k in ("chosen", "rejected", "chosen_tokens",
+                                                                         "rejected_tokens")}}, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, ids: Sequence[str]) -> LogProbs:
+        stored = torch.load(path, weights_only=True)
+        if stored["ids"] != list(ids):
+            raise DataError(f"{path} holds the reference log-probs of other pairs than this run's; the data or "
+                            "--max_train_samples/--seed changed since the run started: resume with the same data, "
+                            "or start over in a new --output_dir", everywhere=True)
+        return cls(stored["chosen"], stored["rejected"], stored["chosen_tokens"], stored["rejected_tokens"])
+
+
+def _lockstep(model, on: bool) -> None:
+    """Under ZeRO-3, forwards without autograd must agree across ranks on running the image side
+    (see Phi3VModel._dummy_image_needed)."""
+    for module in model.modules():
+        if isinstance(module, Phi3VModel):
+            module.vision_lockstep = on
+
+
+def dataset_log_probs(model, dataset: PairDataset, collator, batch_size: int, device, autocast_dtype=None,
+                      desc: str = "log-probs", progress: bool = False) -> LogProbs:
+    """The model's log-probs of every pair (no autograd), each rank its share in length order, the
+    same number of forwards on every rank (ZeRO-3 runs them in lockstep); every rank gets all."""
+    from tqdm.auto import tqdm
+
+    state = PartialState()
+    mine = sorted(range(state.process_index, len(dataset), state.num_processes), key=lambda i: dataset.lengths[i])
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    n_batches = max(gather_object([len(batches)]))
+    zero3 = is_deepspeed_zero3_enabled()
+    was_training = model.training
+    model.eval()
+    if zero3:
+        _lockstep(model, True)
+    autocast = (torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
+                if autocast_dtype is not None else nullcontext())
+    local: dict[int, tuple[float, float, int, int]] = {}
+    bar = tqdm(total=n_batches, desc=desc, disable=not (progress and state.is_main_process))
+    with torch.no_grad(), autocast:
+        for b in range(n_batches):
+            indices = batches[b] if b < len(batches) else [0]  # (a rank out of pairs keeps in step)
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                     for k, v in collator([dataset[i] for i in indices]).items()}
+            out = pair_log_probs(model, batch)
+            if b < len(batches):
+                for j, i in enumerate(indices):
+                    local[i] = (out.chosen_logps[j].item(), out.rejected_logps[j].item(),
+                                int(out.chosen_tokens[j]), int(out.rejected_tokens[j]))
+            bar.update(1)
+    bar.close()
+    if zero3:
+        _lockstep(model, False)
+    if was_training:
+        model.train()
+    for part in gather_object([local]):
+        local.update(part)
+    columns = list(zip(*(local[i] for i in range(len(dataset))))) or [(), (), (), ()]
+    return LogProbs(torch.tensor(columns[0], dtype=torch.float32), torch.tensor(columns[1], dtype=torch.float32),
+                    torch.tensor(columns[2], dtype=torch.long), torch.tensor(columns[3], dtype=torch.long))
+
+
+def _autocast_dtype(training_args):
+    return torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
+
+
+# -- reference -------------------------------------------------------------------------------
+
+
+class Reference:
+    """The reference model's log-probs of a training batch, in the mode the flags ask for."""
+
+    def __init__(self, model_args, data_args, training_args):
+        self.model_args, self.training_args = model_args, training_args
+        self.precompute = data_args.precompute_ref_log_probs
+        self.batch_size = data_args.eval_batch_size
+        self.mode = "precomputed" if self.precompute else ("adapters" if model_args.use_lora else "copy")
+        # A frozen vision side is the same in policy and reference: its features are reused. (Not
+        # under ZeRO-3: there a rank that reuses features would skip the vision all-gathers that
+        # an image-less rank's dummy crop joins.)
+        self.reuse_features = model_args.freeze_vision_model and not is_deepspeed_zero3_enabled()
+        self.copy: torch.nn.Module | None = None
+        self.table: LogProbs | None = None
+
+    def describe(self) -> str:
+        return {"precomputed": f"log-probs precomputed before training ({REF_TRAIN_FILE})",
+                "adapters": "the model with its adapters disabled",
+                "copy": "a frozen copy of the starting model"}[self.mode] + (
+            "; the policy's image features reused" if self.reuse_features and self.mode != "precomputed" else "")
+
+    def prepare(self, trainer, model, train_dataset, collator, resumed: bool) -> None:
+        """Before the first step: the precomputed table, or the frozen copy."""
+        output_dir = Path(trainer.args.output_dir)
+        if self.mode == "precomputed":
+            path = output_dir / REF_TRAIN_FILE
+            ids = [pair.id for pair in train_dataset.pairs]
+            if path.exists():
+                self.table = LogProbs.load(path, ids)
+                logger.info("reference log-probs of the training pairs: %s", path)
+                return
+            if resumed:
+                raise DataError(f"resuming with --precompute_ref_log_probs needs {path}, written when the run "
+                                "started; it is gone: start over in a new --output_dir", everywhere=True)
+            self.table = dataset_log_probs(model, train_dataset, collator, self.batch_size,
+                                           trainer.args.device, _autocast_dtype(trainer.args),
+                                           desc="reference log-probs", progress=not trainer.args.disable_tqdm)
+            if trainer.is_world_process_zero():
+                self.table.save(path, ids)
+            logger.info("reference log-probs of %d training pairs precomputed into %s", len(ids), path)
+        elif self.mode == "copy" and self.copy is None:
+            self.copy = self._load_copy(trainer)
+
+    def _load_copy(self, trainer) -> torch.nn.Module:
+        """The starting model again, frozen. Under ZeRO-3 it is built inside zero.Init (the
+        Trainer's DeepSpeed config is active) and wrapped by DeepSpeed without optimizer, sharded
+        like the policy; otherwise it lives on the device in the training's compute dtype."""
+        args = self.training_args
+        reference = load_model(self.model_args, args)
+        reference.requires_grad_(False)
+        reference.eval()
+        if is_deepspeed_zero3_enabled():
+            import deepspeed
+
+            config = copy.deepcopy(trainer.accelerator.state.deepspeed_plugin.deepspeed_config)
+            for key in ("optimizer", "scheduler"):
+                config.pop(key, None)
+            engine, *_ = deepspeed.initialize(model=reference, config=config)
+            engine.eval()
+            reference = engine.module
+            _lockstep(reference, True)
+        else:
+            dtype = _autocast_dtype(args) or torch.float32
+            reference.to(device=args.device, dtype=dtype)
+        return reference
+
+    def log_probs(self, trainer, model, inputs, policy) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "precomputed":
+            index = inputs["pair_index"].cpu()
+            device = policy.chosen_logps.device
+            return self.table.chosen[index].to(device), self.table.rejected[index].to(device)
+        features = policy.image_features.detach() if self.reuse_features and policy.image_features is not None else None
+        with torch.no_grad():
+            if self.mode == "adapters":
+                unwrapped = trainer.accelerator.unwrap_model(model)
+                zero3 = is_deepspeed_zero3_enabled()
+                if zero3:
+                    _lockstep(unwrapped, True)
+                try:
+                    with unwrapped.disable_adapter():
+                        out = pair_log_probs(unwrapped, inputs, image_features=features)
+                finally:
+                    if zero3:
+                        _lockstep(unwrapped, False)
+            else:
+                out = pair_log_probs(self.copy, inputs, image_features=features)
+        return out.chosen_logps, out.rejected_logps
+
+
+# -- trainer ---------------------------------------------------------------------------------
+
+
+class PairThroughput(Throughput):
+    """Throughput counting pairs, and each pair's images and tokens once (its shared-prefix row)."""
+
+    def __init__(self, pad_token_id):
+        super().__init__(pad_token_id)
+        self.pairs = 0
+
+    def count(self, inputs: dict) -> None:
+        self.pairs += len(inputs["chosen_rows"])
+        super().count({"input_ids": inputs["input_ids"], "image_sizes": inputs.get("image_sizes")})
+
+    def summary(self, runtime, device, model=None) -> dict:
+        out = super().summary(runtime, device, model)
+        pairs = sum(gather_object([self.pairs]))
+        runtime = runtime or float("nan")
+        out.update(pairs=pairs, pairs_per_s=pairs / runtime, pairs_per_s_per_device=pairs / runtime / out["world_size"])
+        return out
+
+    @staticmethod
+    def describe(summary: dict) -> str:
+        return f"{summary['pairs_per_s']:.2f} pairs/s, " + Throughput.describe(summary)
+
+
+class PreferenceTrainer(RecipeTrainer):
+    """RecipeTrainer with the DPO loss on the shared-prefix pair forward; logs TRL's metrics."""
+
+    def __init__(self, *args, dpo_loss: DPOLoss, reference: Reference, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dpo_loss, self.reference = dpo_loss, reference
+        # The loss is a mean over the micro-batch's pairs: the Trainer averages it over accumulation.
+        self.model_accepts_loss_kwargs = False
+        self.throughput = PairThroughput(self.data_collator.pad_token_id)
+        self._metric_sums: dict[str, torch.Tensor] = defaultdict(lambda: 0)
+        self._metric_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.throughput.count(inputs)
+        policy = pair_log_probs(model, inputs)
+        ref_chosen, ref_rejected = self.reference.log_probs(self, model, inputs, policy)
+        loss, metrics = self.dpo_loss(policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected,
+                                      policy.chosen_tokens, policy.rejected_tokens, chosen_nll=policy.chosen_nll)
+        if model.training:
+            for name, values in metrics.items():  # summed as tensors: no device sync per step
+                self._metric_sums[name] = self._metric_sums[name] + values.float().mean()
+            self._metric_count += 1
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the mean of each DPO metric since the last log (over the micro-batches of every rank)."""
+        if "loss" in logs and self._metric_count:
+            names = sorted(self._metric_sums)
+            sums = torch.stack([torch.as_tensor(self._metric_sums[n], dtype=torch.float32, device=self.args.device)
+                                for n in names] + [torch.tensor(float(self._metric_count), device=self.args.device)])
+            sums = self.accelerator.reduce(sums, reduction="sum")
+            for name, value in zip(names, sums[:-1].tolist()):
+                logs[name] = value / sums[-1].item()
+            self._metric_sums.clear()
+            self._metric_count = 0
+        super().log(logs, start_time)
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+class PairEvaluator:
+    """TRL's DPO metrics on the held-out pairs, for any model and moment of the run (the
+    interface of recipe.train.TaskEvaluator): each call writes `<name>.json` (the metrics and the
+    per-pair log-probs and rewards), logs one line and, given a trainer, logs `eval_<metric>`
+    for each metric through it (tensorboard, the training curves)."""
+
+    metric = "rewards/accuracies"
+
+    def __init__(self, task, processor, pairs, model_args, data_args, training_args):
+        self.task, self.processor, self.pairs = task, processor, list(pairs)
+        self.dataset = IndexedPairDataset(self.pairs, processor)
+        self.output_dir = Path(training_args.output_dir)
+        self.skip_before = data_args.skip_eval_before
+        self.batch_size = data_args.eval_batch_size
+        self.device = training_args.device
+        self.autocast_dtype = _autocast_dtype(training_args)
+        self.progress = not training_args.disable_tqdm
+        self.dpo_loss = data_args.dpo_loss()
+        self.reference: LogProbs | None = None
+        self.seconds = 0.0
+
+    def _log_probs(self, model, desc: str) -> LogProbs:
+        if not getattr(model, "is_loaded_in_4bit", False) and next(model.parameters()).device != self.device:
+            model.to(self.device)
+        return dataset_log_probs(model, self.dataset, _collator(self.processor, model), self.batch_size, self.device,
+                                 self.autocast_dtype, desc=desc, progress=self.progress)
+
+    def prepare_reference(self, model, resumed: bool) -> None:
+        """The held-out pairs' reference log-probs: computed from `model` while it is still the
+        reference (before the first step), or read back when resuming."""
+        start = time.perf_counter()
+        path = self.output_dir / REF_EVAL_FILE
+        ids = [pair.id for pair in self.pairs]
+        if path.exists():
+            self.reference = LogProbs.load(path, ids)
+        elif resumed:
+            raise DataError(f"resuming needs {path}, written when the run started; it is gone: start over in a "
+                            "new --output_dir", everywhere=True)
+        else:
+            self.reference = self._log_probs(model, "reference log-probs (evaluation)")
+            if PartialState().is_main_process:
+                self.reference.save(path, ids)
+        self.seconds += time.perf_counter() - start
+
+    def __call__(self, model, name: str, trainer=None) -> float:
+        if self.reference is None:
+            raise RuntimeError("PairEvaluator.prepare_reference must run before the first evaluation")
+        start = time.perf_counter()
+        policy = self._log_probs(model, name)
+        ref = self.reference
+        loss, per_pair = self.dpo_loss(policy.chosen, policy.rejected, ref.chosen, ref.rejected,
+                                       policy.chosen_tokens, policy.rejected_tokens,
+                                       chosen_nll=-policy.chosen / policy.chosen_tokens.clamp(min=1))
+        metrics = {k: float(per_pair[k].mean()) for k in METRIC_NAMES}
+        out = {"metric": self.metric, **metrics, "loss": float(loss), "num_examples": len(self.pairs),
+               "pairs": [{"id": pair.id, "logps/chosen": float(policy.chosen[i]),
+                          "logps/rejected": float(policy.rejected[i]),
+                          "rewards/margins": float(per_pair["rewards/margins"][i])}
+                         for i, pair in enumerate(self.pairs)]}
+        if PartialState().is_main_process:
+            write_json_atomic(self.output_dir / f"{name}.json", out)
+        self.seconds += time.perf_counter() - start
+        logger.info("%s on %d pairs: rewards/accuracies %.4f, rewards/margins %.4f", name, len(self.pairs),
+                    metrics["rewards/accuracies"], metrics["rewards/margins"])
+        if trainer is not None:
+            trainer.log({f"eval_{k}": v for k, v in metrics.items()})
+        return metrics[self.metric]
+
+
+# -- trainer setup ---------------------------------------------------------------------------
+
+
+class _ReferenceAtTrainBegin(TrainerCallback):
+    """Before the first step, while the model is the reference: the held-out pairs' reference
+    log-probs, the precomputed training ones (--precompute_ref_log_probs), the frozen copy. From
+    here because under ZeRO-3 only the DeepSpeed engine (created by now) runs partitioned weights."""
+
+    def __init__(self, trainer: PreferenceTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        trainer = self.trainer
+        resumed = bool(args.resume_from_checkpoint)
+        trainer.task_eval.prepare_reference(model, resumed)
+        trainer.reference.prepare(trainer, model, trainer.train_dataset, trainer.data_collator, resumed)
+        logger.info("reference: %s", trainer.reference.describe())
+
+
+def setup_pair_trainer(model, train, eval_pairs, processor, evaluator, model_args, data_args, training_args):
+    """recipe.train.setup_trainer for pairs (the same callbacks, a PreferenceTrainer)."""
+    trainer = PreferenceTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=IndexedPairDataset(train, processor),
+        eval_dataset=evaluator.dataset,
+        data_collator=_collator(processor, model),
+        processing_class=None,  # (see recipe.train.setup_trainer: keeps the release's eos_token_id)
+        model_args=model_args,
+        task_eval=evaluator,
+        callbacks=[_LogAtSaveAndEnd()],
+        dpo_loss=data_args.dpo_loss(),
+        reference=Reference(model_args, data_args, training_args),
+    )
+    trainer.add_callback(_ReferenceAtTrainBegin(trainer))
+    eval_before = None
+    if not training_args.resume_from_checkpoint and not evaluator.skip_before:
+        eval_before = _EvalAtTrainBegin(evaluator)
+        eval_before.trainer = trainer
+        trainer.add_callback(eval_before)
+    trainer.add_callback(_SaveProcessor(processor))
+    return trainer, eval_before
+
+
+PREFERENCE = Objective(setup_data=setup_pair_data, make_evaluator=PairEvaluator, setup_trainer=setup_pair_trainer)
