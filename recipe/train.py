@@ -344,7 +344,7 @@ RUN_OUTPUTS = (
     "checkpoint-*", TMP_DIR, "eval_*.json", RUN_COMPLETE_FILE, "training_curves.png", "README.md", "merged", "runs",
     "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "config.json", "generation_config.json",
     "adapter_config.json", "tokenizer*.json", "special_tokens_map.json", "preprocessor_config.json",
-    "processor_config.json", "chat_template.*", "training_args.bin", "*.py",
+    "processor_config.json", "chat_template.*", "training_args.bin", "*.py", "ref_log_probs_*.pt",
 )
 # Files that say a directory holds a run's outputs; without one, README.md and *.py are not ours.
 RUN_MARKERS = (RUN_COMPLETE_FILE, "config.json", "adapter_config.json", "trainer_state.json")

@@ -1,0 +1,253 @@
+"""Preference tuning end to end on the tiny model (finetune_hf_trainer_rlaif_v.py): LoRA DPO on our
+own jsonl pairs raises held-out reward accuracy, the reference of each mode is what it should be
+(LoRA: the base with adapters disabled; full: a frozen copy that never moves), images are encoded
+once per pair and pass (twice with a separate reference, once when the vision side is frozen),
+reference log-probs are precomputed and reused, a stopped run resumes exactly, bad input stops
+before training with one line."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+
+import finetune_hf_trainer_rlaif_v as rlaif_v
+from phi3v.modeling_phi3v import Phi3VForCausalLM, Phi3VImageEmbedding
+from phi3v.processing_phi3v import Phi3VProcessor
+from recipe.errors import cli
+from recipe.pairs import PairCollator, PairDataset, pair_log_probs
+from recipe.preference import Reference
+from recipe.preference_data import load_pairs_jsonl
+from recipe.synthetic_pairs import write_pairs
+from recipe.train import run
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    """48 training / 16 held-out colour pairs (images), plus 2 text-only pairs in each split."""
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "data", train=48, eval_=16, text_only=2)
+
+
+def flags(tiny, data, out, *extra):
+    return ["--model_name_or_path", str(tiny), "--train_file", str(data / "train.jsonl"),
+            "--eval_file", str(data / "eval.jsonl"), "--output_dir", str(out), "--num_crops", "1", "--no-tqdm",
+            "--dataloader_num_workers", "0", "--warmup_steps", "0", "--logging_steps", "1", "--save_strategy", "no",
+            "--eval_batch_size", "10", *map(str, extra)]
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_checkpoint, pairs_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = run(rlaif_v.TASK, flags(tiny_checkpoint, pairs_dir, out, "--use_lora", "--deepspeed", "none",
+                                          "--max_steps", 16, "--batch_size", 8, "--batch_size_per_gpu", 4,
+                                          "--learning_rate", "2e-3", "--report_to", "tensorboard"))
+    finally:
+        torch.set_num_threads(threads)
+    return out, results
+
+
+def test_lora_dpo_raises_held_out_reward_accuracy(lora_run):
+    out, results = lora_run
+    before, after = read_json(out / "eval_before.json"), read_json(out / "eval_after.json")
+    assert results["eval_before"] == before["rewards/accuracies"] == 0.0  # the policy is the reference
+    assert before["rewards/margins"] == 0.0
+    assert results["eval_after"] == after["rewards/accuracies"] >= 0.75
+    assert after["rewards/margins"] > 0 and after["rewards/chosen"] > after["rewards/rejected"]
+    assert after["num_examples"] == len(after["pairs"]) == 18
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert isinstance(after[name], float)
+    summary = read_json(out / "run_complete.json")
+    throughput = summary["results"]["throughput"]
+    assert 16 * 6 < throughput["pairs"] <= 16 * 8 and throughput["pairs_per_s"] > 0  # (epoch ends: smaller batches)
+    assert throughput["images"] < throughput["pairs"]  # each image once per pair; text-only pairs have none
+    assert (out / "adapter_model.safetensors").is_file() and (out / "training_curves.png").is_file()
+    # the model card and the release's eos are the SFT recipes'
+    assert "rewards/accuracies" in (out / "README.md").read_text()
+    assert read_json(out / "adapter_config.json")["base_model_name_or_path"]
+
+
+def test_training_logs_trl_metric_names_to_tensorboard(lora_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = lora_run
+    tags = set()
+    for run_dir in {p.parent for p in (out / "runs").rglob("events.out.tfevents.*")}:
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        tags |= set(events.Tags()["scalars"])
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected"):
+        assert f"train/{name}" in tags and f"eval/{name}" in tags, (name, sorted(tags))
+
+
+# -- the reference per mode ----------------------------------------------------------------------
+
+
+def pair_batch(tiny, data, n=4):
+    processor = Phi3VProcessor.from_pretrained(tiny, num_crops=1)
+    pairs = load_pairs_jsonl(data / "eval.jsonl", data / "images")
+    dataset = PairDataset([pairs[0], pairs[-1], *pairs[1 : n - 1]], processor)  # an image and a text-only pair
+    return PairCollator(pad_token_id=processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+
+
+def test_lora_reference_is_the_base_with_adapters_disabled(tiny_checkpoint, pairs_dir):
+    batch = pair_batch(tiny_checkpoint, pairs_dir)
+    base = Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = pair_log_probs(base, batch)
+    lora = get_peft_model(Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32),
+                          LoraConfig(r=4, target_modules=["qkv_proj", "o_proj"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        policy = pair_log_probs(lora, batch)
+    assert not torch.allclose(policy.chosen_logps, expected.chosen_logps)  # the adapters do change the model
+    args = SimpleNamespace(use_lora=True, freeze_vision_model=False)
+    reference = Reference(args, SimpleNamespace(precompute_ref_log_probs=False, eval_batch_size=2), None)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+    chosen, rejected = reference.log_probs(trainer, lora, batch, policy)
+    torch.testing.assert_close(chosen, expected.chosen_logps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rejected, expected.rejected_logps, rtol=0, atol=1e-5)
+
+
+def count_vision_runs(monkeypatch) -> list[int]:
+    runs = []
+    forward = Phi3VImageEmbedding.forward
+    monkeypatch.setattr(Phi3VImageEmbedding, "forward", lambda self, *a, **k: runs.append(1) or forward(self, *a, **k))
+    return runs
+
+
+@pytest.mark.parametrize("frozen_vision", [False, True], ids=["full", "frozen_vision"])
+def test_full_reference_is_a_frozen_copy_and_images_are_encoded_once_per_model(
+        frozen_vision, tiny_checkpoint, pairs_dir, tmp_path, monkeypatch):
+    """Each step, one image-only micro-batch: the policy encodes its images once, the frozen copy
+    once more, or not at all when the vision side is frozen (it takes the policy's features)."""
+    import recipe.preference
+
+    seen = {}
+    prepare = recipe.preference.Reference.prepare
+
+    def keep(self, trainer, *args, **kwargs):
+        prepare(self, trainer, *args, **kwargs)
+        seen["reference"], seen["trainer"] = self, trainer
+        seen["runs"] = count_vision_runs(monkeypatch)  # training steps (and evaluation after) from here
+        seen["steps"] = []
+        trainer.add_callback(type("Step", (recipe.preference.TrainerCallback,), {
+            "on_step_end": lambda cb, args, state, control, **kw: seen["steps"].append(len(seen["runs"]))})())
+
+    monkeypatch.setattr(recipe.preference.Reference, "prepare", keep)
+    out = tmp_path / "out"
+    extra = ["--freeze_vision_model"] if frozen_vision else []
+    run(rlaif_v.TASK, flags(tiny_checkpoint, pairs_dir, out, "--deepspeed", "none", "--max_steps", 3,
+                            "--batch_size", 2, "--batch_size_per_gpu", 2, "--learning_rate", "1e-3",
+                            "--train_sampling_strategy", "sequential", "--skip_eval_before", *extra))
+    reference = seen["reference"]
+    assert reference.mode == "copy" and reference.reuse_features == frozen_vision
+    per_step = [b - a for a, b in zip([0, *seen["steps"]], seen["steps"])]
+    assert per_step == [1 if frozen_vision else 2] * 3  # (sequential: the first 6 pairs, all with an image)
+    initial = Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).state_dict()
+    copy = reference.copy.state_dict()
+    assert all(torch.equal(copy[k].float(), initial[k].float()) for k in initial)
+    assert not any(p.requires_grad for p in reference.copy.parameters())
+    trained = load_file(out / "model.safetensors")
+    assert any(not torch.equal(trained[k].float(), initial[k].float()) for k in trained if ".layers.0." in k)
+
+
+# -- precomputed reference and exact resume ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [["--use_lora", "--precompute_ref_log_probs"], []], ids=["lora_precomputed", "full"])
+def test_stopped_run_resumes_exactly(mode, tiny_checkpoint, pairs_dir, tmp_path):
+    """An uninterrupted run saves at steps 2 and 4; a second directory holding what the run had
+    written by step 2 (checkpoint-2, the reference log-probs, eval_before.json) resumes to the
+    same weights and the same held-out metrics."""
+    common = ["--deepspeed", "none", "--max_steps", 4, "--save_strategy", "steps", "--save_steps", 2,
+              "--batch_size", 4, "--batch_size_per_gpu", 2, "--learning_rate", "1e-3", "--max_train_samples", 16, *mode]
+    straight = tmp_path / "straight"
+    uninterrupted = run(rlaif_v.TASK, flags(tiny_checkpoint, pairs_dir, straight, *common))
+    stored = sorted(p.name for p in straight.glob("ref_log_probs_*.pt"))
+    assert stored == (["ref_log_probs_eval.pt", "ref_log_probs_train.pt"] if mode else ["ref_log_probs_eval.pt"])
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed_dir / "checkpoint-2")
+    for name in [*stored, "eval_before.json"]:
+        shutil.copy(straight / name, resumed_dir / name)
+    resumed = run(rlaif_v.TASK, flags(tiny_checkpoint, pairs_dir, resumed_dir, *common,
+                                      "--resume_from_checkpoint", "auto"))
+    assert resumed["global_step"] == uninterrupted["global_step"] == 4
+    assert resumed["eval_before"] == uninterrupted["eval_before"]
+    assert resumed["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
+    weights = "adapter_model.safetensors" if mode else "model.safetensors"
+    a, b = load_file(straight / weights), load_file(resumed_dir / weights)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_json(resumed_dir / "eval_after.json")["pairs"] == read_json(straight / "eval_after.json")["pairs"]
+
+
+def test_resume_without_the_stored_reference_stops(tiny_checkpoint, pairs_dir, tmp_path, capsys):
+    common = ["--deepspeed", "none", "--max_steps", 2, "--save_strategy", "steps", "--save_steps", 1,
+              "--batch_size", 2, "--batch_size_per_gpu", 2, "--max_train_samples", 4, "--use_lora",
+              "--precompute_ref_log_probs"]
+    out = tmp_path / "out"
+    run(rlaif_v.TASK, flags(tiny_checkpoint, pairs_dir, out, *common))
+    (out / "ref_log_probs_train.pt").unlink()
+    (out / "run_complete.json").unlink()
+    code = cli(lambda: rlaif_v.main(flags(tiny_checkpoint, pairs_dir, out, *common, "--resume_from_checkpoint",
+                                          str(out / "checkpoint-1"))))
+    assert code == 2
+    assert "resuming with --precompute_ref_log_probs needs" in capsys.readouterr().err
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def bad_data(tmp_path, pairs_dir):
+    data = tmp_path / "bad"
+    data.mkdir()
+    (data / "images").symlink_to(pairs_dir / "images")
+    lines = (pairs_dir / "train.jsonl").read_text().splitlines()[:6]
+    same = json.loads(lines[1])
+    same["rejected"] = same["chosen"]
+    missing = json.loads(lines[2])
+    del missing["rejected"]
+    (data / "train.jsonl").write_text("\n".join([lines[0], json.dumps(same), json.dumps(missing), *lines[3:]]) + "\n")
+    shutil.copy(pairs_dir / "eval.jsonl", data / "eval.jsonl")
+    return data
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], r"error: 2 problem\(s\) in rlaif_v training pairs \(first: .*train.jsonl:2: chosen == rejected"),
+    (["--max_length", "60"], r"train.jsonl:1: \d+ tokens > --max_length 60 by \d+ \(\d+ text tokens \+ image tokens "
+                             r"\d+ per image at --num_crops 1\)"),
+    (["--label_smoothing", "0.6"], r"error: --label_smoothing 0.6 must be in \[0, 0.5\)"),
+    (["--loss_type", "hinge", "--label_smoothing", "0.1"], r"error: --label_smoothing applies to --loss_type sigmoid"),
+])
+def test_bad_input_stops_before_training_with_one_line(extra, message, tiny_checkpoint, pairs_dir, tmp_path,
+                                                       capsys, monkeypatch):
+    import re
+
+    import recipe.train
+
+    monkeypatch.setattr(recipe.train, "load_model", lambda *a: pytest.fail("a model was loaded"))
+    data = bad_data(tmp_path, pairs_dir)
+    code = cli(lambda: rlaif_v.main(flags(tiny_checkpoint, data, tmp_path / "out", "--use_lora", *extra)))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_skip_bad_examples_drops_bad_pairs_with_a_warning(tiny_checkpoint, pairs_dir, tmp_path, caplog):
+    data = bad_data(tmp_path, pairs_dir)
+    results = run(rlaif_v.TASK, flags(tiny_checkpoint, data, tmp_path / "out", "--use_lora", "--deepspeed", "none",
+                                      "--max_steps", 1, "--batch_size", 2, "--batch_size_per_gpu", 2,
+                                      "--skip_bad_examples", "--skip_eval_before", "--max_eval_samples", 2))
+    assert results["global_step"] == 1
+    assert "skipped 2 of 6 examples in rlaif_v training pairs (1 chosen == rejected, 1 missing answer)" in caplog.text
