@@ -270,8 +270,8 @@ def model_card(task, results: dict, model_args, data_args, training_args) -> str
     from huggingface_hub import ModelCard, ModelCardData
 
     metric = task.metric
-    data = (getattr(data_args, "dataset_name_or_path", None) or getattr(data_args, "data_dir", None)
-            or getattr(data_args, "train_file", None) or "local data")
+    data = (getattr(data_args, "train_file", None) or getattr(data_args, "dataset_name_or_path", None)
+            or getattr(data_args, "data_dir", None) or "local data")
     card_data = ModelCardData(
         base_model=model_args.model_name_or_path if not Path(model_args.model_name_or_path).exists() else None,
         library_name="transformers" if not model_args.use_lora else "peft",

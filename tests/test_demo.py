@@ -9,6 +9,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +39,15 @@ def test_make_demo_learns_the_synthetic_videos(tmp_path):
     # The run went to DEMO, and the user's demo_out/ (if any) is as it was.
     assert (out / "run" / "eval_after.json").is_file() and (out / "tiny" / "config.json").is_file()
     assert tree_state(users_demo) == before
+
+
+@pytest.mark.slow  # (CI: tests/recipe/test_preference.py checks the same learning, smaller)
+def test_make_demo_dpo_prefers_the_true_colour(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["make", "demo-dpo", f"DEMO={tmp_path / 'demo'}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    match = re.search(r"rlaif_v reward accuracy: before ([\d.]+) -> after ([\d.]+)", result.stdout)
+    assert match, result.stdout[-2000:]
+    assert float(match.group(1)) == 0.0  # the model is its own reference before training
+    assert float(match.group(2)) >= 0.9
