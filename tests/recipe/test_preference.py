@@ -251,3 +251,43 @@ def test_skip_bad_examples_drops_bad_pairs_with_a_warning(tiny_checkpoint, pairs
                                       "--skip_bad_examples", "--skip_eval_before", "--max_eval_samples", 2))
     assert results["global_step"] == 1
     assert "skipped 2 of 6 examples in rlaif_v training pairs (1 chosen == rejected, 1 missing answer)" in caplog.text
+
+
+# -- the hub layouts through the script ------------------------------------------------------------
+
+
+def hub_rows(pairs_dir, layout: str, n: int = 6):
+    """RLAIF-V's or TRL's columns, built from the synthetic pairs (images decoded into the rows)."""
+    import datasets
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (pairs_dir / "train.jsonl").read_text().splitlines()[:n]]
+    images = [Image.open(pairs_dir / "images" / row["conversations"][0]["images"][0]).convert("RGB") for row in rows]
+    questions = [row["conversations"][0]["user"] for row in rows]
+    if layout == "rlaif_v":
+        return datasets.Dataset.from_dict({"image": images, "question": questions,
+                                           "chosen": [r["chosen"] for r in rows], "rejected": [r["rejected"] for r in rows]})
+
+    def message(role, text, image=False):
+        return [{"role": role, "content": ([{"type": "image", "text": None}] if image else [])
+                 + [{"type": "text", "text": text}]}]
+
+    return datasets.Dataset.from_dict({
+        "images": [[image] for image in images],
+        "prompt": [message("user", q, image=True) for q in questions],
+        "chosen": [message("assistant", r["chosen"]) for r in rows],
+        "rejected": [message("assistant", r["rejected"]) for r in rows],
+    })
+
+
+@pytest.mark.parametrize("layout", ["rlaif_v", "trl"])
+def test_hub_layouts_train_through_the_script(layout, tiny_checkpoint, pairs_dir, tmp_path):
+    source = tmp_path / "source"
+    hub_rows(pairs_dir, layout).save_to_disk(str(source))
+    out = tmp_path / "out"
+    results = rlaif_v.main(["--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path", str(source),
+                            "--dataset_layout", layout, "--eval_size", "2", "--output_dir", str(out), "--num_crops", "1",
+                            "--no-tqdm", "--dataloader_num_workers", "0", "--use_lora", "--deepspeed", "none",
+                            "--max_steps", "1", "--batch_size", "2", "--batch_size_per_gpu", "2", "--save_strategy", "no"])
+    assert results["global_step"] == 1 and results["num_eval_examples"] == 2
+    assert read_json(out / "eval_after.json")["num_examples"] == 2
