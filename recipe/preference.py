@@ -47,7 +47,7 @@ from .model import load_model
 from .pairs import PairCollator, PairDataset, PreferencePair, pair_log_probs
 from .preference_data import validate_pairs
 from .records import subset
-from .report import Throughput
+from .report import CROP, Throughput
 from .train import Objective, RecipeTrainer, _EvalAtTrainBegin, _LogAtSaveAndEnd, _SaveProcessor
 
 __all__ = ["PreferenceArguments", "PREFERENCE", "PreferenceTrainer", "PairEvaluator", "Reference",
@@ -321,15 +321,26 @@ class Reference:
 
 
 class PairThroughput(Throughput):
-    """Throughput counting pairs, and each pair's images and tokens once (its shared-prefix row)."""
+    """Throughput counting pairs, and each pair's images and tokens once (the collator's
+    `num_images` / `num_tokens`: the prompt once, both answers); crops are those the vision tower
+    ran."""
 
     def __init__(self, pad_token_id):
         super().__init__(pad_token_id)
         self.pairs = 0
+        self._images = 0  # a tensor sum, read once at the end (no device sync per step)
 
     def count(self, inputs: dict) -> None:
         self.pairs += len(inputs["chosen_rows"])
-        super().count({"input_ids": inputs["input_ids"], "image_sizes": inputs.get("image_sizes")})
+        self._tokens = self._tokens + inputs["num_tokens"]
+        self._images = self._images + inputs["num_images"]
+        sizes = inputs.get("image_sizes")
+        if sizes is not None:
+            self._crops = self._crops + ((sizes[:, 0] // CROP) * (sizes[:, 1] // CROP) + 1).sum()
+
+    def _totals(self) -> list[int]:
+        per_rank = gather_object([(int(self._images), int(self._crops), int(self._tokens))])
+        return [sum(column) for column in zip(*per_rank)]
 
     def summary(self, runtime, device, model=None) -> dict:
         out = super().summary(runtime, device, model)
