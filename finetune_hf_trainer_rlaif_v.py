@@ -7,7 +7,7 @@ or from an SFT output (--model_name_or_path out/sft):
 
     torchrun --nproc_per_node=8 finetune_hf_trainer_rlaif_v.py --output_dir out/rlaif_v \\
         --bf16 --max_train_samples 20000 --max_length 4096 --skip_bad_examples   # full, ZeRO-2
-    python finetune_hf_trainer_rlaif_v.py --use_lora --bf16 --batch_size 16 --max_train_samples 2000
+    python finetune_hf_trainer_rlaif_v.py --use_lora --bf16 --batch_size 16 --max_train_samples 2000 --streaming
     python finetune_hf_trainer_rlaif_v.py --train_file pairs/train.jsonl --eval_file pairs/dev.jsonl \\
         --use_lora --bf16 --output_dir out/my_pairs
 
@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipe.errors import FlagError, cli
+from recipe.errors import DataError, FlagError, cli
 from recipe.hub import load_source, split_for_eval
 from recipe.preference import PREFERENCE, PreferenceArguments
 from recipe.preference_data import load_pairs_jsonl, rlaif_v_pairs, trl_pairs
@@ -37,6 +37,9 @@ class RlaifVArguments(PreferenceArguments):
     dataset_layout: str = field(
         default="rlaif_v", metadata={"help": "rlaif_v (image, question, chosen, rejected) or trl (prompt, chosen, "
                                              "rejected as messages, images).", "choices": ["rlaif_v", "trl"]})
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the hub rows instead of downloading the dataset: the first "
+                                         "--eval_size rows are held out, the next --max_train_samples trained on."})
     eval_split: str = field(default="test", metadata={"help": "Split to evaluate on, when the source has it."})
     eval_size: int = field(default=200, metadata={"help": "Held-out pairs when the source has no eval split."})
     train_file: str | None = field(default=None, metadata={"help": "Your own pairs (jsonl), instead of the hub."})
@@ -51,6 +54,8 @@ class RlaifVArguments(PreferenceArguments):
             raise FlagError("--train_file and --eval_file go together: the pairs trained on and the held-out ones")
         if self.image_dir and not self.train_file:
             raise FlagError("--image_dir goes with --train_file/--eval_file")
+        if self.streaming and (self.train_file or self.max_train_samples is None):
+            raise FlagError("--streaming reads hub rows and needs --max_train_samples (how many to stream)")
 
 
 # 1. Where the pairs come from: a jsonl of our layout, or hub rows (RLAIF-V's own or TRL's).
@@ -60,10 +65,26 @@ def load_data(data_args: RlaifVArguments, model_args):
             return load_pairs_jsonl(path, data_args.image_dir or Path(path).parent / "images")
 
         return read(data_args.train_file), read(data_args.eval_file)
+    to_pairs = rlaif_v_pairs if data_args.dataset_layout == "rlaif_v" else trl_pairs
+    if data_args.streaming:
+        stream = stream_rows(data_args.dataset_name_or_path)
+        eval_rows = list(stream.take(data_args.eval_size))
+        train_rows = list(stream.skip(data_args.eval_size).take(data_args.max_train_samples))
+        return to_pairs(train_rows, "train"), to_pairs(eval_rows, "eval")
     source = load_source(data_args.dataset_name_or_path)
     train_rows, eval_rows = split_for_eval(source, data_args.eval_split, data_args.eval_size, seed=0)
-    to_pairs = rlaif_v_pairs if data_args.dataset_layout == "rlaif_v" else trl_pairs
     return to_pairs(train_rows, "train"), to_pairs(eval_rows, "eval")
+
+
+def stream_rows(name_or_path: str):
+    """The training split's rows as a stream (hub id, or a directory of data files)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name_or_path, split="train", streaming=True)
+    except Exception as err:  # noqa: BLE001 - network, auth and missing-repo errors all end here
+        raise DataError(f"cannot stream {name_or_path!r} ({err}); without network, drop --streaming and pass a "
+                        "local copy as --dataset_name_or_path") from err
 
 
 # 2. How the result is scored: reward accuracy on held-out pairs (recipe.preference.PairEvaluator).

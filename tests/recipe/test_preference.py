@@ -291,3 +291,17 @@ def test_hub_layouts_train_through_the_script(layout, tiny_checkpoint, pairs_dir
                             "--max_steps", "1", "--batch_size", "2", "--batch_size_per_gpu", "2", "--save_strategy", "no"])
     assert results["global_step"] == 1 and results["num_eval_examples"] == 2
     assert read_json(out / "eval_after.json")["num_examples"] == 2
+
+
+def test_streamed_rows_hold_out_the_first_and_train_on_the_next(pairs_dir, tmp_path):
+    """--streaming (here from a directory of parquet files): the first --eval_size rows are held
+    out, the next --max_train_samples trained on, images decoded in the rows."""
+    source = tmp_path / "parquet"
+    source.mkdir()
+    hub_rows(pairs_dir, "rlaif_v").to_parquet(str(source / "train.parquet"))
+    args = rlaif_v.RlaifVArguments(dataset_name_or_path=str(source), streaming=True, eval_size=2, max_train_samples=3)
+    train, eval_ = rlaif_v.load_data(args, None)
+    rows = [json.loads(line) for line in (pairs_dir / "train.jsonl").read_text().splitlines()[:5]]
+    assert [p.rejected for p in eval_] == [r["rejected"] for r in rows[:2]]
+    assert [p.rejected for p in train] == [r["rejected"] for r in rows[2:5]]
+    assert train[0].conversation.images[0].size == (64, 64)
