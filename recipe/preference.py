@@ -87,9 +87,9 @@ class PreferenceArguments(DataArguments):
         if self.rpo_alpha is not None and self.rpo_alpha < 0:
             raise FlagError(f"--rpo_alpha {self.rpo_alpha} must be >= 0")
         if self.eval_only:
-            raise FlagError("--eval_only: a preference evaluation compares the model with its reference, the "
-                            "model before training; run the training command (with --max_steps 0 to only "
-                            "evaluate the starting model)")
+            raise FlagError("--eval_only does not apply to preference tuning: its evaluation compares the model "
+                            "with its reference (the model before training), which exists only in a training run; "
+                            "the run writes eval_before.json and eval_after.json")
 
     def dpo_loss(self) -> DPOLoss:
         return DPOLoss(self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha)
