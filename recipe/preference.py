@@ -66,7 +66,8 @@ class PreferenceArguments(DataArguments):
     beta: float = field(default=0.1, metadata={"help": "DPO's beta: how far the policy may move from the reference "
                                                        "(higher: closer). IPO: its regularisation tau."})
     loss_type: str = field(default="sigmoid", metadata={
-        "help": "sigmoid (DPO), ipo (on log-probs averaged over answer tokens), hinge (RSO), robust (noise-robust DPO).",
+        "help": "sigmoid (DPO), ipo (on log-probs averaged over answer tokens), hinge (RSO), robust "
+                "(noise-robust DPO).",
         "choices": list(LOSS_TYPES)})
     label_smoothing: float = field(default=0.0, metadata={
         "help": "Assumed share of flipped preference labels, 0 <= x < 0.5 (cDPO with sigmoid; robust)."})

@@ -40,7 +40,8 @@ def _pairs(split: str, n: int, text_only: int, rng: random.Random, image_dir: Pa
         path = f"{split}/{i:04d}.png"
         (image_dir / split).mkdir(parents=True, exist_ok=True)
         _image(colour, shape, rng).save(image_dir / path)
-        rows.append({"id": f"{split}-{i}", "conversations": [{"images": [path], "user": f"What colour is the {shape}?"}],
+        question = f"What colour is the {shape}?"
+        rows.append({"id": f"{split}-{i}", "conversations": [{"images": [path], "user": question}],
                      "chosen": f"The {shape} is {colour}.", "rejected": f"The {shape} is {other}."})
     for i in range(text_only):
         colour, other = names[i % len(names)], names[(i + 2) % len(names)]

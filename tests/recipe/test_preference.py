@@ -265,8 +265,8 @@ def hub_rows(pairs_dir, layout: str, n: int = 6):
     images = [Image.open(pairs_dir / "images" / row["conversations"][0]["images"][0]).convert("RGB") for row in rows]
     questions = [row["conversations"][0]["user"] for row in rows]
     if layout == "rlaif_v":
-        return datasets.Dataset.from_dict({"image": images, "question": questions,
-                                           "chosen": [r["chosen"] for r in rows], "rejected": [r["rejected"] for r in rows]})
+        answers = {key: [r[key] for r in rows] for key in ("chosen", "rejected")}
+        return datasets.Dataset.from_dict({"image": images, "question": questions, **answers})
 
     def message(role, text, image=False):
         return [{"role": role, "content": ([{"type": "image", "text": None}] if image else [])
@@ -285,10 +285,11 @@ def test_hub_layouts_train_through_the_script(layout, tiny_checkpoint, pairs_dir
     source = tmp_path / "source"
     hub_rows(pairs_dir, layout).save_to_disk(str(source))
     out = tmp_path / "out"
-    results = rlaif_v.main(["--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path", str(source),
-                            "--dataset_layout", layout, "--eval_size", "2", "--output_dir", str(out), "--num_crops", "1",
-                            "--no-tqdm", "--dataloader_num_workers", "0", "--use_lora", "--deepspeed", "none",
-                            "--max_steps", "1", "--batch_size", "2", "--batch_size_per_gpu", "2", "--save_strategy", "no"])
+    results = rlaif_v.main([
+        "--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path", str(source), "--dataset_layout", layout,
+        "--eval_size", "2", "--output_dir", str(out), "--num_crops", "1", "--no-tqdm", "--dataloader_num_workers", "0",
+        "--use_lora", "--deepspeed", "none", "--max_steps", "1", "--batch_size", "2", "--batch_size_per_gpu", "2",
+        "--save_strategy", "no"])
     assert results["global_step"] == 1 and results["num_eval_examples"] == 2
     assert read_json(out / "eval_after.json")["num_examples"] == 2
 

@@ -79,7 +79,8 @@ def test_too_long_pair_is_reported_with_its_image_tokens_or_skipped(tmp_path, im
     over = lengths[1].total - limit
     image_tokens = lengths[1].images[0]
     assert (f"{path}:2: {lengths[1].total} tokens > --max_length {limit} by {over} "
-            f"({lengths[1].text} text tokens + image tokens {image_tokens} per image at --num_crops 1)") in str(err.value)
+            f"({lengths[1].text} text tokens + image tokens {image_tokens} per image at --num_crops 1)"
+            ) in str(err.value)
     kept = validate_pairs(pairs, processor.tokenizer, num_crops=1, max_length=limit, skip_bad=True, training=True)
     assert [p.conversation.id for p in kept] == ["p0", "p2"]
     assert "skipped 1 of 3 examples" in caplog.text
