@@ -159,6 +159,8 @@ def test_full_reference_is_a_frozen_copy_and_images_are_encoded_once_per_model(
     assert not any(p.requires_grad for p in reference.copy.parameters())
     trained = load_file(out / "model.safetensors")
     assert any(not torch.equal(trained[k].float(), initial[k].float()) for k in trained if ".layers.0." in k)
+    # the output is the release's: its eos_token_id stays (no tokenizer-driven rewrite at train start)
+    assert read_json(out / "config.json")["eos_token_id"] == read_json(tiny_checkpoint / "config.json")["eos_token_id"]
 
 
 # -- precomputed reference and exact resume ----------------------------------------------------
