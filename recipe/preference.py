@@ -47,7 +47,7 @@ from .model import load_model
 from .pairs import PairCollator, PairDataset, PreferencePair, pair_log_probs
 from .preference_data import validate_pairs
 from .records import subset
-from .report import CROP, Throughput
+from .report import Throughput
 from .train import Objective, RecipeTrainer, _EvalAtTrainBegin, _LogAtSaveAndEnd, _SaveProcessor
 
 __all__ = ["PreferenceArguments", "PREFERENCE", "PreferenceTrainer", "PairEvaluator", "Reference",
@@ -323,28 +323,25 @@ class Reference:
 
 class PairThroughput(Throughput):
     """Throughput counting pairs, and each pair's images and tokens once (the collator's
-    `num_images` / `num_tokens`: the prompt once, both answers); crops are those the vision tower
-    ran."""
+    `num_images` / `num_tokens`: the prompt once, both answers); crops and the FLOP counts are
+    those of the rows the model ran."""
 
     def __init__(self, pad_token_id):
         super().__init__(pad_token_id)
         self.pairs = 0
-        self._images = 0  # a tensor sum, read once at the end (no device sync per step)
+        self._pair_images = self._pair_tokens = 0  # tensor sums, read once at the end (no sync per step)
 
     def count(self, inputs: dict) -> None:
         self.pairs += len(inputs["chosen_rows"])
-        self._tokens = self._tokens + inputs["num_tokens"]
-        self._images = self._images + inputs["num_images"]
-        sizes = inputs.get("image_sizes")
-        if sizes is not None:
-            self._crops = self._crops + ((sizes[:, 0] // CROP) * (sizes[:, 1] // CROP) + 1).sum()
+        self._pair_images = self._pair_images + inputs["num_images"]
+        self._pair_tokens = self._pair_tokens + inputs["num_tokens"]
+        super().count({key: inputs.get(key) for key in ("input_ids", "position_ids", "image_sizes")})
 
-    def _totals(self) -> list[int]:
-        per_rank = gather_object([(int(self._images), int(self._crops), int(self._tokens))])
-        return [sum(column) for column in zip(*per_rank)]
+    def counts(self) -> dict:
+        return {**super().counts(), "images": int(self._pair_images), "real_tokens": int(self._pair_tokens)}
 
-    def summary(self, runtime, device, model=None) -> dict:
-        out = super().summary(runtime, device, model)
+    def summary(self, runtime, device, model=None, *args, **kwargs) -> dict:
+        out = super().summary(runtime, device, model, *args, **kwargs)
         pairs = sum(gather_object([self.pairs]))
         runtime = runtime or float("nan")
         out.update(pairs=pairs, pairs_per_s=pairs / runtime, pairs_per_s_per_device=pairs / runtime / out["world_size"])

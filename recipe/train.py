@@ -29,7 +29,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import datasets
 import torch
