@@ -48,7 +48,8 @@ from .pairs import PairCollator, PairDataset, PreferencePair, pair_log_probs
 from .preference_data import validate_pairs
 from .records import subset
 from .report import Throughput
-from .train import Objective, RecipeTrainer, _EvalAtTrainBegin, _LogAtSaveAndEnd, _SaveProcessor
+from .faults import StopOnSignal
+from .train import Objective, RecipeTrainer, _EvalAtTrainBegin, _LogAtSaveAndEnd, _name_tensorboard_run
 
 __all__ = ["PreferenceArguments", "PREFERENCE", "PreferenceTrainer", "PairEvaluator", "Reference",
            "dataset_log_probs"]
@@ -493,7 +494,8 @@ def setup_pair_trainer(model, train, eval_pairs, processor, evaluator, model_arg
         processing_class=None,  # (see recipe.train.setup_trainer: keeps the release's eos_token_id)
         model_args=model_args,
         task_eval=evaluator,
-        callbacks=[_LogAtSaveAndEnd()],
+        # StopOnSignal before _LogAtSaveAndEnd, as recipe.train.setup_trainer has them.
+        callbacks=[StopOnSignal(), _LogAtSaveAndEnd()],
         dpo_loss=data_args.dpo_loss(),
         reference=Reference(model_args, data_args, training_args),
     )
@@ -503,7 +505,8 @@ def setup_pair_trainer(model, train, eval_pairs, processor, evaluator, model_arg
         eval_before = _EvalAtTrainBegin(evaluator)
         eval_before.trainer = trainer
         trainer.add_callback(eval_before)
-    trainer.add_callback(_SaveProcessor(processor))
+    trainer.checkpoint_extras.append(processor.save_pretrained)
+    _name_tensorboard_run(trainer, evaluator.task.name)
     return trainer, eval_before
 
 

@@ -533,7 +533,6 @@ SUPERVISED = Objective()
 
 def run(task: Task, argv: list[str] | None = None, flags: Flags | None = None) -> dict:
     """Parses flags, validates everything, evaluates, trains, evaluates again; returns the results."""
-    objective = task.objective or SUPERVISED
     model_args, data_args, training_args = parse_and_check(task, argv, flags)
     task = task.resolve(data_args)
     lock = lock_output_dir(training_args.output_dir)  # a second run into the directory stops here
@@ -544,6 +543,7 @@ def run(task: Task, argv: list[str] | None = None, flags: Flags | None = None) -
 
 
 def _run(task: Task, model_args, data_args, training_args) -> dict:
+    objective = task.objective or SUPERVISED
     processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
     train_data, eval_data = objective.setup_data(task, model_args, data_args, training_args, processor)
     setup_output_dir(data_args, training_args)
