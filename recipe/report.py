@@ -157,7 +157,11 @@ def precision_of(training_args) -> str:
 
 
 def peak_flops(device_name: str, precision: str) -> tuple[float | None, str]:
-    """(dense peak FLOP/s, "") for a known device, else (None, why)."""
+    """(dense peak FLOP/s, "") for a known device, else (None, why). A MIG instance names the
+    whole GPU, but has only a slice of its compute: the whole chip's peak would understate MFU."""
+    if "MIG" in device_name:
+        return None, (f"device {device_name!r} is a MIG instance, which has a fraction of the GPU's compute; the "
+                      "table holds whole GPUs")
     for pattern, peaks in PEAK_FLOPS:
         if re.search(pattern, device_name):
             return peaks[precision], ""

@@ -100,7 +100,8 @@ def test_peak_by_device_name_and_precision(name, precision, expected):
     assert peak_flops(name, precision) == (expected, "")
 
 
-@pytest.mark.parametrize("name", ["NVIDIA A10G", "Tesla T4", "NVIDIA H100"])
+@pytest.mark.parametrize("name", ["NVIDIA A10G", "Tesla T4", "NVIDIA H100", "NVIDIA H100 80GB HBM3 MIG 3g.40gb",
+                                  "NVIDIA A100-SXM4-40GB MIG 1g.5gb"])
 def test_unknown_device_gives_no_mfu_and_says_why(name, caplog):
     assert peak_flops(name, "bf16")[0] is None
     with caplog.at_level(logging.INFO, logger="recipe"):
