@@ -98,3 +98,11 @@ def test_memory_estimate_leaves_full_depth_full_finetuning_to_big_gpus(gpu_check
     assert gpu_check.memory_estimate_gb("full_zero2", params) > 0.95 * h100
     assert gpu_check.memory_estimate_gb("full_zero2", params) < 0.95 * h200
     assert gpu_check.memory_estimate_gb("lora", params) < 0.95 * h100
+
+
+def test_a_library_the_recipe_needs_is_a_fail_naming_it(gpu_check, monkeypatch):
+    """GPU_PY's interpreter may lack what the recipe imports: one clear reason, before training."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # (import raises ImportError)
+    with pytest.raises(RuntimeError, match="the recipe needs matplotlib"):
+        gpu_check.requirement("lora", "cpu")
+    gpu_check.requirement("generate", "cpu")  # (generation does not need it)

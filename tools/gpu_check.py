@@ -154,8 +154,20 @@ def make_task(train, evaluation):
 # -- the checks --------------------------------------------------------------------------------
 
 
+# What the recipe's runner imports in every training mode (GPU_PY may be an interpreter without them).
+RECIPE_NEEDS = ("accelerate", "peft", "datasets", "matplotlib")
+
+
 def requirement(check: str, device: str) -> None:
-    """Raises Skip when an optional library (or the device) a check needs is missing."""
+    """Raises Skip when an optional library (or the device) a check needs is missing, and a
+    one-line error (a FAIL, before any time is spent) when a library the recipe itself needs is."""
+    if check in TRAINING:
+        for package in RECIPE_NEEDS:
+            try:
+                __import__(package)
+            except ImportError as err:
+                raise RuntimeError(f"the recipe needs {package}, which does not import in {sys.executable} ({err}); "
+                                   "install it there, or run `make gpu-check` without GPU_PY (the .venv)") from None
     if check == "full_zero2":
         _importable("deepspeed", "deepspeed does not import")
     elif check == "qlora":
