@@ -44,15 +44,17 @@ def check_shared_output_dir(output_dir: Path) -> None:
     writer = min(rank for n, rank in ranks if n == node) == PartialState().process_index
     token = broadcast_object_list([uuid.uuid4().hex])[0]  # this run's markers, not an earlier run's
     marker = lambda n: output_dir / f"{MARKER}.{token}.{nodes.index(n)}"  # noqa: E731
-    if writer:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        marker(node).write_text(node + "\n", encoding="utf-8")
-    PartialState().wait_for_everyone()
-    unseen = [n for n in nodes if not marker(n).exists()]
-    views = gather_object([(node, unseen)])
-    PartialState().wait_for_everyone()
-    if writer:
-        marker(node).unlink(missing_ok=True)
+    try:
+        if writer:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            marker(node).write_text(node + "\n", encoding="utf-8")
+        PartialState().wait_for_everyone()
+        unseen = [n for n in nodes if not marker(n).exists()]
+        views = gather_object([(node, unseen)])
+        PartialState().wait_for_everyone()
+    finally:  # (also when another rank fails meanwhile: no marker is left behind)
+        if writer:
+            marker(node).unlink(missing_ok=True)
     blind = [(n, unseen) for n, unseen in views if unseen]
     if blind:
         n, unseen = blind[0]
