@@ -106,3 +106,12 @@ def test_a_library_the_recipe_needs_is_a_fail_naming_it(gpu_check, monkeypatch):
     with pytest.raises(RuntimeError, match="the recipe needs matplotlib"):
         gpu_check.requirement("lora", "cpu")
     gpu_check.requirement("generate", "cpu")  # (generation does not need it)
+
+
+def test_a_deepspeed_check_does_not_turn_the_next_ones_into_deepspeed_runs(gpu_check, monkeypatch):
+    """accelerate's Accelerator leaves ACCELERATE_USE_DEEPSPEED=true in the environment, from which
+    the next TrainingArguments without --deepspeed would build a default DeepSpeed plugin: the
+    frozen_vision and lora checks would run under ZeRO instead of as the recipe runs them."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    gpu_check._reset_libraries()
+    assert "ACCELERATE_USE_DEEPSPEED" not in os.environ

@@ -324,11 +324,13 @@ def _free() -> None:
 
 
 def _reset_libraries() -> None:
-    """What one runner call leaves behind for the next: DeepSpeed's global config and
-    accelerate's process-wide state (the next run may use neither)."""
+    """What one runner call leaves behind for the next: DeepSpeed's global config, accelerate's
+    process-wide state, and the ACCELERATE_USE_DEEPSPEED=true its Accelerator sets (from which the
+    next run's TrainingArguments would make a default DeepSpeed plugin without --deepspeed)."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     with contextlib.suppress(Exception):
         from accelerate.state import AcceleratorState
 
