@@ -322,8 +322,10 @@ def setup_data(task: Task, model_args, data_args, training_args, processor):
     train, eval_ = task.load_data(data_args, model_args)
     common = dict(tokenizer=processor.tokenizer, num_crops=model_args.num_crops, decode_images=data_args.decode_images,
                   skip_bad=data_args.skip_bad_examples, progress=not training_args.disable_tqdm,
-                  # (a resume or rerun starts in seconds; --eval_only may point into a model directory: left clean)
-                  cache_dir=None if data_args.eval_only else Path(training_args.output_dir) / CACHE_DIR)
+                  # (a resume or rerun starts in seconds; --eval_only may point into a model directory and
+                  # a dry run writes nothing: both left clean)
+                  cache_dir=None if data_args.eval_only or getattr(training_args, "output_dir", None) is None
+                  else Path(training_args.output_dir) / CACHE_DIR)
     seed = training_args.seed
     if train is not None and not data_args.eval_only:
         train = subset(train, data_args.max_train_samples, seed)
