@@ -5,7 +5,7 @@ One file per setting, OUTPUT_DIR/.cache/validation-<setting>.pkl, where the sett
 example's result depends on besides the example: the tokenizer (its full serialisation and chat
 template), --num_crops and --decode_images. --max_length is not part of it: the cache holds each
 example's measured length, and the limit is applied to that afresh. Inside, results are keyed
-per example by its content: id, where it was read, every turn's text, and for each image
+per example by its content: id, where it was read, the system message, every turn's text, and for each image
   a file path:      path, size and modification time (stat only: re-reading 40k images to hash
                     them would cost what the cache saves; a file rewritten in place keeps neither
                     its size nor its mtime in practice),
@@ -58,7 +58,9 @@ def example_key(conversation) -> bytes | None:
         if None in images:
             return None
         turns.append((turn.user, turn.assistant, images))
-    return hashlib.blake2b(repr((conversation.id, conversation.where, turns)).encode(), digest_size=16).digest()
+    system = getattr(conversation, "system", "")  # rendered first: part of the length
+    return hashlib.blake2b(repr((conversation.id, conversation.where, system, turns)).encode(),
+                           digest_size=16).digest()
 
 
 def setting_key(tokenizer, num_crops: int, decode_images: bool) -> str:

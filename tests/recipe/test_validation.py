@@ -250,3 +250,16 @@ def test_cached_validation_rechecks_only_what_changed(tmp_path, processor, monke
     for path in cache.iterdir():
         path.write_bytes(b"garbage")
     assert run()[1] == ["ex0", "ex1", "ex2", "ex3"]
+
+
+def test_cached_validation_rechecks_an_edited_system_message(tmp_path, processor):
+    """The system message is rendered into the example's tokens: editing it changes the length,
+    so the cached result must not be reused."""
+    from dataclasses import replace
+
+    conversation = Conversation(id="s", turns=[Turn(user="hi", assistant="ok")], where="d.jsonl:1")
+    first = validate([conversation], processor.tokenizer, num_crops=1, cache_dir=tmp_path)
+    longer = replace(conversation, system="You are a careful assistant. " * 20)
+    again = validate([longer], processor.tokenizer, num_crops=1, cache_dir=tmp_path)
+    uncached = validate([replace(longer)], processor.tokenizer, num_crops=1)
+    assert again[0].tokens == uncached[0].tokens != first[0].tokens
