@@ -12,7 +12,9 @@ checkpoint-N, the run logs
 and exits with status 128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1, 130 for
 Ctrl-C): the status a shell reports for a process ended by that signal, so a scheduler's
 requeue-on-preemption rules treat the run as preempted (not as a bug, 1, or a user error, 2).
-A second Ctrl-C stops at once without saving (the last checkpoint is kept).
+A second Ctrl-C stops at once without saving (the last checkpoint is kept); a SIGINT within
+2 s of the first counts as the same one (torchrun forwards the terminal's Ctrl-C, which every
+rank got already).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import re
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -33,6 +36,9 @@ __all__ = ["StopOnSignal", "Stopped", "STOP_SIGNALS", "exit_status", "dataloader
 logger = logging.getLogger("recipe")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# A SIGINT this soon after the first is the same Ctrl-C: under torchrun a rank gets the terminal's
+# (sent to the whole foreground process group) and torchrun's forward of its own a moment later.
+SAME_CTRL_C_S = 2.0
 
 
 def exit_status(signum: int) -> int:
@@ -62,10 +68,17 @@ class StopOnSignal(TrainerCallback):
         self.signum: int | None = None  # the first signal received
         self.stopped_at: int | None = None  # the step training stopped after
         self._previous: dict[int, object] = {}
+        self._first_sigint: float | None = None  # when the first SIGINT came (time.monotonic)
 
     # -- handlers --------------------------------------------------------------------------
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint < SAME_CTRL_C_S:
+                return  # (torchrun forwarding the Ctrl-C this rank already got)
+            if self._first_sigint is None:
+                self._first_sigint = now
         if self.signum is not None and signum == signal.SIGINT:
             # A second Ctrl-C: the user does not want to wait for the step and the save.
             print("second Ctrl-C: stopping now without a checkpoint (the last saved one is kept)", file=sys.stderr,

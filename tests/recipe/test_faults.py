@@ -28,7 +28,7 @@ from recipe.args import RUN_COMPLETE_FILE
 from recipe.checkpoints import TMP_DIR, last_complete_checkpoint, verify
 from recipe.data import ConversationDataset
 from recipe.errors import UserError
-from recipe.faults import exit_status
+from recipe.faults import StopOnSignal, exit_status
 from recipe.lock import LOCK_FILE, OutputDirLock
 from recipe.train import run
 from test_training import LAUNCHER, SUBPROCESS_TIMEOUT, assert_same_tensors, flags, launch, read_json
@@ -124,6 +124,24 @@ def test_sigusr1_in_process_stops_with_its_status(tiny_checkpoint, ucf101_data, 
     assert resumed["global_step"] == 4 and resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-6)
     assert_same_tensors(load_file(out / "adapter_model.safetensors"),
                         load_file(tmp_path / "straight" / "adapter_model.safetensors"))
+
+
+def test_ctrl_c_forwarded_by_torchrun_is_not_a_second_ctrl_c(monkeypatch):
+    """Under torchrun one Ctrl-C reaches a rank twice: from the terminal (the whole foreground
+    process group) and forwarded by torchrun a moment later. That is one Ctrl-C (save, then
+    stop); only a later one stops at once."""
+    import recipe.faults
+
+    clock = [100.0]
+    monkeypatch.setattr(recipe.faults.time, "monotonic", lambda: clock[0])
+    stop = StopOnSignal()
+    stop._handle(signal.SIGINT, None)
+    clock[0] += 0.05
+    stop._handle(signal.SIGINT, None)  # torchrun's forward: no KeyboardInterrupt
+    assert stop.signum == signal.SIGINT
+    clock[0] += 5
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
 
 
 # -- resuming: from the last step, from a broken newest checkpoint --------------------------------
