@@ -174,10 +174,12 @@ class RecipeTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
             best = self.state.best_model_checkpoint
-            if self.args.should_save:
-                if best is not None and Path(best).parent == tmp_root:
-                    self.state.best_model_checkpoint = str(run_dir / Path(best).name)  # where it is published
+            if best is not None and Path(best).parent == tmp_root:
+                # Where it is published, on every rank: each loads the best model from it at the end.
+                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                if self.args.should_save:
                     self.state.save_to_json(str(tmp / TRAINER_STATE_NAME))
+            if self.args.should_save:
                 for extra in self.checkpoint_extras:
                     extra(tmp)
         except Exception as err:  # noqa: BLE001 - torch and safetensors do not keep the OSError

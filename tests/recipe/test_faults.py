@@ -144,6 +144,30 @@ def test_ctrl_c_forwarded_by_torchrun_is_not_a_second_ctrl_c(monkeypatch):
         stop._handle(signal.SIGINT, None)
 
 
+def test_every_rank_records_the_best_checkpoint_where_it_is_published(tmp_path, monkeypatch):
+    """The Trainer records the best checkpoint under the directory it saved into (.checkpoint-tmp)
+    on every rank; every rank must see the published path, not only the main one: with
+    --load_best_model_at_end every rank loads the best model from it at the end (DeepSpeed reads
+    its shards on each rank; DDP ranks would otherwise keep the last weights)."""
+    import types
+
+    import recipe.train
+    from transformers import Trainer, TrainerState
+
+    def library_save(self, model, trial):  # what Trainer._save_checkpoint records when this step is the best
+        step = self.state.global_step
+        self.state.best_model_checkpoint = os.path.join(self._get_output_dir(trial), f"checkpoint-{step}")
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", library_save)
+    monkeypatch.setattr(recipe.train, "_barrier", lambda: None)
+    trainer = recipe.train.RecipeTrainer.__new__(recipe.train.RecipeTrainer)
+    trainer.args = types.SimpleNamespace(should_save=False, output_dir=str(tmp_path), save_total_limit=None)
+    trainer.state, trainer.checkpoint_extras, trainer._saving_into = TrainerState(global_step=4), [], None
+    trainer.hp_search_backend = None
+    trainer._save_checkpoint(None, None)  # a rank other than the main one
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-4")
+
+
 # -- resuming: from the last step, from a broken newest checkpoint --------------------------------
 
 
