@@ -3,9 +3,11 @@ starts in seconds instead of tokenizing every example and reading every image he
 
 One file per setting, OUTPUT_DIR/.cache/validation-<setting>.pkl, where the setting is what an
 example's result depends on besides the example: the tokenizer (its full serialisation and chat
-template), --num_crops and --decode_images. --max_length is not part of it: the cache holds each
-example's measured length, and the limit is applied to that afresh. Inside, results are keyed
-per example by its content: id, where it was read, the system message, every turn's text, and for each image
+template), --num_crops, --decode_images and the source of the code that checks an example (a
+recipe update that measures differently starts afresh). --max_length is not part of it: the
+cache holds each example's measured length, and the limit is applied to that afresh. Inside,
+results are keyed per example by its content: id, where it was read, the system message, every
+turn's text, and for each image
   a file path:      path, size and modification time (stat only: re-reading 40k images to hash
                     them would cost what the cache saves; a file rewritten in place keeps neither
                     its size nor its mtime in practice),
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import functools
 import pickle
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,6 +35,13 @@ logger = logging.getLogger("recipe.validation")
 
 CACHE_DIR = ".cache"
 VERSION = 1  # raise when what a result holds changes
+# The code an example's check runs (tokenizing, image token counts, image headers): its source is
+# part of the setting, so a recipe update that measures differently does not reuse old lengths.
+_ROOT = Path(__file__).resolve().parent.parent
+CODE_FILES = tuple(_ROOT / name for name in (
+    "recipe/data.py", "recipe/validation.py", "recipe/records.py", "recipe/validation_cache.py",
+    "phi3v/image_processing_phi3v.py", "phi3v/processing_phi3v.py",
+))
 _LOADED: dict[Path, tuple[int, dict]] = {}  # the last cache file read or written, by its mtime
 
 
@@ -63,10 +73,21 @@ def example_key(conversation) -> bytes | None:
                            digest_size=16).digest()
 
 
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    digest = hashlib.sha256()
+    for path in CODE_FILES:
+        try:
+            digest.update(Path(path).read_bytes())
+        except OSError:  # (an installed copy without that file: the version alone then)
+            digest.update(os.fspath(path).encode())
+    return digest.hexdigest()
+
+
 def setting_key(tokenizer, num_crops: int, decode_images: bool) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     serialised = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    parts = (VERSION, type(tokenizer).__name__, serialised, tokenizer.chat_template, num_crops, decode_images)
+    parts = (VERSION, _code_digest(), type(tokenizer).__name__, serialised, tokenizer.chat_template, num_crops, decode_images)
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 

@@ -263,3 +263,19 @@ def test_cached_validation_rechecks_an_edited_system_message(tmp_path, processor
     again = validate([longer], processor.tokenizer, num_crops=1, cache_dir=tmp_path)
     uncached = validate([replace(longer)], processor.tokenizer, num_crops=1)
     assert again[0].tokens == uncached[0].tokens != first[0].tokens
+
+
+def test_validation_cache_is_keyed_by_the_checking_code(tmp_path, processor, monkeypatch):
+    """A recipe update that changes how an example is tokenized or measured (recipe.data,
+    phi3v's image token rule, ...) must not reuse lengths measured by the old code."""
+    import recipe.validation_cache
+
+    source = tmp_path / "checking_code.py"
+    source.write_text("VERSION = 1\n")
+    monkeypatch.setattr(recipe.validation_cache, "CODE_FILES", (source,))
+    recipe.validation_cache._code_digest.cache_clear()
+    before = recipe.validation_cache.setting_key(processor.tokenizer, 1, False)
+    source.write_text("VERSION = 2\n")
+    recipe.validation_cache._code_digest.cache_clear()
+    assert recipe.validation_cache.setting_key(processor.tokenizer, 1, False) != before
+    recipe.validation_cache._code_digest.cache_clear()
