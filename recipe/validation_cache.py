@@ -87,7 +87,8 @@ def _code_digest() -> str:
 def setting_key(tokenizer, num_crops: int, decode_images: bool) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     serialised = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    parts = (VERSION, _code_digest(), type(tokenizer).__name__, serialised, tokenizer.chat_template, num_crops, decode_images)
+    parts = (VERSION, _code_digest(), type(tokenizer).__name__, serialised, tokenizer.chat_template, num_crops,
+             decode_images)
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
