@@ -178,3 +178,32 @@ def test_length_grouping_only_with_more_than_one_example_per_device():
 
     assert isinstance(sampler(2), GroupedByLengthSampler)
     assert isinstance(sampler(1), torch.utils.data.RandomSampler)
+
+
+@pytest.mark.parametrize("release", [None, "phi-3.5-vision-instruct", "phi-3-vision-128k-instruct"])
+def test_backend_encoding_equals_the_tokenizer_call(release):
+    """recipe.data._encode skips transformers' wrapping for speed: it must give exactly the ids
+    of `tokenizer(text)`, with and without BOS, for special tokens typed inside user text too,
+    for the tiny tokenizer and both released ones; and fall back to the call when the tokenizer
+    is set to split special tokens."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from recipe.data import _encode
+
+    if release is None:
+        tokenizer = make_processor().tokenizer
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(Path(__file__).parents[1] / "fixtures" / "release" / release)
+    texts = ["", " ", "\n", "hello", " hello world", "<|user|>\nhi<|end|>\n<|assistant|>", "a<|endoftext|>b",
+             "<s>x</s>", "<|image_1|>\n", "  two  spaces\n\n", "ünïcödé 日本語 🙂", "12345.678", "<|end|>\n",
+             "<|system|>sys<|end|>", "tab\tsep", "x" * 300]
+    for text in texts:
+        for add in (True, False):
+            assert _encode(tokenizer, text, add) == tokenizer(text, add_special_tokens=add)["input_ids"], (text, add)
+    tokenizer.split_special_tokens = True
+    try:
+        assert _encode(tokenizer, "a<|end|>", False) == tokenizer("a<|end|>", add_special_tokens=False)["input_ids"]
+    finally:
+        tokenizer.split_special_tokens = False
