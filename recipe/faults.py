@@ -20,6 +20,7 @@ rank got already).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import sys
@@ -69,10 +70,13 @@ class StopOnSignal(TrainerCallback):
         self.stopped_at: int | None = None  # the step training stopped after
         self._previous: dict[int, object] = {}
         self._first_sigint: float | None = None  # when the first SIGINT came (time.monotonic)
+        self._pid: int | None = None  # the training process, which installed the handlers
 
     # -- handlers --------------------------------------------------------------------------
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            return  # a data loader worker forked with these handlers: the training process acts
         if signum == signal.SIGINT:
             now = time.monotonic()
             if self._first_sigint is not None and now - self._first_sigint < SAME_CTRL_C_S:
@@ -90,6 +94,7 @@ class StopOnSignal(TrainerCallback):
                   "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def install(self) -> None:
+        self._pid = os.getpid()
         for signum in STOP_SIGNALS:
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)

@@ -135,6 +135,7 @@ def test_ctrl_c_forwarded_by_torchrun_is_not_a_second_ctrl_c(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(recipe.faults.time, "monotonic", lambda: clock[0])
     stop = StopOnSignal()
+    stop._pid = os.getpid()  # (as install() records it)
     stop._handle(signal.SIGINT, None)
     clock[0] += 0.05
     stop._handle(signal.SIGINT, None)  # torchrun's forward: no KeyboardInterrupt
@@ -166,6 +167,24 @@ def test_every_rank_records_the_best_checkpoint_where_it_is_published(tmp_path, 
     trainer.hp_search_backend = None
     trainer._save_checkpoint(None, None)  # a rank other than the main one
     assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-4")
+
+
+def test_data_workers_ignore_the_stop_signals(monkeypatch, capsys):
+    """Data loader workers are forked after the handlers are installed and inherit them; a
+    Ctrl-C or a SIGTERM sent to the process group reaches them too. Only the training process
+    announces and acts on a signal (each worker printed its own 'received' line)."""
+    import recipe.faults
+
+    stop = StopOnSignal()
+    stop.install()
+    try:
+        training_pid = os.getpid()
+        monkeypatch.setattr(recipe.faults.os, "getpid", lambda: training_pid + 1)  # a forked worker
+        stop._handle(signal.SIGTERM, None)
+        stop._handle(signal.SIGINT, None)
+        assert stop.signum is None and capsys.readouterr().err == ""
+    finally:
+        stop.uninstall()
 
 
 # -- resuming: from the last step, from a broken newest checkpoint --------------------------------
