@@ -167,8 +167,10 @@ class RecipeTrainer(Trainer):
         name = f"checkpoint-{self.state.global_step}"
         tmp_root = run_dir / TMP_DIR
         tmp, final = tmp_root / name, run_dir / name
-        if self.args.should_save and tmp.exists():
-            shutil.rmtree(tmp)  # left by a save that was killed
+        if self.args.should_save and tmp_root.exists():
+            # Left by a save that was killed, at this step or another (one run per directory,
+            # recipe.lock: no other save is in progress); up to a whole checkpoint of disk.
+            shutil.rmtree(tmp_root)
         _barrier()
         self._saving_into = tmp_root
         try:

@@ -187,6 +187,33 @@ def test_data_workers_ignore_the_stop_signals(monkeypatch, capsys):
         stop.uninstall()
 
 
+def test_a_save_clears_what_a_killed_save_left(tmp_path, monkeypatch):
+    """A save killed at another step (a stop at step 7, then resumed from checkpoint-5) leaves its
+    unfinished directory in .checkpoint-tmp: a full DeepSpeed checkpoint's worth of disk. The next
+    save removes it (one run per directory: nothing else writes there)."""
+    import types
+
+    import recipe.train
+    from transformers import Trainer, TrainerState
+
+    def library_save(self, model, trial):
+        target = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        target.mkdir(parents=True)
+        self.state.save_to_json(str(target / "trainer_state.json"))
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", library_save)
+    monkeypatch.setattr(recipe.train, "_barrier", lambda: None)
+    left = tmp_path / TMP_DIR / "checkpoint-7"
+    left.mkdir(parents=True)
+    (left / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 1000)
+    trainer = recipe.train.RecipeTrainer.__new__(recipe.train.RecipeTrainer)
+    trainer.args = types.SimpleNamespace(should_save=True, output_dir=str(tmp_path), save_total_limit=None)
+    trainer.state, trainer.checkpoint_extras, trainer._saving_into = TrainerState(global_step=10), [], None
+    trainer.hp_search_backend = None
+    trainer._save_checkpoint(None, None)
+    assert (tmp_path / "checkpoint-10" / "trainer_state.json").is_file() and not left.exists()
+
+
 # -- resuming: from the last step, from a broken newest checkpoint --------------------------------
 
 
