@@ -79,6 +79,9 @@ REFUSED = {
     "per_device_eval_batch_size": "--eval_batch_size",
     "gradient_checkpointing": "--activation_checkpointing",
     "gradient_checkpointing_kwargs": "--activation_checkpointing_kwargs",
+    # Multi-node runs need a shared --output_dir (recipe.shared_fs); a copy per node would have
+    # every node's main process write and publish the same checkpoint there (recipe.checkpoints).
+    "save_on_each_node": "a shared --output_dir (every node writes its part of a checkpoint there)",
 }
 
 

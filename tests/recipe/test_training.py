@@ -255,6 +255,7 @@ CONFLICTS = {
                                  r"--per_device_train_batch_size is not used.*use --batch_size_per_gpu"),
     "transformers' weight decay": (["--weight_decay", "0.1"], None, r"--weight_decay is not used.*use --wd"),
     "transformers' accumulation": (["--gradient_accumulation_steps", 2], None, r"use --batch_size \(global"),
+    "a copy per node": (["--save_on_each_node"], None, r"--save_on_each_node is not used.*shared --output_dir"),
     "eval_only over earlier results": (["--eval_only"], evaluated, r"already holds eval_after.json"),
     "fp16 with flash attention": (["--fp16", "--use_flash_attention"], None, r"cannot be combined with --fp16.*--bf16"),
     "flash attention not installed": (["--bf16", "--use_flash_attention"], "flash_attn",
