@@ -123,6 +123,17 @@ class StopOnSignal(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.uninstall()
 
+    def stop_after_training(self, device, global_step: int) -> bool:
+        """After training ends: whether a signal came after the last step's agreement (during its
+        evaluation or save); then the run is to save checkpoint-N and stop, not go on into the
+        final phases. Every rank calls it (one all_reduce)."""
+        if self.stopped_at is not None:
+            return True
+        signum = self._agreed(device)
+        if signum:
+            self.signum, self.stopped_at = signum, global_step
+        return bool(signum)
+
     def _agreed(self, device) -> int:
         """The signal any rank received (0: none); every rank gets the same answer."""
         local = self.signum or 0

@@ -449,7 +449,11 @@ def train(trainer: RecipeTrainer, eval_before: _EvalAtTrainBegin | None, results
             raise
         raise user_error from None
     stop = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnSignal))
-    if stop.stopped_at is not None:
+    late = stop.stopped_at is None
+    if stop.stop_after_training(trainer.args.device, trainer.state.global_step):
+        saved = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        if late and not saved.is_dir():  # (the signal came during the last step's evaluation or save)
+            trainer._save_checkpoint(trainer.model_wrapped, trial=None)
         message = stop.message(trainer.args.output_dir)
         if trainer.is_world_process_zero():
             logger.warning(message)

@@ -214,6 +214,35 @@ def test_a_save_clears_what_a_killed_save_left(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoint-10" / "trainer_state.json").is_file() and not left.exists()
 
 
+def test_a_signal_after_the_last_step_still_stops_with_a_checkpoint(tiny_checkpoint, ucf101_data, tmp_path,
+                                                                     monkeypatch, caplog):
+    """A signal that comes after the last step was agreed on (during that step's evaluation or
+    save, before training ends) is not lost: the run saves checkpoint-N and stops with its status
+    instead of going on into the final phases (evaluation, merge) that the scheduler will kill."""
+    caplog.set_level(logging.INFO, logger="recipe")
+    import recipe.train
+
+    class SignalAfterLastStep(recipe.train.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # (after StopOnSignal's agreement)
+            if state.global_step == state.max_steps:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    original = recipe.train.setup_trainer
+
+    def with_signal(*args, **kwargs):
+        trainer, before = original(*args, **kwargs)
+        trainer.add_callback(SignalAfterLastStep())
+        return trainer, before
+
+    monkeypatch.setattr(recipe.train, "setup_trainer", with_signal)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        run(ucf.TASK, flags(tiny_checkpoint, ucf101_data, out, *COMMON, *LORA, "--max_steps", 2,
+                            "--save_strategy", "no"))
+    assert stop.value.code == 138 and "stopped by SIGUSR1 at step 2; checkpoint-2 saved" in caplog.text
+    assert verify(out / "checkpoint-2") is None and not (out / RUN_COMPLETE_FILE).exists()
+
+
 # -- resuming: from the last step, from a broken newest checkpoint --------------------------------
 
 
