@@ -107,7 +107,7 @@ def test_sigusr1_in_process_stops_with_its_status(tiny_checkpoint, ucf101_data, 
         trainer.add_callback(SignalAtStep2())
         return trainer, before
 
-    monkeypatch.setattr(recipe.train, "setup_trainer", with_signal)
+    monkeypatch.setattr(recipe.train.SUPERVISED, "setup_trainer", with_signal)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
         run(ucf.TASK, flags(tiny_checkpoint, ucf101_data, out, *COMMON, *LORA, "--max_steps", 4,
@@ -117,7 +117,7 @@ def test_sigusr1_in_process_stops_with_its_status(tiny_checkpoint, ucf101_data, 
     assert verify(out / "checkpoint-2") is None
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handlers restored after training
 
-    monkeypatch.setattr(recipe.train, "setup_trainer", original)
+    monkeypatch.setattr(recipe.train.SUPERVISED, "setup_trainer", original)
     common = [*COMMON, *LORA, "--max_steps", 4, "--save_strategy", "no"]
     resumed = run(ucf.TASK, flags(tiny_checkpoint, ucf101_data, out, *common, "--resume_from_checkpoint", "auto"))
     straight = run(ucf.TASK, flags(tiny_checkpoint, ucf101_data, tmp_path / "straight", *common))
@@ -234,7 +234,7 @@ def test_a_signal_after_the_last_step_still_stops_with_a_checkpoint(tiny_checkpo
         trainer.add_callback(SignalAfterLastStep())
         return trainer, before
 
-    monkeypatch.setattr(recipe.train, "setup_trainer", with_signal)
+    monkeypatch.setattr(recipe.train.SUPERVISED, "setup_trainer", with_signal)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
         run(ucf.TASK, flags(tiny_checkpoint, ucf101_data, out, *COMMON, *LORA, "--max_steps", 2,
