@@ -54,8 +54,9 @@ def cli(main: Callable[[], object]) -> int:
     try:
         main()
     except KeyboardInterrupt:
-        print("interrupted: stopped without saving; the last checkpoint is kept (resume with "
-              "--resume_from_checkpoint auto)", file=sys.stderr, flush=True)
+        # (a training run's second Ctrl-C has said what is kept (recipe.faults); the converter's
+        # output is published whole or not at all)
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         return INTERRUPTED
     except UserError as err:
         rank = os.environ.get("RANK", "0")
