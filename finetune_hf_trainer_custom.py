@@ -18,9 +18,7 @@ The task name goes into the error messages, the model card, the training curves 
 tensorboard run; the metric's name into eval_*.json and every tracker.
 """
 
-import importlib
 import logging
-import os
 import re
 import sys
 from dataclasses import dataclass, field, replace
@@ -30,12 +28,10 @@ from recipe.args import FileDataArguments
 from recipe.errors import DataError, FlagError, cli
 from recipe.hub import load_source
 from recipe.layouts import dataset_conversations, load_file
-from recipe.metrics import accuracy, anls, exact_match
+from recipe.metrics import exact_match, score_function
 from recipe.task import Task, run
 
 logger = logging.getLogger("recipe")
-
-METRICS = {"exact_match": exact_match, "accuracy": accuracy, "anls": anls}
 
 
 @dataclass
@@ -82,27 +78,6 @@ class CustomArguments(FileDataArguments):
             raise FlagError("--train_file needs --eval_file: the examples scored before and after training")
         if files and not self.train_file and not self.eval_only:
             raise FlagError("--eval_file needs --train_file to train (or --eval_only to only evaluate)")
-
-
-def score_function(metric: str):
-    """The score of --metric: a name of METRICS, or module:function (the module found from the
-    current directory too)."""
-    if metric in METRICS:
-        return METRICS[metric]
-    module_name, _, function_name = metric.partition(":")
-    if not function_name:
-        raise FlagError(f"--metric {metric!r}: use one of {', '.join(METRICS)} or module:function")
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except ImportError as err:
-        raise FlagError(f"--metric {metric}: cannot import module {module_name!r} ({err})") from None
-    except AttributeError:
-        raise FlagError(f"--metric {metric}: module {module_name!r} has no function {function_name!r}") from None
-    if not callable(function):
-        raise FlagError(f"--metric {metric}: {function_name!r} is not a function")
-    return function
 
 
 # 1. Where the data comes from: files in any layout (image paths relative to --image_dir, by default

@@ -31,8 +31,13 @@ definition, and the differences are small:
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 import unicodedata
-from typing import Sequence
+from typing import Callable, Sequence
+
+from .errors import FlagError
 
 __all__ = [
     "normalize_answer",
@@ -43,6 +48,8 @@ __all__ = [
     "anls_score",
     "anls",
     "ANLS_THRESHOLD",
+    "METRICS",
+    "score_function",
 ]
 
 ANLS_THRESHOLD = 0.5  # the value used by DocVQA, InfographicVQA and ST-VQA leaderboards
@@ -228,3 +235,28 @@ def anls(predictions: Sequence[str], references: Sequence[Sequence[str]], thresh
         except (TypeError, ValueError) as error:
             raise type(error)(f"example {i}: {error}") from None
     return total / len(predictions)
+
+
+# The scores --metric names (finetune_hf_trainer_custom.py; the generation metric of preference pairs).
+METRICS = {"exact_match": exact_match, "accuracy": accuracy, "anls": anls}
+
+
+def score_function(metric: str) -> Callable[[list[str], list[list[str]]], float]:
+    """The score of --metric: a name of METRICS, or module:function (the module found from the
+    current directory too)."""
+    if metric in METRICS:
+        return METRICS[metric]
+    module_name, _, function_name = metric.partition(":")
+    if not function_name:
+        raise FlagError(f"--metric {metric!r}: use one of {', '.join(METRICS)} or module:function")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except ImportError as err:
+        raise FlagError(f"--metric {metric}: cannot import module {module_name!r} ({err})") from None
+    except AttributeError:
+        raise FlagError(f"--metric {metric}: module {module_name!r} has no function {function_name!r}") from None
+    if not callable(function):
+        raise FlagError(f"--metric {metric}: {function_name!r} is not a function")
+    return function
