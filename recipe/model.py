@@ -38,12 +38,14 @@ from phi3v.modeling_phi3v import Phi3VForCausalLM
 
 from .args import ModelArguments, RecipeTrainingArguments
 
-__all__ = ["load_model", "weights_dtype", "lora_target_modules", "freeze_vision", "parameter_groups", "count_parameters", "SEPARATORS"]
+__all__ = ["load_model", "weights_dtype", "lora_target_modules", "freeze_vision", "parameter_groups", "count_parameters", "SEPARATORS",
+           "REFERENCE_ADAPTER"]
 
 LANGUAGE_LORA_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 VISION_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 PROJECTOR_LORA_MODULES = ("img_projection.0", "img_projection.2")
 SEPARATORS = ("glb_GN", "sub_GN")  # learned image separator embeddings
+REFERENCE_ADAPTER = "reference"  # load_model(reference_adapter=True): the frozen copy of the starting adapter
 
 
 def _dtype(training_args: RecipeTrainingArguments, full_precision: bool) -> torch.dtype:
@@ -63,8 +65,15 @@ def weights_dtype(model_args: ModelArguments, training_args: RecipeTrainingArgum
     return _dtype(training_args, full_precision=not (model_args.use_lora or training_args.deepspeed))
 
 
-def load_model(model_args: ModelArguments, training_args: RecipeTrainingArguments) -> nn.Module:
-    """The model ready for the Trainer (a PeftModel with LoRA/QLoRA)."""
+def load_model(model_args: ModelArguments, training_args: RecipeTrainingArguments, adapter: str | None = None,
+               reference_adapter: bool = False) -> nn.Module:
+    """The model ready for the Trainer (a PeftModel with LoRA/QLoRA).
+
+    `adapter`: a LoRA output directory to continue training (its rank and targets, not the
+    --lora_* flags) instead of new adapters. `reference_adapter`: load it a second time, frozen,
+    as REFERENCE_ADAPTER (preference tuning's reference: base + the starting adapter, on the
+    same base weights); only the trained adapter is saved.
+    """
     quantization_config = None
     if model_args.use_qlora:
         from transformers import BitsAndBytesConfig
@@ -90,6 +99,8 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
     model.config.use_cache = False  # training; evaluation turns it back on for generate
     if model_args.freeze_vision_model:
         freeze_vision(model)
+    if model_args.use_lora and adapter:
+        return _load_adapter(model, adapter, reference_adapter)
     if model_args.use_lora:
         from peft import LoraConfig, get_peft_model
 
@@ -105,6 +116,27 @@ def load_model(model_args: ModelArguments, training_args: RecipeTrainingArgument
         # lm_head is a LoRA target; PEFT would then also store the (unchanged) base lm_head in
         # every adapter and checkpoint (~200 MB at full size). The base model has it already.
         model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+    return model
+
+
+def _load_adapter(model: nn.Module, adapter: str, reference_adapter: bool) -> nn.Module:
+    from peft import PeftModel
+
+    # fp32 adapters next to a half-precision base, as get_peft_model makes them (autocast_adapter_dtype).
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=True, autocast_adapter_dtype=True)
+    if reference_adapter:
+        model.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False, autocast_adapter_dtype=True)
+        # The reference runs in the policy's train mode: the SFT run's --lora_dropout must not
+        # make it random (the base's own dropout is off in every release config).
+        for module in model.modules():
+            dropout = getattr(module, "lora_dropout", None)
+            if isinstance(dropout, nn.ModuleDict) and REFERENCE_ADAPTER in dropout:
+                dropout[REFERENCE_ADAPTER] = nn.Identity()
+        model.set_adapter("default")
+        model.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)
+    # Only the trained adapter is the output (PEFT would save every loaded adapter); no base lm_head (see above).
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False,
+                                              selected_adapters=["default"])
     return model
 
 

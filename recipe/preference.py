@@ -7,7 +7,9 @@ A task script passes `PREFERENCE` as its Task's `objective`; the runner keeps ev
 - trainer: `PreferenceTrainer`, a RecipeTrainer whose loss is DPO (recipe.dpo) on the log-probs of
   the shared-prefix pair forward (recipe.pairs.pair_log_probs), and which logs TRL's metrics;
 - reference model (`Reference`): LoRA/QLoRA: the same model with its adapters disabled (peft's
-  `disable_adapter`, no second copy); full and frozen-vision finetuning: a frozen copy (under
+  `disable_adapter`, no second copy); continuing an SFT adapter (`--adapter`): that adapter loaded
+  a second time, frozen, on the same base (PEFT adapter "reference", switched to for the reference
+  pass); full and frozen-vision finetuning: a frozen copy (under
   ZeRO-3 sharded like the policy, through `deepspeed.initialize` as TRL prepares its reference);
   `--precompute_ref_log_probs`: one pass before the first step, stored in the output directory
   (ref_log_probs_train.pt) and reused on resume, no reference in memory during training. Where the
@@ -17,17 +19,21 @@ A task script passes `PREFERENCE` as its Task's `objective`; the runner keeps ev
   rewards/margins, rewards/chosen, rewards/rejected, logps/chosen, logps/rejected) in
   eval_before.json / eval_after.json and through the Trainer's loggers (tensorboard). The
   reference log-probs of the held-out pairs are computed once, before the first step (the model is
-  still the reference then), and stored (ref_log_probs_eval.pt) for resumed runs.
+  still the reference then), and stored (ref_log_probs_eval.pt) for resumed runs. `--eval_only`
+  measures against the run's starting point: `--ref_model PATH`, or for a LoRA output its base
+  (adapters disabled); eval_after.json names it ("reference").
 """
 
 from __future__ import annotations
 
 import copy
+import gc
+import json
 import logging
 import time
 from collections import defaultdict
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,13 +49,15 @@ from phi3v.modeling_phi3v import Phi3VModel
 from .args import DataArguments
 from .dpo import LOSS_TYPES, METRIC_NAMES, DPOLoss
 from .errors import DataError, FlagError
-from .model import load_model
+from .evaluate import evaluate
+from .metrics import score_function
+from .model import REFERENCE_ADAPTER, load_model
 from .pairs import PairCollator, PairDataset, PreferencePair, pair_log_probs
 from .preference_data import validate_pairs
 from .records import subset
 from .report import Throughput
 from .faults import StopOnSignal
-from .train import Objective, RecipeTrainer, _EvalAtTrainBegin, _LogAtSaveAndEnd, _name_tensorboard_run
+from .train import Objective, RecipeTrainer, _EvalAtTrainBegin, _LogAtSaveAndEnd, _name_tensorboard_run, setup_model
 
 __all__ = ["PreferenceArguments", "PREFERENCE", "PreferenceTrainer", "PairEvaluator", "Reference",
            "dataset_log_probs"]
@@ -77,6 +85,17 @@ class PreferenceArguments(DataArguments):
     precompute_ref_log_probs: bool = field(default=False, metadata={
         "help": "Compute the reference log-probs of every training pair in one pass before training (stored in "
                 "OUTPUT_DIR, reused on resume): no reference model in memory during training."})
+    adapter: str | None = field(default=None, metadata={
+        "help": "Continue from this LoRA output (an SFT run's OUTPUT_DIR, --model_name_or_path its base; with "
+                "--use_lora/--use_qlora): DPO trains that adapter (its rank and targets), and the reference is "
+                "base + that adapter, frozen (loaded twice: adapters only, one base)."})
+    metric: str | None = field(default=None, metadata={
+        "help": "Also generate an answer to each held-out pair's prompt and score it against the chosen answer: "
+                "exact_match, accuracy, anls or module:function (as finetune_hf_trainer_custom.py's --metric); "
+                "written next to the reward metrics in eval_*.json, with the predictions."})
+    ref_model: str | None = field(default=None, metadata={
+        "help": "--eval_only: the reference the rewards are measured against (the run's starting model; a model or "
+                "LoRA output directory). Default for a LoRA output: its base (adapters disabled)."})
 
     def check(self) -> None:
         super().check()
@@ -88,10 +107,18 @@ class PreferenceArguments(DataArguments):
             raise FlagError(f"--label_smoothing applies to --loss_type sigmoid or robust, not {self.loss_type}")
         if self.rpo_alpha is not None and self.rpo_alpha < 0:
             raise FlagError(f"--rpo_alpha {self.rpo_alpha} must be >= 0")
-        if self.eval_only:
-            raise FlagError("--eval_only does not apply to preference tuning: its evaluation compares the model "
-                            "with its reference (the model before training), which exists only in a training run; "
-                            "the run writes eval_before.json and eval_after.json")
+        if self.metric:
+            score_function(self.metric)  # an unknown metric or unimportable function stops here
+        if self.ref_model and not self.eval_only:
+            raise FlagError("--ref_model goes with --eval_only; in training the reference is the starting model")
+        if self.adapter and self.eval_only:
+            raise FlagError("--adapter continues training an adapter; to evaluate a LoRA output pass it as "
+                            "--model_name_or_path with --eval_only")
+        for flag, path in (("--adapter", self.adapter), ("--ref_model", self.ref_model)):
+            if path and Path(path).exists() and not Path(path).is_dir():
+                raise FlagError(f"{flag} {path}: not a directory")
+        if self.adapter and not (Path(self.adapter) / "adapter_config.json").is_file():
+            raise FlagError(f"--adapter {self.adapter}: no adapter_config.json (not a LoRA output directory)")
 
     def dpo_loss(self) -> DPOLoss:
         return DPOLoss(self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha)
@@ -100,22 +127,61 @@ class PreferenceArguments(DataArguments):
 # -- data ------------------------------------------------------------------------------------
 
 
+def is_lora_output(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def check_model_flags(model_args, data_args) -> None:
+    """The DPO flags that depend on the model flags (before any data or model is read)."""
+    if data_args.adapter:
+        if not model_args.use_lora:
+            raise FlagError(f"--adapter {data_args.adapter} continues a LoRA adapter: add --use_lora (or --use_qlora)")
+        targets = json.loads((Path(data_args.adapter) / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "target_modules") or []
+        if model_args.freeze_vision_model and "vision_embed_tokens" in " ".join(
+                [targets] if isinstance(targets, str) else targets):
+            raise FlagError(f"--adapter {data_args.adapter} has LoRA weights on the image side, which "
+                            "--freeze_vision_model cannot freeze: drop --freeze_vision_model")
+    if data_args.eval_only and not data_args.ref_model and not is_lora_output(model_args.model_name_or_path):
+        raise FlagError(f"--eval_only measures rewards against a reference, and {model_args.model_name_or_path} is a "
+                        "full model: pass --ref_model PATH, the model its run started from")
+
+
 def setup_pair_data(task, model_args, data_args, training_args, processor):
-    """The task's pairs, validated once (recipe.train.setup_data for pairs)."""
+    """The task's pairs, validated once (recipe.train.setup_data for pairs); --eval_only: the
+    held-out pairs only."""
+    check_model_flags(model_args, data_args)
     train, eval_ = task.load_data(data_args, model_args)
     common = dict(tokenizer=processor.tokenizer, num_crops=model_args.num_crops, decode_images=data_args.decode_images,
                   skip_bad=data_args.skip_bad_examples, progress=not training_args.disable_tqdm)
-    train = subset(train, data_args.max_train_samples, training_args.seed)
-    train = validate_pairs(train, max_length=data_args.max_length, what=f"{task.name} training pairs", training=True,
-                           **common)
-    if not train:
-        raise DataError(f"no usable {task.name} training pairs", everywhere=True)
+    if data_args.eval_only:
+        train = None
+    else:
+        train = subset(train, data_args.max_train_samples, training_args.seed)
+        train = validate_pairs(train, max_length=data_args.max_length, what=f"{task.name} training pairs",
+                               training=True, **common)
+        if not train:
+            raise DataError(f"no usable {task.name} training pairs", everywhere=True)
     eval_ = subset(eval_, data_args.max_eval_samples, training_args.seed)
     eval_ = validate_pairs(eval_, max_length=None, what=f"{task.name} evaluation pairs", **common)
     if not eval_:
         raise DataError(f"no usable {task.name} evaluation pairs", everywhere=True)
-    logger.info("%s: %d training / %d evaluation pairs", task.name, len(train), len(eval_))
+    logger.info("%s: %d training / %d evaluation pairs", task.name, len(train or ()), len(eval_))
     return train, eval_
+
+
+def setup_pair_model(model_args, data_args, training_args, processor):
+    """recipe.train.setup_model; with --adapter, that adapter to train and (unless the reference
+    log-probs are precomputed) its frozen twin, the reference."""
+    if not data_args.adapter:
+        return setup_model(model_args, training_args, processor)
+    base = json.loads((Path(data_args.adapter) / "adapter_config.json").read_text(encoding="utf-8")).get(
+        "base_model_name_or_path")
+    if base and base != model_args.model_name_or_path:
+        logger.warning("--adapter %s was trained on %s; applying it to --model_name_or_path %s", data_args.adapter,
+                       base, model_args.model_name_or_path)
+    return setup_model(model_args, training_args, processor, adapter=data_args.adapter,
+                       reference_adapter=not data_args.precompute_ref_log_probs)
 
 
 class IndexedPairDataset(PairDataset):
@@ -237,7 +303,9 @@ class Reference:
         self.model_args, self.training_args = model_args, training_args
         self.precompute = data_args.precompute_ref_log_probs
         self.batch_size = data_args.eval_batch_size
-        self.mode = "precomputed" if self.precompute else ("adapters" if model_args.use_lora else "copy")
+        self.mode = ("precomputed" if self.precompute else
+                     "adapter" if getattr(data_args, "adapter", None) and model_args.use_lora else
+                     "adapters" if model_args.use_lora else "copy")
         # A frozen vision side is the same in policy and reference: its features are reused. (Not
         # under ZeRO-3: there a rank that reuses features would skip the vision all-gathers that
         # an image-less rank's dummy crop joins.)
@@ -248,6 +316,7 @@ class Reference:
     def describe(self) -> str:
         return {"precomputed": f"log-probs precomputed before training ({REF_TRAIN_FILE})",
                 "adapters": "the model with its adapters disabled",
+                "adapter": f"the base with the starting adapter, frozen (PEFT adapter {REFERENCE_ADAPTER!r})",
                 "copy": "a frozen copy of the starting model"}[self.mode] + (
             "; the policy's image features reused" if self.reuse_features and self.mode != "precomputed" else "")
 
@@ -303,13 +372,14 @@ class Reference:
             return self.table.chosen[index].to(device), self.table.rejected[index].to(device)
         features = policy.image_features.detach() if self.reuse_features and policy.image_features is not None else None
         with torch.no_grad():
-            if self.mode == "adapters":
+            if self.mode in ("adapters", "adapter"):
                 unwrapped = trainer.accelerator.unwrap_model(model)
                 zero3 = is_deepspeed_zero3_enabled()
                 if zero3:
                     _lockstep(unwrapped, True)
                 try:
-                    with unwrapped.disable_adapter():
+                    with (unwrapped.disable_adapter() if self.mode == "adapters"
+                          else active_adapter(unwrapped, REFERENCE_ADAPTER)):
                         out = pair_log_probs(unwrapped, inputs, image_features=features)
                 finally:
                     if zero3:
@@ -317,6 +387,21 @@ class Reference:
             else:
                 out = pair_log_probs(self.copy, inputs, image_features=features)
         return out.chosen_logps, out.rejected_logps
+
+
+@contextmanager
+def active_adapter(model, name: str):
+    """`model` (a PeftModel) runs adapter `name` inside; every parameter keeps its requires_grad
+    (PEFT's set_adapter would make the adapter it activates trainable)."""
+    before = model.active_adapter
+    trainable = [(param, param.requires_grad) for param in model.parameters()]
+    model.set_adapter(name, inference_mode=True)
+    try:
+        yield model
+    finally:
+        model.set_adapter(before)
+        for param, requires_grad in trainable:
+            param.requires_grad_(requires_grad)
 
 
 # -- trainer ---------------------------------------------------------------------------------
@@ -415,6 +500,17 @@ class PairEvaluator:
         self.dpo_loss = data_args.dpo_loss()
         self.reference: LogProbs | None = None
         self.seconds = 0.0
+        # --eval_only: the reference is not the model before training but the run's starting point.
+        self.eval_only, self.ref_model = data_args.eval_only, getattr(data_args, "ref_model", None)
+        self.model_args, self.training_args = model_args, training_args
+        self.reference_name: str | None = None
+        # --metric: the generation metric, the chosen answer as the reference (as TaskEvaluator, unsaved).
+        self.generation_metric = getattr(data_args, "metric", None)
+        if self.generation_metric:
+            self.score = score_function(self.generation_metric)
+            self.generation_metric = self.generation_metric.partition(":")[2] or self.generation_metric
+            self.generation_kwargs = dict(batch_size=data_args.eval_batch_size, max_new_tokens=data_args.max_new_tokens,
+                                          autocast_dtype=self.autocast_dtype, disable_tqdm=training_args.disable_tqdm)
 
     def _log_probs(self, model, desc: str) -> LogProbs:
         if not getattr(model, "is_loaded_in_4bit", False) and next(model.parameters()).device != self.device:
@@ -439,7 +535,41 @@ class PairEvaluator:
                 self.reference.save(path, ids)
         self.seconds += time.perf_counter() - start
 
+    def prepare_eval_only_reference(self, model) -> None:
+        """--eval_only: the reference log-probs from --ref_model, or from `model` (a LoRA output:
+        base + adapter) with its adapters disabled, i.e. the base the adapter was trained on."""
+        start = time.perf_counter()
+        if self.ref_model:
+            # (a LoRA output as --ref_model loads as base + adapter through transformers' PEFT integration)
+            reference = load_model(replace(self.model_args, model_name_or_path=self.ref_model, use_lora=False),
+                                   self.training_args).eval()
+            self.reference = self._log_probs(reference, "reference log-probs (--ref_model)")
+            self.reference_name = self.ref_model
+            del reference
+            gc.collect()
+        else:
+            if hasattr(model, "disable_adapter"):  # a PeftModel
+                with model.disable_adapter():
+                    self.reference = self._log_probs(model, "reference log-probs (adapters disabled)")
+            else:  # transformers' PEFT integration (a LoRA output loaded by from_pretrained)
+                model.disable_adapters()
+                try:
+                    self.reference = self._log_probs(model, "reference log-probs (adapters disabled)")
+                finally:
+                    model.enable_adapters()
+            self.reference_name = "the base model (adapters disabled)"
+        logger.info("--eval_only: rewards against %s", self.reference_name)
+        self.seconds += time.perf_counter() - start
+
+    def _generate(self, model) -> dict:
+        """--metric on answers generated to the pairs' prompts (recipe.evaluate; nothing written)."""
+        return evaluate(model, self.processor, [pair.conversation for pair in self.pairs], self.score,
+                        self.generation_metric, None, device=self.device, synced_gpus=is_deepspeed_zero3_enabled(),
+                        **self.generation_kwargs)
+
     def __call__(self, model, name: str, trainer=None) -> float:
+        if self.reference is None and self.eval_only:
+            self.prepare_eval_only_reference(model)
         if self.reference is None:
             raise RuntimeError("PairEvaluator.prepare_reference must run before the first evaluation")
         start = time.perf_counter()
@@ -449,16 +579,22 @@ class PairEvaluator:
                                        policy.chosen_tokens, policy.rejected_tokens,
                                        chosen_nll=-policy.chosen / policy.chosen_tokens.clamp(min=1))
         metrics = {k: float(per_pair[k].mean()) for k in METRIC_NAMES}
+        generated = self._generate(model) if self.generation_metric else {}
+        if generated:
+            metrics[self.generation_metric] = generated[self.generation_metric]
         out = {"metric": self.metric, **metrics, "loss": float(loss), "num_examples": len(self.pairs),
+               **({"reference": self.reference_name} if self.reference_name else {}),
                "pairs": [{"id": pair.id, "logps/chosen": float(policy.chosen[i]),
                           "logps/rejected": float(policy.rejected[i]),
                           "rewards/margins": float(per_pair["rewards/margins"][i])}
-                         for i, pair in enumerate(self.pairs)]}
+                         for i, pair in enumerate(self.pairs)],
+               **({"predictions": generated["predictions"]} if generated else {})}
         if PartialState().is_main_process:
             write_json_atomic(self.output_dir / f"{name}.json", out)
         self.seconds += time.perf_counter() - start
-        logger.info("%s on %d pairs: rewards/accuracies %.4f, rewards/margins %.4f", name, len(self.pairs),
-                    metrics["rewards/accuracies"], metrics["rewards/margins"])
+        logger.info("%s on %d pairs: rewards/accuracies %.4f, rewards/margins %.4f%s", name, len(self.pairs),
+                    metrics["rewards/accuracies"], metrics["rewards/margins"],
+                    f", {self.generation_metric} {metrics[self.generation_metric]:.4f}" if generated else "")
         if trainer is not None:
             trainer.log({f"eval_{k}": v for k, v in metrics.items()})
         return metrics[self.metric]
@@ -510,4 +646,5 @@ def setup_pair_trainer(model, train, eval_pairs, processor, evaluator, model_arg
     return trainer, eval_before
 
 
-PREFERENCE = Objective(setup_data=setup_pair_data, make_evaluator=PairEvaluator, setup_trainer=setup_pair_trainer)
+PREFERENCE = Objective(setup_data=setup_pair_data, setup_model=setup_pair_model, make_evaluator=PairEvaluator,
+                       setup_trainer=setup_pair_trainer)

@@ -380,8 +380,8 @@ def setup_output_dir(data_args, training_args) -> None:
     check_shared_output_dir(output_dir)
 
 
-def setup_model(model_args, training_args, processor):
-    model = load_model(model_args, training_args)
+def setup_model(model_args, training_args, processor, **load_kwargs):
+    model = load_model(model_args, training_args, **load_kwargs)
     trainable, total = count_parameters(model)
     logger.info("parameters: %s trainable of %s", f"{trainable:,}", f"{total:,}")
     generation_model = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -526,13 +526,15 @@ def merge(trainer: RecipeTrainer, processor, evaluator: TaskEvaluator, model_arg
 @dataclass
 class Objective:
     """What a training objective supplies to the runner, with the phases' signatures: its data
-    (read and validated), its evaluator (an object like TaskEvaluator: called with a model and a
-    name, writes <name>.json, returns `metric`'s value) and its trainer (a RecipeTrainer subclass
-    with the objective's loss). The defaults are supervised finetuning; preference tuning
+    (read and validated), its model (setup_model's, given the data flags too), its evaluator (an
+    object like TaskEvaluator: called with a model and a name, writes <name>.json, returns
+    `metric`'s value) and its trainer (a RecipeTrainer subclass with the objective's loss). The defaults are supervised finetuning; preference tuning
     (recipe/preference.py) supplies its own. Everything else (flags, output directory, modes,
     checkpoints, saving, merging, the report) is the runner's."""
 
     setup_data: Callable = setup_data
+    setup_model: Callable = lambda model_args, data_args, training_args, processor: (  # noqa: E731
+        setup_model(model_args, training_args, processor))
     make_evaluator: Callable = lambda task, processor, eval_data, model_args, data_args, training_args: (  # noqa: E731
         TaskEvaluator(task, processor, eval_data, data_args, training_args))
     setup_trainer: Callable = setup_trainer
@@ -557,7 +559,7 @@ def _run(task: Task, model_args, data_args, training_args) -> dict:
     processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
     train_data, eval_data = objective.setup_data(task, model_args, data_args, training_args, processor)
     setup_output_dir(data_args, training_args)
-    model = setup_model(model_args, training_args, processor)
+    model = objective.setup_model(model_args, data_args, training_args, processor)
     evaluator = objective.make_evaluator(task, processor, eval_data, model_args, data_args, training_args)
     results: dict = {}
     if data_args.eval_only:

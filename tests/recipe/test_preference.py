@@ -3,7 +3,8 @@ own jsonl pairs raises held-out reward accuracy, the reference of each mode is w
 (LoRA: the base with adapters disabled; full: a frozen copy that never moves), images are encoded
 once per pair and pass (twice with a separate reference, once when the vision side is frozen),
 reference log-probs are precomputed and reused, a stopped run resumes exactly, bad input stops
-before training with one line."""
+before training with one line. --adapter continues an SFT adapter against its frozen twin;
+--eval_only measures against the run's starting point; --metric adds a generation metric."""
 
 import json
 import shutil
@@ -161,6 +162,149 @@ def test_full_reference_is_a_frozen_copy_and_images_are_encoded_once_per_model(
     assert any(not torch.equal(trained[k].float(), initial[k].float()) for k in trained if ".layers.0." in k)
     # the output is the release's: its eos_token_id stays (no tokenizer-driven rewrite at train start)
     assert read_json(out / "config.json")["eos_token_id"] == read_json(tiny_checkpoint / "config.json")["eos_token_id"]
+
+
+# -- continuing an SFT adapter (--adapter) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_checkpoint, tmp_path_factory):
+    """A LoRA output as an SFT run leaves it (random, non-zero adapters on the language side)."""
+    out = tmp_path_factory.mktemp("sft") / "lora"
+    torch.manual_seed(0)
+    model = get_peft_model(Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["qkv_proj", "o_proj", "down_proj"], init_lora_weights=False))
+    model.save_pretrained(str(out))
+    return out
+
+
+def lora_weights(model, adapter: str) -> dict[str, torch.Tensor]:
+    """One adapter's weights under their saved names (adapter_model.safetensors' keys)."""
+    return {k.replace(f".{adapter}.", "."): v.detach().clone() for k, v in model.state_dict().items()
+            if f".{adapter}." in k}
+
+
+def test_adapter_reference_is_base_plus_the_starting_adapter(tiny_checkpoint, pairs_dir, sft_adapter, tmp_path):
+    from recipe.args import ModelArguments
+    from recipe.model import REFERENCE_ADAPTER, load_model
+
+    batch = pair_batch(tiny_checkpoint, pairs_dir)
+    base = Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    model = load_model(ModelArguments(model_name_or_path=str(tiny_checkpoint), use_lora=True),
+                       SimpleNamespace(bf16=False, fp16=False, deepspeed=None), adapter=str(sft_adapter),
+                       reference_adapter=True)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable and all(".default." in name for name in trainable)
+    assert sum(f".{REFERENCE_ADAPTER}." in name for name, _ in model.named_parameters()) == len(trainable)
+    saved = load_file(sft_adapter / "adapter_model.safetensors")
+    for adapter in ("default", REFERENCE_ADAPTER):
+        loaded = lora_weights(model, adapter)
+        assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    model.train()
+    with torch.no_grad():
+        expected = pair_log_probs(base, batch)
+    policy = pair_log_probs(model, batch)
+    assert not torch.allclose(policy.chosen_logps, expected.chosen_logps)  # the SFT adapter changes the model
+    reference = Reference(SimpleNamespace(use_lora=True, freeze_vision_model=False),
+                          SimpleNamespace(precompute_ref_log_probs=False, eval_batch_size=2, adapter=str(sft_adapter)),
+                          None)
+    assert reference.mode == "adapter"
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+    chosen, rejected = reference.log_probs(trainer, model, batch, policy)
+    # before any step the policy is its reference: every reward is 0
+    torch.testing.assert_close(chosen, policy.chosen_logps.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(rejected, policy.rejected_logps.detach(), rtol=0, atol=1e-6)
+    assert {name for name, param in model.named_parameters() if param.requires_grad} == trainable
+    assert model.active_adapter == "default"
+    # the output is the trained adapter alone, in the layout of any LoRA output
+    model.save_pretrained(str(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "adapter_config.json",
+                                                                    "adapter_model.safetensors"]
+    assert load_file(tmp_path / "out" / "adapter_model.safetensors").keys() == saved.keys()
+
+
+def test_dpo_continues_an_sft_adapter_against_it(tiny_checkpoint, pairs_dir, sft_adapter, tmp_path, monkeypatch):
+    """--adapter: the first step's rewards are 0 (policy = reference = base + SFT adapter), the
+    adapter trains, its reference twin does not move, and the output is the trained adapter."""
+    import recipe.preference
+
+    seen = {}
+    prepare = recipe.preference.Reference.prepare
+
+    def keep(self, trainer, model, *args, **kwargs):
+        prepare(self, trainer, model, *args, **kwargs)
+        seen["reference"], seen["trainer"] = self, trainer
+
+    monkeypatch.setattr(recipe.preference.Reference, "prepare", keep)
+    out = tmp_path / "out"
+    results = run(rlaif_v.TASK, flags(tiny_checkpoint, pairs_dir, out, "--use_lora", "--adapter", sft_adapter,
+                                      "--deepspeed", "none", "--max_steps", 2, "--batch_size", 2,
+                                      "--batch_size_per_gpu", 2, "--learning_rate", "1e-2", "--max_eval_samples", 4))
+    assert results["global_step"] == 2 and seen["reference"].mode == "adapter"
+    first = next(entry for entry in seen["trainer"].state.log_history if "loss" in entry)
+    assert first["step"] == 1 and abs(first["rewards/margins"]) < 1e-6 and abs(first["rewards/chosen"]) < 1e-6
+    assert first["loss"] == pytest.approx(0.6931472, abs=1e-4)  # -log sigmoid(0) (the Trainer logs 4 decimals)
+    model = seen["trainer"].model
+    saved = load_file(sft_adapter / "adapter_model.safetensors")
+    still = lora_weights(model, "reference")
+    assert all(torch.equal(still[k], saved[k]) for k in saved)
+    trained = load_file(out / "adapter_model.safetensors")
+    assert trained.keys() == saved.keys() and any(not torch.equal(trained[k], saved[k]) for k in saved)
+    assert not (out / "reference").exists()
+    assert read_json(out / "adapter_config.json")["r"] == 4  # the adapter's own shape, not --lora_rank's 64
+
+
+def test_adapter_flag_errors(tiny_checkpoint, pairs_dir, sft_adapter, tmp_path, capsys):
+    cases = [
+        (["--deepspeed", "none", "--adapter", sft_adapter], f"--adapter {sft_adapter} continues a LoRA adapter"),
+        (["--use_lora", "--adapter", tmp_path], "no adapter_config.json (not a LoRA output directory)"),
+        (["--use_lora", "--ref_model", tiny_checkpoint], "--ref_model goes with --eval_only"),
+        (["--eval_only"], "is a full model: pass --ref_model PATH"),
+    ]
+    for extra, message in cases:
+        code = cli(lambda: rlaif_v.main(flags(tiny_checkpoint, pairs_dir, tmp_path / "out", *extra)))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], (extra, err)
+
+
+# -- --eval_only -----------------------------------------------------------------------------------
+
+
+def test_eval_only_measures_rewards_against_the_runs_starting_point(lora_run, tiny_checkpoint, pairs_dir, tmp_path):
+    """A LoRA output's rewards against its base (adapters disabled), as its run measured them;
+    --ref_model names the reference instead (here the other way round: the margins flip)."""
+    out, _ = lora_run
+    own = read_json(out / "eval_after.json")
+    again = run(rlaif_v.TASK, flags(out, pairs_dir, tmp_path / "lora", "--eval_only"))
+    evaluated = read_json(tmp_path / "lora" / "eval_after.json")
+    assert again == {"eval_after": own["rewards/accuracies"]}
+    assert evaluated["reference"] == "the base model (adapters disabled)"
+    assert not (tmp_path / "lora" / "eval_before.json").exists()
+    for a, b in zip(evaluated["pairs"], own["pairs"]):
+        assert a["id"] == b["id"] and a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+    run(rlaif_v.TASK, flags(tiny_checkpoint, pairs_dir, tmp_path / "flipped", "--eval_only", "--ref_model", out))
+    flipped = read_json(tmp_path / "flipped" / "eval_after.json")
+    assert flipped["reference"] == str(out)
+    for a, b in zip(flipped["pairs"], own["pairs"]):
+        assert a["rewards/margins"] == pytest.approx(-b["rewards/margins"], abs=1e-5)
+
+
+def test_generation_metric_of_the_prompts_against_the_chosen_answers(lora_run, pairs_dir, tmp_path):
+    """--metric: answers generated to the held-out prompts, scored against the chosen answer,
+    next to the reward metrics."""
+    from recipe.metrics import exact_match
+
+    out, _ = lora_run
+    run(rlaif_v.TASK, flags(out, pairs_dir, tmp_path / "eval", "--eval_only", "--metric", "exact_match",
+                            "--max_new_tokens", 3, "--max_eval_samples", 4))
+    evaluated = read_json(tmp_path / "eval" / "eval_after.json")
+    pairs = {json.loads(line)["id"]: json.loads(line) for line in (pairs_dir / "eval.jsonl").read_text().splitlines()}
+    predictions = evaluated["predictions"]
+    assert [p["id"] for p in predictions] == [p["id"] for p in evaluated["pairs"]] and len(predictions) == 4
+    assert all(p["references"] == [pairs[p["id"]]["chosen"]] for p in predictions)
+    assert evaluated["exact_match"] == exact_match([p["prediction"] for p in predictions],
+                                                   [p["references"] for p in predictions])
+    assert evaluated["metric"] == "rewards/accuracies" and isinstance(evaluated["rewards/margins"], float)
 
 
 # -- precomputed reference and exact resume ----------------------------------------------------
