@@ -310,17 +310,21 @@ def test_generation_metric_of_the_prompts_against_the_chosen_answers(lora_run, p
 # -- precomputed reference and exact resume ----------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", [["--use_lora", "--precompute_ref_log_probs"], []], ids=["lora_precomputed", "full"])
-def test_stopped_run_resumes_exactly(mode, tiny_checkpoint, pairs_dir, tmp_path):
+@pytest.mark.parametrize("mode", [["--use_lora", "--precompute_ref_log_probs"], [], ["--use_lora", "--adapter"]],
+                         ids=["lora_precomputed", "full", "sft_adapter"])
+def test_stopped_run_resumes_exactly(mode, tiny_checkpoint, pairs_dir, sft_adapter, tmp_path):
     """An uninterrupted run saves at steps 2 and 4; a second directory holding what the run had
     written by step 2 (checkpoint-2, the reference log-probs, eval_before.json) resumes to the
-    same weights and the same held-out metrics."""
+    same weights and the same held-out metrics. (--adapter: the trained adapter resumes, its
+    frozen twin is loaded from --adapter again.)"""
+    mode = [*mode, sft_adapter] if "--adapter" in mode else mode
     common = ["--deepspeed", "none", "--max_steps", 4, "--save_strategy", "steps", "--save_steps", 2,
               "--batch_size", 4, "--batch_size_per_gpu", 2, "--learning_rate", "1e-3", "--max_train_samples", 16, *mode]
     straight = tmp_path / "straight"
     uninterrupted = run(rlaif_v.TASK, flags(tiny_checkpoint, pairs_dir, straight, *common))
     stored = sorted(p.name for p in straight.glob("ref_log_probs_*.pt"))
-    assert stored == (["ref_log_probs_eval.pt", "ref_log_probs_train.pt"] if mode else ["ref_log_probs_eval.pt"])
+    precomputed = "--precompute_ref_log_probs" in mode
+    assert stored == (["ref_log_probs_eval.pt", "ref_log_probs_train.pt"] if precomputed else ["ref_log_probs_eval.pt"])
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed_dir / "checkpoint-2")
