@@ -1,5 +1,6 @@
 """Preference tuning on two CPU ranks (torchrun, gloo) with pairs that give one rank an image pair
-and the other a text-only pair in the same step: DDP with LoRA (reference: adapters disabled),
+and the other a text-only pair in the same step: DDP with LoRA (reference: adapters disabled; or
+continuing an SFT adapter, reference: its frozen twin),
 DeepSpeed ZeRO-2 and ZeRO-3 full finetuning (reference: a frozen copy, sharded under ZeRO-3) train,
 evaluate on held-out pairs before and after, and save a model that reloads.
 
@@ -57,16 +58,34 @@ def assert_evaluated(out: Path):
     assert all(p["rewards/margins"] != 0 for p in after["pairs"])  # both ranks' pairs, scored after training
 
 
-@pytest.mark.parametrize("mode", ["ddp_lora", "zero2", "zero3"])
-def test_two_ranks_with_mixed_pairs(mode, tiny_checkpoint, mixed_pairs, tmp_path):
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_checkpoint, tmp_path_factory) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    from phi3v.modeling_phi3v import Phi3VForCausalLM
+
+    out = tmp_path_factory.mktemp("sft") / "lora"
+    torch.manual_seed(0)
+    model = get_peft_model(Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["qkv_proj", "o_proj", "q_proj"], init_lora_weights=False))
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp_lora", "ddp_sft_adapter", "zero2", "zero3"])
+def test_two_ranks_with_mixed_pairs(mode, tiny_checkpoint, mixed_pairs, tmp_path, request):
     out, log_dir = tmp_path / "out", tmp_path / "log"
+    # (an SFT adapter with image-side LoRA too, trained and switched to its twin with mixed pairs)
+    adapter = request.getfixturevalue("sft_adapter") if mode == "ddp_sft_adapter" else None
     extra = {
         "ddp_lora": ["--deepspeed", "none", "--use_lora", "--bf16"],
+        "ddp_sft_adapter": ["--deepspeed", "none", "--use_lora", "--bf16", "--adapter", adapter],
         "zero2": ["--deepspeed", ZERO2, "--bf16"],
         "zero3": ["--deepspeed", ZERO3, "--bf16"],
     }[mode]
     stdout = launch(tiny_checkpoint, mixed_pairs, out, log_dir, *extra)
-    reference = "the model with its adapters disabled" if mode == "ddp_lora" else "a frozen copy of the starting model"
+    reference = {"ddp_lora": "the model with its adapters disabled",
+                 "ddp_sft_adapter": "the base with the starting adapter, frozen"}.get(mode, "a frozen copy of the starting model")
     assert f"reference: {reference}" in stdout
     assert_ranks_mixed_in_every_step(log_dir)
     if mode == "zero3":
@@ -77,8 +96,11 @@ def test_two_ranks_with_mixed_pairs(mode, tiny_checkpoint, mixed_pairs, tmp_path
     run_complete = json.loads((out / "run_complete.json").read_text())
     throughput = run_complete["results"]["throughput"]
     assert throughput["world_size"] == 2 and throughput["pairs"] == 4 and throughput["images"] == 2
-    if mode == "ddp_lora":
+    if mode.startswith("ddp"):
         assert (out / "adapter_model.safetensors").is_file()
+        if mode == "ddp_sft_adapter":
+            start, trained = load_file(adapter / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+            assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in start)
         return
     saved, initial = load_file(out / "model.safetensors"), load_file(Path(tiny_checkpoint) / "model.safetensors")
     assert saved.keys() == initial.keys()
