@@ -252,6 +252,28 @@ def test_cached_validation_rechecks_only_what_changed(tmp_path, processor, monke
     assert run()[1] == ["ex0", "ex1", "ex2", "ex3"]
 
 
+def test_cached_validation_reports_the_same_problems_and_lengths(tmp_path, processor):
+    """A bad example whose result comes from the cache is reported exactly as when checked
+    (file:line, message, reason); a good one gets the same lengths."""
+    img_dir = tmp_path / "img"
+    img_dir.mkdir()
+    image(336, 200).save(img_dir / "shared.png")
+    (img_dir / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 3)
+    data = write_jsonl(tmp_path / "d.jsonl", [good_record(0, ["shared.png"]), good_record(1, ["corrupt.jpg"]),
+                                              good_record(2, ["shared.png", "shared.png"]), good_record(3, [])])
+
+    def run(**kwargs):
+        with pytest.raises(DataError) as err:
+            validate(read_jsonl(data, img_dir)[0], processor.tokenizer, num_crops=1, what="d", **kwargs)
+        kept = validate(read_jsonl(data, img_dir)[0], processor.tokenizer, num_crops=1, skip_bad=True, **kwargs)
+        return (str(err.value), err.value.details), [(c.id, c.tokens) for c in kept]
+
+    fresh = run()
+    run(cache_dir=tmp_path / "cache")
+    assert run(cache_dir=tmp_path / "cache") == fresh
+    assert "d.jsonl:2: image" in fresh[0][0] and [i for i, _ in fresh[1]] == ["ex0", "ex2", "ex3"]
+
+
 def test_cached_validation_rechecks_an_edited_system_message(tmp_path, processor):
     """The system message is rendered into the example's tokens: editing it changes the length,
     so the cached result must not be reused."""
