@@ -174,6 +174,23 @@ def conversation_length(conversation: Conversation, tokenizer, num_crops: int, f
 # -- dataset and collator ------------------------------------------------------------------
 
 
+def encode_images(example, processor) -> tuple[dict[str, Any], list[int]]:
+    """A dataset item's start for an example with `id`, `where` and `images` (a conversation or a
+    preference pair): its images opened and through the image processor (pixel_values,
+    image_sizes), and each image's token count. An image that cannot be read names the example."""
+    try:
+        images = [load_image(image) for image in example.images]
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{example.where or example.id}: {err}") from None
+    item: dict[str, Any] = {"id": example.id}
+    if not images:
+        return item, []
+    pixels = processor.image_processor(images, return_tensors="pt")
+    item["pixel_values"] = pixels["pixel_values"]
+    item["image_sizes"] = pixels["image_sizes"]
+    return item, list(pixels["num_img_tokens"])
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """Conversations encoded on access; images are decoded only in `__getitem__`.
 
@@ -209,17 +226,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         conversation = self.conversations[index]
-        try:
-            images = [load_image(image) for image in conversation.images]
-        except (FileNotFoundError, ValueError) as err:
-            raise ValueError(f"{conversation.where or conversation.id}: {err}") from None
-        item: dict[str, Any] = {"id": conversation.id}
-        counts: list[int] = []
-        if images:
-            pixels = self.processor.image_processor(images, return_tensors="pt")
-            item["pixel_values"] = pixels["pixel_values"]
-            item["image_sizes"] = pixels["image_sizes"]
-            counts = list(pixels["num_img_tokens"])
+        item, counts = encode_images(conversation, self.processor)
         encoded = tokenize_conversation(conversation, self.processor.tokenizer, counts, self.for_generation)
         item["input_ids"] = torch.tensor(encoded.input_ids, dtype=torch.long)
         if not self.for_generation:

@@ -36,9 +36,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .data import IGNORE_INDEX, image_token_counts, tokenize_conversation
+from .data import IGNORE_INDEX, encode_images, image_token_counts, tokenize_conversation
 from .packing import MAX_TOKENS_PER_ROW
-from .records import Conversation, load_image
+from .records import Conversation
 
 __all__ = [
     "PreferencePair",
@@ -165,17 +165,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]
-        try:
-            images = [load_image(image) for image in pair.images]
-        except (FileNotFoundError, ValueError) as err:
-            raise ValueError(f"{pair.where or pair.id}: {err}") from None
-        item: dict[str, Any] = {"id": pair.id}
-        counts: list[int] = []
-        if images:
-            pixels = self.processor.image_processor(images, return_tensors="pt")
-            item["pixel_values"] = pixels["pixel_values"]
-            item["image_sizes"] = pixels["image_sizes"]
-            counts = list(pixels["num_img_tokens"])
+        item, counts = encode_images(pair, self.processor)
         encoded = tokenize_pair(pair, self.processor.tokenizer, counts)
         item["prompt_ids"] = torch.tensor(encoded.prompt_ids, dtype=torch.long)
         item["chosen_ids"] = torch.tensor(encoded.chosen_ids, dtype=torch.long)

@@ -89,6 +89,21 @@ def test_sigterm_on_two_ranks_resumes_exactly(mode, tiny_checkpoint, ucf101_data
     assert read_json(stopped / RUN_COMPLETE_FILE)["results"]["global_step"] == 4
 
 
+def add_callback(monkeypatch, callback) -> None:
+    """The supervised runner's trainer gets `callback` (the runner calls setup_trainer through
+    its Objective)."""
+    import recipe.train
+
+    original = recipe.train.setup_trainer
+
+    def with_callback(*args, **kwargs):
+        trainer, before = original(*args, **kwargs)
+        trainer.add_callback(callback)
+        return trainer, before
+
+    monkeypatch.setattr(recipe.train.SUPERVISED, "setup_trainer", with_callback)
+
+
 def test_sigusr1_in_process_stops_with_its_status(tiny_checkpoint, ucf101_data, tmp_path, monkeypatch, caplog):
     """One process (python script.py): the same stop on SIGUSR1 (SLURM's --signal), also with
     --save_strategy no, and status 128 + 10; resuming gives the weights of a straight run."""
@@ -100,14 +115,7 @@ def test_sigusr1_in_process_stops_with_its_status(tiny_checkpoint, ucf101_data, 
             if state.global_step == 1:
                 os.kill(os.getpid(), signal.SIGUSR1)
 
-    original = recipe.train.setup_trainer
-
-    def with_signal(*args, **kwargs):
-        trainer, before = original(*args, **kwargs)
-        trainer.add_callback(SignalAtStep2())
-        return trainer, before
-
-    monkeypatch.setattr(recipe.train.SUPERVISED, "setup_trainer", with_signal)
+    add_callback(monkeypatch, SignalAtStep2())
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
         run(ucf.TASK, flags(tiny_checkpoint, ucf101_data, out, *COMMON, *LORA, "--max_steps", 4,
@@ -117,7 +125,7 @@ def test_sigusr1_in_process_stops_with_its_status(tiny_checkpoint, ucf101_data, 
     assert verify(out / "checkpoint-2") is None
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handlers restored after training
 
-    monkeypatch.setattr(recipe.train.SUPERVISED, "setup_trainer", original)
+    monkeypatch.undo()  # (the resumed and straight runs without the signal)
     common = [*COMMON, *LORA, "--max_steps", 4, "--save_strategy", "no"]
     resumed = run(ucf.TASK, flags(tiny_checkpoint, ucf101_data, out, *common, "--resume_from_checkpoint", "auto"))
     straight = run(ucf.TASK, flags(tiny_checkpoint, ucf101_data, tmp_path / "straight", *common))
@@ -227,14 +235,7 @@ def test_a_signal_after_the_last_step_still_stops_with_a_checkpoint(tiny_checkpo
             if state.global_step == state.max_steps:
                 os.kill(os.getpid(), signal.SIGUSR1)
 
-    original = recipe.train.setup_trainer
-
-    def with_signal(*args, **kwargs):
-        trainer, before = original(*args, **kwargs)
-        trainer.add_callback(SignalAfterLastStep())
-        return trainer, before
-
-    monkeypatch.setattr(recipe.train.SUPERVISED, "setup_trainer", with_signal)
+    add_callback(monkeypatch, SignalAfterLastStep())
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
         run(ucf.TASK, flags(tiny_checkpoint, ucf101_data, out, *COMMON, *LORA, "--max_steps", 2,
