@@ -326,7 +326,7 @@ class Reference:
         if self.mode == "precomputed":
             path = output_dir / REF_TRAIN_FILE
             ids = [pair.id for pair in train_dataset.pairs]
-            if path.exists():
+            if resumed and path.exists():  # (not a fresh start's: see PairEvaluator.prepare_reference)
                 self.table = LogProbs.load(path, ids)
                 logger.info("reference log-probs of the training pairs: %s", path)
                 return
@@ -524,7 +524,9 @@ class PairEvaluator:
         start = time.perf_counter()
         path = self.output_dir / REF_EVAL_FILE
         ids = [pair.id for pair in self.pairs]
-        if path.exists():
+        # Only a resumed run reads it back: a file left by an earlier start that never reached a
+        # checkpoint may come from another model (same pairs, other --model_name_or_path/--adapter).
+        if resumed and path.exists():
             self.reference = LogProbs.load(path, ids)
         elif resumed:
             raise DataError(f"resuming needs {path}, written when the run started; it is gone: start over in a "

@@ -20,7 +20,8 @@ from phi3v.modeling_phi3v import Phi3VForCausalLM, Phi3VImageEmbedding
 from phi3v.processing_phi3v import Phi3VProcessor
 from recipe.errors import cli
 from recipe.pairs import PairCollator, PairDataset, pair_log_probs
-from recipe.preference import Reference
+from recipe import preference
+from recipe.preference import LogProbs, PairEvaluator, Reference
 from recipe.preference_data import load_pairs_jsonl
 from recipe.synthetic_pairs import write_pairs
 from recipe.train import run
@@ -354,6 +355,38 @@ def test_resume_without_the_stored_reference_stops(tiny_checkpoint, pairs_dir, t
     assert code == 2
     assert "resuming with --precompute_ref_log_probs needs" in capsys.readouterr().err
 
+
+
+def test_a_fresh_start_ignores_reference_log_probs_left_in_the_output_dir(tmp_path, monkeypatch):
+    """A run that stopped before its first checkpoint leaves ref_log_probs_*.pt behind; starting
+    again (maybe with another model, same pairs) computes them anew, and only a resumed run reads
+    them back."""
+    ids = ["p1", "p2"]
+    stale = LogProbs(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -4.0]), torch.tensor([1, 1]), torch.tensor([1, 1]))
+    fresh = LogProbs(torch.tensor([-5.0, -6.0]), torch.tensor([-7.0, -8.0]), torch.tensor([2, 2]), torch.tensor([2, 2]))
+    stale.save(tmp_path / "ref_log_probs_eval.pt", ids)
+    stale.save(tmp_path / "ref_log_probs_train.pt", ids)
+    pairs = [SimpleNamespace(id=i) for i in ids]
+
+    evaluator = PairEvaluator.__new__(PairEvaluator)
+    evaluator.output_dir, evaluator.pairs, evaluator.seconds = tmp_path, pairs, 0.0
+    evaluator._log_probs = lambda model, desc: fresh
+    evaluator.prepare_reference(None, resumed=False)
+    assert torch.equal(evaluator.reference.chosen, fresh.chosen)
+    evaluator.prepare_reference(None, resumed=True)  # reads back what the fresh start stored
+    assert torch.equal(evaluator.reference.chosen, fresh.chosen)
+
+    stale.save(tmp_path / "ref_log_probs_train.pt", ids)
+    monkeypatch.setattr(preference, "dataset_log_probs", lambda *args, **kwargs: fresh)
+    reference = Reference.__new__(Reference)
+    reference.mode, reference.batch_size, reference.table = "precomputed", 2, None
+    trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path), device="cpu", bf16=False, fp16=False,
+                                                   disable_tqdm=True), is_world_process_zero=lambda: True)
+    reference.prepare(trainer, None, SimpleNamespace(pairs=pairs), None, resumed=False)
+    assert torch.equal(reference.table.chosen, fresh.chosen)
+    stale.save(tmp_path / "ref_log_probs_train.pt", ids)
+    reference.prepare(trainer, None, SimpleNamespace(pairs=pairs), None, resumed=True)
+    assert torch.equal(reference.table.chosen, stale.chosen)
 
 # -- bad input -----------------------------------------------------------------------------------
 
