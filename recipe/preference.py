@@ -81,7 +81,7 @@ class PreferenceArguments(DataArguments):
     label_smoothing: float = field(default=0.0, metadata={
         "help": "Assumed share of flipped preference labels, 0 <= x < 0.5 (cDPO with sigmoid; robust)."})
     rpo_alpha: float | None = field(default=None, metadata={
-        "help": "Add this times the chosen answer's mean token NLL to the loss (RPO; the paper uses 1.0)."})
+        "help": "Add this times the chosen answers' NLL per token to the loss (RPO; the paper uses 1.0)."})
     precompute_ref_log_probs: bool = field(default=False, metadata={
         "help": "Compute the reference log-probs of every training pair in one pass before training (stored in "
                 "OUTPUT_DIR, reused on resume): no reference model in memory during training."})
@@ -579,7 +579,8 @@ class PairEvaluator:
         ref = self.reference
         loss, per_pair = self.dpo_loss(policy.chosen, policy.rejected, ref.chosen, ref.rejected,
                                        policy.chosen_tokens, policy.rejected_tokens,
-                                       chosen_nll=-policy.chosen / policy.chosen_tokens.clamp(min=1))
+                                       # (RPO's NLL per chosen token over all pairs, as in training)
+                                       chosen_nll=-policy.chosen.sum() / policy.chosen_tokens.sum().clamp(min=1))
         metrics = {k: float(per_pair[k].mean()) for k in METRIC_NAMES}
         generated = self._generate(model) if self.generation_metric else {}
         if generated:

@@ -7,6 +7,7 @@ before training with one line. --adapter continues an SFT adapter against its fr
 --eval_only measures against the run's starting point; --metric adds a generation metric."""
 
 import json
+import math
 import shutil
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 import finetune_hf_trainer_rlaif_v as rlaif_v
 from phi3v.modeling_phi3v import Phi3VForCausalLM, Phi3VImageEmbedding
 from phi3v.processing_phi3v import Phi3VProcessor
+from recipe.dpo import DPOLoss
 from recipe.errors import cli
 from recipe.pairs import PairCollator, PairDataset, pair_log_probs
 from recipe import preference
@@ -387,6 +389,23 @@ def test_a_fresh_start_ignores_reference_log_probs_left_in_the_output_dir(tmp_pa
     stale.save(tmp_path / "ref_log_probs_train.pt", ids)
     reference.prepare(trainer, None, SimpleNamespace(pairs=pairs), None, resumed=True)
     assert torch.equal(reference.table.chosen, stale.chosen)
+
+
+def test_held_out_rpo_loss_weights_the_nll_per_chosen_token_as_training_does(tmp_path):
+    """--rpo_alpha: the held-out loss adds the chosen answers' NLL per token over all pairs (as the
+    training loss over a batch, pairs.pair_log_probs' chosen_nll), not a mean of per-pair means."""
+    chosen, tokens = torch.tensor([-2.0, -30.0]), torch.tensor([1, 10])
+    policy = LogProbs(chosen, torch.tensor([-5.0, -40.0]), tokens, torch.tensor([2, 10]))
+    evaluator = PairEvaluator.__new__(PairEvaluator)
+    evaluator.output_dir, evaluator.pairs, evaluator.seconds = tmp_path, [SimpleNamespace(id="a"),
+                                                                          SimpleNamespace(id="b")], 0.0
+    evaluator.reference, evaluator.reference_name, evaluator.eval_only = policy, None, False
+    evaluator.generation_metric = None
+    evaluator.dpo_loss = DPOLoss(rpo_alpha=1.0)
+    evaluator._log_probs = lambda model, desc: policy
+    evaluator(None, "eval_x")
+    # policy == reference: the DPO part is log(2); the NLL is 32 nats over 11 tokens
+    assert read_json(tmp_path / "eval_x.json")["loss"] == pytest.approx(math.log(2) + 32 / 11)
 
 # -- bad input -----------------------------------------------------------------------------------
 
