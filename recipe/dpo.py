@@ -12,9 +12,9 @@ the per-pair losses are (beta = --beta, eps = --label_smoothing):
     hinge    relu(1 - beta * logits)                                                      (RSO)
     ipo      (logits - 1 / (2 * beta)) ** 2, on log-probs averaged over each answer's tokens (IPO)
 
-and --rpo_alpha adds alpha x the chosen answers' NLL per token (over the batch's chosen tokens, as
-TRL) (RPO). The rewards are
-beta * (policy - reference) log-probs of each answer; the logged metrics are TRL's:
+and --rpo_alpha adds alpha x the chosen answers' NLL per token, over the batch's chosen tokens as
+in TRL (RPO). The rewards are beta * (policy - reference) log-probs of each answer; the logged
+metrics are TRL's:
 rewards/chosen, rewards/rejected, rewards/accuracies (chosen reward strictly above the rejected
 one), rewards/margins, logps/chosen, logps/rejected (the policy's), and nll_loss with RPO.
 """
