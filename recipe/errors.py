@@ -57,6 +57,7 @@ def cli(main: Callable[[], object]) -> int:
         # (a training run's second Ctrl-C has said what is kept (recipe.faults); the converter's
         # output is published whole or not at all)
         print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        _leave_process_group()
         return INTERRUPTED
     except UserError as err:
         rank = os.environ.get("RANK", "0")
@@ -65,5 +66,18 @@ def cli(main: Callable[[], object]) -> int:
             for line in err.details:
                 print(f"  {line}", file=sys.stderr)
             print(f"{prefix}error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        _leave_process_group()
         return 2
     return 0
+
+
+def _leave_process_group() -> None:
+    """A rank that stops on a user error or Ctrl-C leaves its process group: torch's exit-time
+    teardown of a group whose peers have already gone can abort the process (SIGABRT), which
+    torchrun then reports instead of the error's status. (torch is not imported for this.)"""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        try:
+            distributed.destroy_process_group()
+        except Exception:  # noqa: BLE001 (leaving is best effort; the error line still follows)
+            pass
