@@ -138,16 +138,19 @@ def _rows(dataset, columns: Sequence[str], schema: str):
                         f"{list(columns)} (see --dataset_name_or_path)")
 
 
-def _collect(rows, convert, split: str) -> Conversations:
+def _collect(rows, convert, split: str, answer_problems=None, errors=(ValueError,), layout: str = "") -> Conversations:
+    """`convert(row, i)` of each row whose answers pass `answer_problems`; a row that `convert`
+    refuses with one of `errors` is a problem named `split row i` (prefixed with `layout`)."""
+    answer_problems = answer_problems or _answer_problems
     pairs, problems = [], []
     for i, row in enumerate(rows):
         where = f"{split} row {i}"
-        found = _answer_problems(row, where)
+        found = answer_problems(row, where)
         if not found:
             try:
                 pairs.append(convert(row, i))
-            except ValueError as err:
-                found = [Problem(where, str(err), "wrong layout")]
+            except errors as err:
+                found = [Problem(where, f"{layout}{err}", "wrong layout")]
         problems += found
     return Conversations(pairs, problems)
 
@@ -245,17 +248,8 @@ def trl_pairs(dataset, split: str) -> Conversations:
         convert = lambda row, i: from_trl(row, i, split, images=images[i])  # noqa: E731
     else:
         convert = lambda row, i: from_trl(row, i, split)  # noqa: E731
-    pairs, problems = [], []
-    for i, row in enumerate(dataset):
-        where = f"{split} row {i}"
-        found = _trl_answer_problems(row, where)
-        if not found:
-            try:
-                pairs.append(convert(row, i))
-            except (ValueError, KeyError, TypeError, AttributeError) as err:
-                found = [Problem(where, f"not TRL's preference layout: {err}", "wrong layout")]
-        problems += found
-    return Conversations(pairs, problems)
+    return _collect(dataset, convert, split, answer_problems=_trl_answer_problems,
+                    errors=(ValueError, KeyError, TypeError, AttributeError), layout="not TRL's preference layout: ")
 
 
 # -- checks ----------------------------------------------------------------------------------

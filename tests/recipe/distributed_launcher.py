@@ -37,8 +37,9 @@ def stepped_dtypes(optimizer) -> set[str]:
     return {str(p.dtype) for group in optimizer.param_groups for p in group["params"]}
 
 
-def record_batches(log_dir: str) -> None:
-    import recipe.train
+def log_dummy_decisions(log_dir: str):
+    """This rank's batch log (opened for appending), with every dummy-image decision the model
+    makes written to it; returns the log for the caller's own lines."""
     from phi3v.modeling_phi3v import Phi3VModel
 
     log = open(Path(log_dir) / f"rank{os.environ.get('RANK', '0')}.txt", "a", buffering=1)
@@ -49,6 +50,15 @@ def record_batches(log_dir: str) -> None:
         mode = "lockstep" if self.vision_lockstep else "train"
         log.write(f"dummy {mode} images={int(has_images)} needed={int(needed)}\n")
         return needed
+
+    Phi3VModel._dummy_image_needed = logged_decision
+    return log
+
+
+def record_batches(log_dir: str) -> None:
+    import recipe.train
+
+    log = log_dummy_decisions(log_dir)
 
     class Trainer(recipe.train.RecipeTrainer):
         def training_step(self, model, inputs, *args, **kwargs):
@@ -67,7 +77,6 @@ def record_batches(log_dir: str) -> None:
         log.write(f"loaded {next(model.parameters()).dtype}\n")
         return model
 
-    Phi3VModel._dummy_image_needed = logged_decision
     recipe.train.RecipeTrainer = Trainer
     recipe.train.load_model = logged_load
 

@@ -19,17 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def record_batches(log_dir: str) -> None:
     import recipe.preference
-    from distributed_launcher import stepped_dtypes
-    from phi3v.modeling_phi3v import Phi3VModel
+    from distributed_launcher import log_dummy_decisions, stepped_dtypes
 
-    log = open(Path(log_dir) / f"rank{os.environ.get('RANK', '0')}.txt", "a", buffering=1)
-    decide = Phi3VModel._dummy_image_needed
-
-    def logged_decision(self, has_images, device):
-        needed = decide(self, has_images, device)
-        mode = "lockstep" if self.vision_lockstep else "train"
-        log.write(f"dummy {mode} images={int(has_images)} needed={int(needed)}\n")
-        return needed
+    log = log_dummy_decisions(log_dir)
 
     training_step = recipe.preference.PreferenceTrainer.training_step
 
@@ -40,7 +32,6 @@ def record_batches(log_dir: str) -> None:
         log.write(f"train {self.state.global_step + 1} images={int(inputs.get('pixel_values') is not None)}\n")
         return training_step(self, model, inputs, *args, **kwargs)
 
-    Phi3VModel._dummy_image_needed = logged_decision
     recipe.preference.PreferenceTrainer.training_step = logged_step
 
 
