@@ -81,7 +81,7 @@ def save_checkpoint(directory: Path, args) -> int:
     from phi3v.modeling_phi3v import Phi3VForCausalLM
     from phi3v.processing_phi3v import Phi3VProcessor
     from phi3v.tiny import tiny_config
-    from phi3v.tokenization import build_tokenizer
+    from phi3v.tiny_tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = tiny_config(vocab_size=args.vocab, pad_token_id=tokenizer.pad_token_id, hidden_size=args.hidden,

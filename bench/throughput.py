@@ -85,7 +85,7 @@ from phi3v.image_processing_phi3v import Phi3VImageProcessor  # noqa: E402
 from phi3v.modeling_phi3v import Phi3VForCausalLM  # noqa: E402
 from phi3v.processing_phi3v import Phi3VProcessor  # noqa: E402
 from phi3v.tiny import build_tiny_model, tiny_config  # noqa: E402
-from phi3v.tokenization import build_tokenizer  # noqa: E402
+from phi3v.tiny_tokenizer import build_tokenizer  # noqa: E402
 from recipe.args import DataArguments, parse_args  # noqa: E402
 from recipe.data import Collator, ConversationDataset  # noqa: E402
 from recipe.records import Conversation, Turn  # noqa: E402

@@ -30,6 +30,7 @@ import torch
 
 from .configuration_phi3v import PHI3_5V, PHI3V_128K, detect_model_family
 from .image_processing_phi3v import RELEASED_AUTO_MAPS
+from .jsonfile import write_json_atomic
 from .processing_phi3v import write_released_special_tokens
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
     "load_merged",
     "merge_lora",
     "release_auto_maps",
-    "write_json_atomic",
 ]
 
 # config.json of both releases: bos 1, eos 2 (`</s>`); generation stops on <|end|> through
@@ -66,15 +66,6 @@ def release_auto_maps(family: str) -> dict[str, dict[str, str]]:
 
 def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any, sort_keys: bool = False) -> None:
-    """JSON written to a temporary file beside `path`, then renamed over it: a reader (or a crash)
-    never sees half a file. The one JSON writer of the package and the recipes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:

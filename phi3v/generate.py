@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .processing_phi3v import IMAGE_TAG_RE
+from .processing_phi3v import IMAGE_TAG_RE, end_token_ids
 
 __all__ = ["GenerateError", "load", "default_dtype", "answer", "read_examples", "main"]
 
@@ -151,8 +151,6 @@ def answer(model, processor, messages: list[dict[str, str]], images: list, max_n
     tokenizer = processor.tokenizer
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(prompt, images or None, return_tensors="pt")
-    from .tokenization import end_token_ids
-
     ends = end_token_ids(tokenizer)
     inputs = {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
               for k, v in inputs.items()}

@@ -40,6 +40,9 @@ from transformers.utils import IMAGE_PROCESSOR_NAME, TensorType, logging
 from .image_processing_phi3v import Phi3VImageProcessor, released_auto_map
 
 __all__ = [
+    "ADDITIONAL_SPECIAL_TOKENS",
+    "END_TOKENS",
+    "end_token_ids",
     "IMAGE_TAG_PATTERN",
     "IMAGE_TAG_RE",
     "Phi3VProcessor",
@@ -57,6 +60,20 @@ logger = logging.get_logger(__name__)
 IMAGE_TAG_PATTERN = r"<\|image_\d+\|>"
 # Same, capturing the number.
 IMAGE_TAG_RE = re.compile(r"<\|image_(\d+)\|>")
+
+# The released tokenizer_config.json and special_tokens_map.json declare these (the repeated
+# "<|end|>" included) as additional special tokens: transformers 4.x reports them as special and
+# skips them when decoding with skip_special_tokens, and vLLM relies on that.
+ADDITIONAL_SPECIAL_TOKENS = ("<|system|>", "<|end|>", "<|user|>", "<|end|>")
+
+# Generation ends at <|end|> (the end of an answer) or <|endoftext|>.
+END_TOKENS = ("<|end|>", "<|endoftext|>")
+
+
+def end_token_ids(tokenizer) -> list[int]:
+    """The ids generation stops at (END_TOKENS that the tokenizer has, in order, once each)."""
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in END_TOKENS]
+    return [i for i in dict.fromkeys(ids) if i is not None and i != tokenizer.unk_token_id]
 
 
 def _write_official_tokenizer_config(save_directory: str | os.PathLike, tokenizer: Any) -> None:
@@ -106,8 +123,6 @@ def write_released_special_tokens(save_directory: str | os.PathLike) -> None:
     is read by every version (transformers 5 maps it to extra_special_tokens). A tokenizer that
     declares none gets the released list. Works on the files alone (idempotent).
     """
-    from .tokenization import ADDITIONAL_SPECIAL_TOKENS
-
     path = os.path.join(save_directory, "tokenizer_config.json")
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
@@ -229,7 +244,7 @@ class Phi3VProcessor(ProcessorMixin):
 
     Args:
         image_processor (`Phi3VImageProcessor`): turns images into crops and token counts.
-        tokenizer (`TokenizersBackend`): the Phi-3.5 tokenizer (`phi3v.tokenization.build_tokenizer`
+        tokenizer (`TokenizersBackend`): the Phi-3.5 tokenizer (`phi3v.tiny_tokenizer.build_tokenizer`
             builds a tiny one).
         chat_template (`str`, *optional*): overrides the tokenizer's chat template in
             `apply_chat_template`.
@@ -410,7 +425,7 @@ class Phi3VProcessor(ProcessorMixin):
         # The base class resolves the sub-processors through AutoImageProcessor/AutoTokenizer,
         # which only know these classes after registration and which, for a directory whose
         # tokenizer_config.json says "LlamaTokenizer" (the released one), rebuild the tokenizer
-        # pipeline and change the ids (see phi3v/tokenization.py). The classes are fixed for this
+        # pipeline and change the ids (see phi3v/tiny_tokenizer.py). The classes are fixed for this
         # model, so load them directly: the image processor from processor_config.json (or the
         # released preprocessor_config.json), the tokenizer from tokenizer.json as is.
         # Overrides such as `from_pretrained(path, num_crops=16)` go to the image processor only

@@ -87,8 +87,8 @@ def save_tiny_checkpoint(
 
     `num_crops` defaults to the release's (3.5: 4, 128k: 16)."""
     from .image_processing_phi3v import RELEASED_AUTO_MAPS, Phi3VImageProcessor
-    from .processing_phi3v import Phi3VProcessor
-    from .tokenization import build_tokenizer, end_token_ids
+    from .processing_phi3v import Phi3VProcessor, end_token_ids
+    from .tiny_tokenizer import build_tokenizer
 
     output_dir = Path(output_dir)
     tokenizer = build_tokenizer()

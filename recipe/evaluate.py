@@ -19,9 +19,9 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from phi3v.export import write_json_atomic
+from phi3v.jsonfile import write_json_atomic
 from phi3v.modeling_phi3v import Phi3VModel
-from phi3v.tokenization import end_token_ids
+from phi3v.processing_phi3v import end_token_ids
 
 from .data import Collator, ConversationDataset
 from .records import Conversation, scored_turns

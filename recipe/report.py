@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from accelerate.utils import gather_object
 
-from phi3v.export import write_json_atomic
+from phi3v.jsonfile import write_json_atomic
 
 from .args import RUN_COMPLETE_FILE, world_size
 

@@ -44,8 +44,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import rotate_checkpoints
 
 from phi3v.export import SAVE_DTYPES, finalize_output, load_merged, merge_lora
-from phi3v.processing_phi3v import Phi3VProcessor
-from phi3v.tokenization import end_token_ids
+from phi3v.processing_phi3v import Phi3VProcessor, end_token_ids
 
 from .args import RUN_COMPLETE_FILE, Flags, ModelArguments, RecipeTrainingArguments, build_training_args
 from .checkpoints import TMP_DIR, publish, save_error

@@ -8,7 +8,7 @@ from PIL import Image
 
 from phi3v.image_processing_phi3v import Phi3VImageProcessor
 from phi3v.processing_phi3v import IMAGE_TAG_PATTERN, Phi3VProcessor, check_image_tags, image_tag
-from phi3v.tokenization import build_tokenizer
+from phi3v.tiny_tokenizer import build_tokenizer
 
 PROMPT = "<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n"
 # Token counts from docs/checkpoint_format.md §3: a 336x336 HD image gives 313 positions; at num_crops=4 a

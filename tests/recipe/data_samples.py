@@ -6,7 +6,7 @@ from PIL import Image
 
 from phi3v.image_processing_phi3v import Phi3VImageProcessor
 from phi3v.processing_phi3v import Phi3VProcessor
-from phi3v.tokenization import build_tokenizer
+from phi3v.tiny_tokenizer import build_tokenizer
 
 
 def make_processor(num_crops=4):

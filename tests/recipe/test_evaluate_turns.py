@@ -7,7 +7,7 @@ import torch
 
 from phi3v.image_processing_phi3v import Phi3VImageProcessor
 from phi3v.processing_phi3v import Phi3VProcessor
-from phi3v.tokenization import build_tokenizer
+from phi3v.tiny_tokenizer import build_tokenizer
 from recipe.records import Conversation, Turn
 from recipe.evaluate import evaluate
 from recipe.metrics import accuracy

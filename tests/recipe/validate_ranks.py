@@ -7,7 +7,7 @@ import sys
 from PIL import Image
 
 import recipe.validation as validation
-from phi3v.tokenization import build_tokenizer
+from phi3v.tiny_tokenizer import build_tokenizer
 from recipe.records import Conversation, Turn
 
 

@@ -1,4 +1,6 @@
-"""A tiny Phi-3.5-vision tokenizer, trained in-process (format: docs/checkpoint_format.md §1).
+"""A tiny Phi-3.5-vision tokenizer for tests and demos, trained in-process (format:
+docs/checkpoint_format.md §1). Production code reads the released tokenizer; the facts it needs
+of it (additional special tokens, end tokens) are in `phi3v.processing_phi3v`.
 
 The released tokenizer is Llama's 32000-token byte-fallback BPE plus 45 added tokens
 (`<|endoftext|>` = 32000 ... `<|image|>` = 32044). Tests, the demo and the tiny random model
@@ -39,11 +41,10 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
+from .processing_phi3v import ADDITIONAL_SPECIAL_TOKENS
+
 __all__ = [
-    "END_TOKENS",
-    "end_token_ids",
     "ADDED_TOKENS",
-    "ADDITIONAL_SPECIAL_TOKENS",
     "BASE_SPECIAL_TOKENS",
     "CHAT_TEMPLATE",
     "DEFAULT_CORPUS",
@@ -84,11 +85,6 @@ ADDED_TOKENS = [
 ]
 
 SPECIAL_TOKENS = BASE_SPECIAL_TOKENS + ADDED_TOKENS
-
-# The released tokenizer_config.json and special_tokens_map.json declare these (the repeated
-# "<|end|>" included) as additional special tokens: transformers 4.x reports them as special and
-# skips them when decoding with skip_special_tokens, and vLLM relies on that.
-ADDITIONAL_SPECIAL_TOKENS = ("<|system|>", "<|end|>", "<|user|>", "<|end|>")
 
 # Official added-token flags: these swallow the whitespace that follows them, so
 # "<|assistant|>\n" is one token while "<|end|>\n" is `<|end|>` + "▁" + "<0x0A>".
@@ -361,12 +357,3 @@ def build_tokenizer(
         chat_template=CHAT_TEMPLATE,
     )
 
-
-# Generation ends at <|end|> (the end of an answer) or <|endoftext|>.
-END_TOKENS = ("<|end|>", "<|endoftext|>")
-
-
-def end_token_ids(tokenizer) -> list[int]:
-    """The ids generation stops at (END_TOKENS that the tokenizer has, in order, once each)."""
-    ids = [tokenizer.convert_tokens_to_ids(token) for token in END_TOKENS]
-    return [i for i in dict.fromkeys(ids) if i is not None and i != tokenizer.unk_token_id]

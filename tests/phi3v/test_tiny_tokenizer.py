@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from phi3v.tokenization import (
+from phi3v.tiny_tokenizer import (
     ADDED_TOKENS,
     CHAT_TEMPLATE,
     DEFAULT_VOCAB_SIZE,
