@@ -2,7 +2,7 @@
 
 Data: openbmb/RLAIF-V-Dataset (83k pairs: image, question, chosen, rejected; --eval_size of them
 held out), TRL's preference layout (--dataset_layout trl, e.g. trl-lib/rlaif-v), or a jsonl of
-your own pairs (--train_file/--eval_file, see recipe/preference_data.py). Start from the release
+your own pairs (--train_file/--eval_file, see recipe/pair_layouts.py). Start from the release
 or from an SFT output (--model_name_or_path out/sft):
 
     torchrun --nproc_per_node=8 finetune_hf_trainer_rlaif_v.py --output_dir out/rlaif_v \\
@@ -24,7 +24,7 @@ from pathlib import Path
 from recipe.errors import DataError, FlagError, cli
 from recipe.hub import load_source, split_for_eval
 from recipe.preference import PREFERENCE, PreferenceArguments
-from recipe.preference_data import load_pairs_jsonl, rlaif_v_pairs, trl_pairs
+from recipe.pair_layouts import load_pairs_jsonl, rlaif_v_pairs, trl_pairs
 from recipe.task import Task, run
 
 

@@ -36,6 +36,7 @@ from transformers import HfArgumentParser
 
 from .checkpoints import last_complete_checkpoint, verify
 from .errors import FlagError
+from .packing import MAX_TOKENS_PER_ROW
 
 # Seconds a data worker may take to hand over a batch before the run stops with an error
 # (--dataloader_timeout, recipe.faults): long enough for the slowest batch of large images, short
@@ -66,9 +67,6 @@ RUN_COMPLETE_FILE = "run_complete.json"
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_DEEPSPEED_CONFIG = str(REPOSITORY / "ds_configs" / "zero2.json")
 TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer's name (a test checks they agree)
-# Longest row of --padding_free: 4096, the original context, so LongRoPE keeps each example's
-# short factors (recipe.packing).
-MAX_TOKENS_PER_ROW = 4096
 
 # transformers' names for what the original recipe calls differently: refused (and hidden from
 # --help) rather than silently overwritten by the original's flag.

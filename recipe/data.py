@@ -1,174 +1,31 @@
-"""Conversations to model batches: tokenisation, the dataset and the collator.
+"""Conversations to model batches for supervised finetuning: the dataset and the collator.
 
-`tokenize_conversation` applies the chat template once to the whole conversation, numbers
-`<|image_k|>` tags across it, and labels only the assistant answers and their `<|end|>`. The
-ids are exactly the official processor's (BOS after each image block included).
-`ConversationDataset` decodes images only in `__getitem__`; its `lengths` (for length-grouped
-batching and evaluation order) are the ones `recipe.validation.validate` measured. `Collator`
-pads (right for training, left for generation) and concatenates the images of the batch.
+`ConversationDataset` decodes images only in `__getitem__` and tokenizes with
+`recipe.tokenization.tokenize_conversation`; its `lengths` (for length-grouped batching and
+evaluation order) are the ones `recipe.validation.validate` measured. `Collator` pads (right for
+training, left for generation) and concatenates the images of the batch, or packs whole examples
+into rows (`recipe.packing`).
 
-The data path, by module: `recipe.records` (examples and the jsonl layout), `recipe.layouts`
-(the layouts users have: LLaVA, messages, the_cauldron, HF datasets), `recipe.hub` (hub rows),
-`recipe.validation` (checks and lengths, before the first step), this module (batches).
+The data path, layer by layer, is described in `recipe.records`; this module is its top (for SFT).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from phi3v.image_processing_phi3v import hd_image_size, num_image_tokens
-from phi3v.processing_phi3v import IMAGE_TAG_RE, image_positions, image_tag, image_tag_chunks
-
-from .records import Conversation, image_size, load_image
-
 from .packing import pack_examples
+from .records import Conversation, load_image
+from .tokenization import IGNORE_INDEX, conversation_length, tokenize_conversation
 
 __all__ = [
-    "IGNORE_INDEX",
-    "build_messages",
-    "tokenize_conversation",
-    "TokenizedConversation",
-    "image_token_counts",
-    "image_tokens",
-    "conversation_length",
+    "encode_images",
     "ConversationDataset",
     "Collator",
 ]
-
-IGNORE_INDEX = -100
-END_TOKEN = "<|end|>"
-
-
-# -- conversation -> tokens ----------------------------------------------------------------
-
-
-def build_messages(conversation: Conversation, for_generation: bool = False) -> list[dict[str, str]]:
-    """Chat messages with `<|image_k|>` tags numbered across the whole conversation.
-
-    A system message (`conversation.system`) comes first. With `for_generation`, the last
-    assistant answer is left out (it is what the model must
-    produce). Raises ValueError when a turn's own tags do not match its images.
-    """
-    messages, first = [], 1
-    if conversation.system:
-        messages.append({"role": "system", "content": conversation.system})
-    turns = conversation.turns
-    for t, turn in enumerate(turns):
-        numbers = list(range(first, first + len(turn.images)))
-        found = [int(k) for k in IMAGE_TAG_RE.findall(turn.user)]
-        if found:
-            if found != numbers:
-                expected = ", ".join(image_tag(k) for k in numbers) or "no tags"
-                raise ValueError(
-                    f"turn {t} has {len(turn.images)} image(s) and tags "
-                    f"{', '.join(image_tag(k) for k in found)}; expected {expected} "
-                    "(numbered across the conversation, in order)"
-                )
-            user = turn.user
-        else:
-            user = "".join(f"{image_tag(k)}\n" for k in numbers) + turn.user
-        if IMAGE_TAG_RE.search(turn.assistant):
-            raise ValueError(f"turn {t}: the assistant answer contains an image tag")
-        first += len(turn.images)
-        messages.append({"role": "user", "content": user})
-        if not (for_generation and t == len(turns) - 1):
-            # Leading whitespace would be swallowed by <|assistant|> (rstrip=True) in the
-            # official tokenization anyway; dropping it keeps label spans exact.
-            messages.append({"role": "assistant", "content": turn.assistant.lstrip()})
-    return messages
-
-
-@dataclass
-class TokenizedConversation:
-    input_ids: list[int]
-    labels: list[int]
-    num_image_tokens: list[int]
-
-
-def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    """`tokenizer(text, add_special_tokens=...)["input_ids"]`, through the fast tokenizer's Rust
-    backend when there is one: the same ids without transformers' per-call wrapping, which is
-    most of the cost of tokenizing the short pieces of a conversation (validation tokenizes
-    every example before the first step)."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if (not getattr(tokenizer, "is_fast", False) or backend is None or getattr(tokenizer, "split_special_tokens", False)
-            or backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens):
-        # (what the plain call would switch off or on first)
-        return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-    return backend.encode(text, add_special_tokens=add_special_tokens).ids
-
-
-def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def tokenize_conversation(
-    conversation: Conversation,
-    tokenizer,
-    image_token_counts: Sequence[int],
-    for_generation: bool = False,
-) -> TokenizedConversation:
-    """Ids and labels of a conversation, given the token count of each of its images.
-
-    The chat template is applied once. The text is then cut at image tags (each piece starts
-    with BOS, as in the official processor) and at answer boundaries, which always sit next
-    to a special token, so the pieces tokenize exactly like the whole. Labels cover each
-    answer and its `<|end|>`; everything else is IGNORE_INDEX.
-    """
-    messages = build_messages(conversation, for_generation=for_generation)
-    text = _render(tokenizer, messages, add_generation_prompt=for_generation)
-    # Character spans of the answers: the template is prefix-consistent, so the answer of
-    # message m starts where the rendering of messages[:m] plus the generation prompt ends.
-    spans = []
-    for m, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(_render(tokenizer, messages[:m], add_generation_prompt=True))
-        end = start + len(message["content"])
-        if text[start:end] != message["content"] or not text.startswith(END_TOKEN, end):
-            raise ValueError(
-                "the tokenizer's chat template does not render an answer as '<|assistant|>\\n' + "
-                "answer + '<|end|>'; labels cannot be placed"
-            )
-        spans.append((start, end + len(END_TOKEN)))
-
-    # The processor's expansion (phi3v.processing_phi3v.image_tag_chunks), with each chunk further
-    # cut at answer boundaries to place the labels.
-    chunks = image_tag_chunks(text, len(image_token_counts), where="the conversation")
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for k, (chunk_start, chunk_end) in enumerate(chunks):
-        # Within one chunk: BOS once at its start (the chunk's own tokenizer call), answers labelled.
-        cuts = sorted({chunk_start, chunk_end, *[p for s, e in spans for p in (s, e) if chunk_start < p < chunk_end]})
-        for i, (a, b) in enumerate(zip(cuts, cuts[1:] or [chunk_end])):
-            piece = text[a:b]
-            ids = _encode(tokenizer, piece, add_special_tokens=(i == 0)) if (piece or i == 0) else []
-            is_answer = any(s <= a and b <= e for s, e in spans) and a < b
-            input_ids += ids
-            labels += ids if is_answer else [IGNORE_INDEX] * len(ids)
-        if k < len(image_token_counts):
-            input_ids += image_positions(k + 1, image_token_counts[k])
-            labels += [IGNORE_INDEX] * image_token_counts[k]
-    return TokenizedConversation(input_ids, labels, list(image_token_counts))
-
-
-def image_tokens(width: int, height: int, num_crops: int) -> int:
-    """Image tokens of a width x height image at `num_crops` (the one size -> count rule)."""
-    return num_image_tokens(*hd_image_size(width, height, num_crops))
-
-
-def image_token_counts(images: Iterable[Any], num_crops: int) -> list[int]:
-    """Token count of each image from its size alone (header read, no pixel decoding)."""
-    return [image_tokens(*image_size(image), num_crops) for image in images]
-
-
-def conversation_length(conversation: Conversation, tokenizer, num_crops: int, for_generation: bool = False) -> int:
-    counts = image_token_counts(conversation.images, num_crops)
-    return len(tokenize_conversation(conversation, tokenizer, counts, for_generation).input_ids)
 
 
 # -- dataset and collator ------------------------------------------------------------------

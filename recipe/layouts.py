@@ -3,7 +3,7 @@
 One reader per layout; the layout is detected from the first record (or forced with
 --data_format) and logged in one line. Files are JSON lines or one JSON list, either extension.
 
-    ours      {"id", "system"?, "conversations": [{"images": [...], "user", "assistant"}]}   (recipe.records)
+    ours      {"id", "system"?, "conversations": [{"images": [...], "user", "assistant"}]}
     llava     {"id", "image": "a.jpg" | [...], "conversations": [{"from": "human"|"gpt"|"system", "value"}]}
     messages  {"messages": [{"role": "system"|"user"|"assistant", "content": str | [parts]}], "images": [...]}
               (or OpenAI's image parts naming their file: {"type": "image_url", "image_url": {"url": "a.jpg"}})
@@ -18,6 +18,19 @@ image part written `<image>` and the parts joined by a newline, so `[image, text
 `"<image>\\n" + text`. A record without any placeholder puts all its images before the first
 user text, as ours does (one `<|image_k|>\\n` per image). A system message goes first, through
 the release's chat template (`<|system|>\\n...<|end|>\\n`).
+
+Ours, the documented layout (one example per line; image paths relative to the image directory):
+
+    {"id": "v_ApplyEyeMakeup_g01_c01", "source": "ucf101",
+     "conversations": [{"images": ["train/ApplyEyeMakeup/v_..._0.jpg", ...],
+                        "user": "Classify the video into one of the following classes: ...",
+                        "assistant": "ApplyEyeMakeup"}]}
+
+An optional top-level "system" string is a system message, rendered first as the release's chat
+template does. A turn whose user text has no `<|image_k|>` tags gets one `<|image_k|>\\n` per
+image put in front of its text (numbered across the conversation); a turn that places its own
+tags must use exactly the numbers of its images, in order (see
+`recipe.tokenization.build_messages`).
 
 Every problem is reported with file:line (or "split row N") before training: placeholder count
 != image count, unknown role, turns not alternating user/assistant, a missing assistant answer,
@@ -38,12 +51,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .errors import DataError, cli
-from .records import (MAX_PROBLEMS_SHOWN, Conversation, Conversations, Problem, Turn, parse_record,
-                      resolve_image_path)
+from .records import MAX_PROBLEMS_SHOWN, Conversation, Conversations, Problem, Turn, problems_error
 
 __all__ = [
     "LAYOUTS",
     "PLACEHOLDER",
+    "parse_record",
+    "resolve_image_path",
+    "read_jsonl",
+    "load_jsonl",
     "detect_layout",
     "read_records",
     "read_file",
@@ -102,6 +118,135 @@ def detect_layout(record: Any, where: str) -> str:
         f"{where}: the record (keys {sorted(record)}) matches no layout; closest is {closest}, which needs the "
         f"key {lacks!r} (layouts: {', '.join(LAYOUTS)}; see the README's 'Your own data')"
     )
+
+
+# -- our layout ------------------------------------------------------------------------------
+
+
+_TURN_KEYS = {"images", "user", "assistant"}
+
+
+def parse_record(
+    obj: Any, where: str, resolve: Callable[[Any], Any]
+) -> tuple[Conversation | None, list[Problem]]:
+    """One record of our layout; `resolve` turns an image entry into a path or image reference
+    (a ValueError says why it cannot)."""
+
+    def bad(message: str, reason: str) -> tuple[None, list[Problem]]:
+        return None, [Problem(where, message, reason)]
+
+    if not isinstance(obj, dict):
+        return bad(f"expected a JSON object, got {type(obj).__name__}", "not an object")
+    turns_raw = obj.get("conversations")
+    if turns_raw is None:
+        return bad("missing key 'conversations'", "missing key")
+    if not isinstance(turns_raw, list) or not turns_raw:
+        return bad("'conversations' must be a non-empty list of turns", "wrong type")
+    record_id = obj.get("id", where)
+    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
+        return bad(f"'id' must be a string or integer, got {type(record_id).__name__}", "wrong type")
+    source = obj.get("source", "")
+    if not isinstance(source, str):
+        return bad(f"'source' must be a string, got {type(source).__name__}", "wrong type")
+    system = obj.get("system", "")
+    if not isinstance(system, str):
+        return bad(f"'system' must be a string, got {type(system).__name__}", "wrong type")
+    turns, problems = [], []
+    for t, turn in enumerate(turns_raw):
+        at = f"conversations[{t}]"
+        if not isinstance(turn, dict):
+            problems.append(Problem(where, f"{at} must be an object", "wrong type"))
+            continue
+        unknown = set(turn) - _TURN_KEYS
+        if unknown:
+            problems.append(
+                Problem(where, f"{at} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_TURN_KEYS)}",
+                        "unknown key")
+            )
+        for key in ("user", "assistant"):
+            if key not in turn:
+                problems.append(Problem(where, f"{at} is missing key '{key}'", "missing key"))
+            elif not isinstance(turn[key], str):
+                problems.append(
+                    Problem(where, f"{at}.{key} must be a string, got {type(turn[key]).__name__}", "wrong type")
+                )
+        images = turn.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            problems.append(Problem(where, f"{at}.images must be a list of path strings", "wrong type"))
+            images = []
+        paths = []
+        for p in images:
+            try:
+                paths.append(resolve(p))
+            except ValueError as err:
+                problems.append(Problem(where, f"{at}.images: {err}", "unsafe path"))
+        if not problems:
+            turns.append(Turn(user=turn["user"], assistant=turn["assistant"], images=paths))
+    if problems:
+        return None, problems
+    return Conversation(id=str(record_id), turns=turns, source=source, where=where, system=system), []
+
+
+def resolve_image_path(relative: str, image_dir: str | Path) -> Path:
+    """`image_dir / relative`, refusing absolute paths and paths that leave `image_dir`.
+
+    The check is on the written path (not on symlink targets), so an image directory that is
+    itself a symlink, or holds symlinked sub-trees, keeps working.
+    """
+    if not relative:
+        raise ValueError("empty image path")
+    if os.path.isabs(relative) or Path(relative).drive:
+        raise ValueError(f"absolute image path {relative!r} is not allowed; give it relative to the image directory")
+    normalized = os.path.normpath(relative)
+    if normalized == ".." or normalized.startswith(".." + os.sep):
+        raise ValueError(f"image path {relative!r} escapes the image directory")
+    return Path(image_dir) / normalized
+
+
+def read_jsonl(path: str | Path, image_dir: str | Path) -> tuple[list[Conversation], list[Problem]]:
+    """Reads the documented jsonl layout. Returns conversations and the problems of bad lines.
+
+    Bad lines (invalid JSON, missing keys, wrong types, unsafe paths) are reported with
+    file:line and never stop the reading, so every problem is listed at once.
+    """
+    path, image_dir = Path(path), Path(image_dir)
+    resolve = lambda p: resolve_image_path(p, image_dir)  # noqa: E731
+    conversations: list[Conversation] = []
+    problems: list[Problem] = []
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; check the path")
+    lines = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                continue
+            lines += 1
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append(Problem(where, f"invalid JSON ({err.msg} at column {err.colno})", "invalid JSON"))
+                continue
+            conversation, found = parse_record(obj, where, resolve)
+            problems += found
+            if conversation is not None:
+                conversations.append(conversation)
+    if not lines:
+        raise DataError(
+            f"{path} has no examples (the file is empty or holds only blank lines); it needs one JSON "
+            "example per line (see the README's 'Your own data')"
+        )
+    return conversations, problems
+
+
+def load_jsonl(path: str | Path, image_dir: str | Path, defer_errors: bool = False) -> Conversations:
+    """`read_jsonl` that stops on bad lines (one DataError listing them all), or with
+    `defer_errors` lets the problems travel on the returned list, for `validate` to report (or,
+    with --skip_bad_examples, to count) along with everything else."""
+    conversations, problems = read_jsonl(path, image_dir)
+    if problems and not defer_errors:
+        raise problems_error(problems, str(path))
+    return Conversations(conversations, problems)
 
 
 # -- the one rule: messages -> turns ---------------------------------------------------------

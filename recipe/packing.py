@@ -27,18 +27,19 @@ as unpacked) in that order.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
-# MAX_TOKENS_PER_ROW: the released models' original context (`original_max_position_embeddings`):
-# the longest row whose examples keep the rotary factors they have alone, whatever the model's
-# threshold rule. (Defined with the flags, which must not import torch.)
-from .args import MAX_TOKENS_PER_ROW
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["MAX_TOKENS_PER_ROW", "pack_rows", "pack_examples"]
 
-IGNORE_INDEX = -100  # the loss's ignore index (recipe.data.IGNORE_INDEX)
+# The longest row of --padding_free: the released models' original context
+# (`original_max_position_embeddings`), the longest row whose examples keep the rotary factors
+# they have alone, whatever the model's threshold rule. (The flags read it: this module imports
+# torch only when it packs, so that --help stays fast.)
+MAX_TOKENS_PER_ROW = 4096
+IGNORE_INDEX = -100  # the loss's ignore index (recipe.tokenization.IGNORE_INDEX; that module loads torch)
 
 
 def pack_rows(lengths: Sequence[int], max_tokens_per_row: int) -> list[list[int]]:
@@ -69,6 +70,8 @@ def pack_examples(
     The returned items are for the image concatenation, which must follow the row-major order
     in which the model consumes image positions.
     """
+    import torch
+
     rows = pack_rows([len(item["input_ids"]) for item in items], max_tokens_per_row)
     width = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)

@@ -31,19 +31,17 @@ row per pair, the images in both), for the baseline in bench/preference.py and f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from .data import IGNORE_INDEX, encode_images, image_token_counts, tokenize_conversation
+from .data import encode_images
 from .packing import MAX_TOKENS_PER_ROW
-from .records import Conversation
+from .records import PreferencePair
+from .tokenization import IGNORE_INDEX, image_token_counts, tokenize_pair
 
 __all__ = [
-    "PreferencePair",
-    "TokenizedPair",
-    "tokenize_pair",
     "PairDataset",
     "PairCollator",
     "PairLogProbs",
@@ -53,84 +51,6 @@ __all__ = [
 # Segment ids within a row (a pair straddling the rotary switch gets its prompt a second time).
 _PAD, _PROMPT, _CHOSEN, _REJECTED, _PROMPT_AGAIN = -1, 0, 1, 2, 3
 _NO_PARENT = -2
-
-
-# -- records and tokens ----------------------------------------------------------------------
-
-
-@dataclass
-class PreferencePair:
-    """A conversation whose last turn holds the prompt (user text and images) and the chosen
-    answer; `rejected` is the rejected answer to that last turn. Earlier turns are complete."""
-
-    conversation: Conversation
-    rejected: str
-
-    @property
-    def id(self) -> str:
-        return self.conversation.id
-
-    @property
-    def where(self) -> str:
-        return self.conversation.where
-
-    @property
-    def source(self) -> str:
-        return self.conversation.source
-
-    @property
-    def images(self) -> list[Any]:
-        return self.conversation.images
-
-    @property
-    def chosen(self) -> str:
-        return self.conversation.answer
-
-    def rejected_conversation(self) -> Conversation:
-        """The same conversation with the rejected answer in the last turn."""
-        turns = self.conversation.turns
-        return replace(self.conversation, turns=[*turns[:-1], replace(turns[-1], assistant=self.rejected)])
-
-
-@dataclass
-class TokenizedPair:
-    prompt_ids: list[int]
-    chosen_ids: list[int]  # the answer and its <|end|>, as SFT labels them
-    rejected_ids: list[int]
-    num_image_tokens: list[int]
-
-    def __len__(self) -> int:
-        """Tokens of the shared-prefix row: prompt once, both answers."""
-        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
-
-
-def _split_last_answer(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-    """(everything before the last labelled span, that span): the prompt and the last answer."""
-    end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    return input_ids[:start], input_ids[start : end + 1]
-
-
-def tokenize_pair(pair: PreferencePair, tokenizer, image_token_counts: Sequence[int]) -> TokenizedPair:
-    """Prompt, chosen and rejected ids, given the token count of each image.
-
-    Both answers come from `tokenize_conversation` exactly as SFT builds and labels them, so
-    prompt + chosen is `tokenize_conversation(pair.conversation)` up to the last answer's
-    `<|end|>` (what follows it, a newline and `<|endoftext|>`, is never labelled). Raises
-    ValueError when the two answers do not share one prompt (cannot happen with a template
-    that renders the prompt before the answer).
-    """
-    chosen = tokenize_conversation(pair.conversation, tokenizer, image_token_counts)
-    rejected = tokenize_conversation(pair.rejected_conversation(), tokenizer, image_token_counts)
-    prompt, chosen_ids = _split_last_answer(chosen.input_ids, chosen.labels)
-    rejected_prompt, rejected_ids = _split_last_answer(rejected.input_ids, rejected.labels)
-    if rejected_prompt != prompt:
-        raise ValueError(
-            f"{pair.where or pair.id}: the chosen and rejected answers do not follow the same prompt tokens"
-        )
-    return TokenizedPair(prompt, chosen_ids, rejected_ids, list(image_token_counts))
 
 
 # -- dataset ---------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 A task script passes `PREFERENCE` as its Task's `objective`; the runner keeps everything else
 (flags, modes, checkpoints, saving, merging, the report). What this objective supplies:
 
-- data: pairs read by the task (recipe.preference_data), validated with `validate_pairs`;
+- data: pairs read by the task (recipe.pair_layouts), validated with `validate_pairs`;
 - trainer: `PreferenceTrainer`, a RecipeTrainer whose loss is DPO (recipe.dpo) on the log-probs of
   the shared-prefix pair forward (recipe.pairs.pair_log_probs), and which logs TRL's metrics;
 - reference model (`Reference`): LoRA/QLoRA: the same model with its adapters disabled (peft's
@@ -43,7 +43,7 @@ from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from phi3v.export import write_json_atomic
+from phi3v.jsonfile import write_json_atomic
 from phi3v.modeling_phi3v import Phi3VModel
 
 from .args import DataArguments
@@ -52,12 +52,12 @@ from .errors import DataError, FlagError
 from .evaluate import evaluate
 from .metrics import score_function
 from .model import REFERENCE_ADAPTER, load_model
-from .pairs import PairCollator, PairDataset, PreferencePair, pair_log_probs
-from .preference_data import validate_pairs
-from .records import subset
+from .pairs import PairCollator, PairDataset, pair_log_probs
+from .records import PreferencePair, subset
 from .report import Throughput
 from .faults import StopOnSignal
 from .train import Objective, RecipeTrainer, _EvalAtTrainBegin, _LogAtSaveAndEnd, _name_tensorboard_run, setup_model
+from .validation import validate_pairs
 
 __all__ = ["PreferenceArguments", "PREFERENCE", "PreferenceTrainer", "PairEvaluator", "Reference",
            "dataset_log_probs"]

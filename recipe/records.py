@@ -1,52 +1,39 @@
-"""Examples as records, and where they come from: the documented jsonl layout.
+"""The examples as records: the bottom of the data path, importing nothing above it.
 
 A `Conversation` is a list of turns, each with its own images, user text and assistant
-answer. An image is a PIL image, a path, or a reference whose `open()` gives the PIL image
-(e.g. `recipe.hub.DatasetImage`, an image inside a memory-mapped Arrow file); it is decoded only
-when used. Hub rows become conversations in `recipe.hub`.
+answer; a `PreferencePair` is a conversation plus the rejected answer to its last turn. An
+image is a PIL image, a path, or a reference whose `open()` gives the PIL image (e.g.
+`recipe.hub.DatasetImage`, an image inside a memory-mapped Arrow file); it is decoded only when
+used (`load_image`). A `Problem` is what is wrong with one example, with where it was read.
 
-Documented jsonl layout (one example per line; image paths relative to the image directory):
-
-    {"id": "v_ApplyEyeMakeup_g01_c01", "source": "ucf101",
-     "conversations": [{"images": ["train/ApplyEyeMakeup/v_..._0.jpg", ...],
-                        "user": "Classify the video into one of the following classes: ...",
-                        "assistant": "ApplyEyeMakeup"}]}
-
-An optional top-level "system" string is a system message, rendered first as the release's chat
-template does. The other layouts users have (LLaVA, messages, the_cauldron) are read into the
-same records by `recipe.layouts`.
-
-Tags: a turn whose user text has no `<|image_k|>` tags gets one `<|image_k|>\\n` per image
-put in front of its text (numbered across the conversation); a turn that places its own tags
-must use exactly the numbers of its images, in order (see `recipe.data.build_messages`).
+The data path, each layer importing only the ones below it:
+- records (this module): the types, image opening, subsets;
+- layouts: files and datasets into records (`recipe.layouts`: ours, LLaVA, messages, the_cauldron,
+  HF datasets; `recipe.hub`: hub rows; `recipe.pair_layouts`: preference pairs), and the
+  tokenization of a conversation (`recipe.tokenization`);
+- validation: every example checked and measured before the first step (`recipe.validation`);
+- datasets and collators, per objective: `recipe.data` (SFT), `recipe.packing`, `recipe.pairs` (preference).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 
-if TYPE_CHECKING:
-    from .validation import TokenCount
-
 __all__ = [
     "Turn",
     "Conversation",
+    "PreferencePair",
     "Problem",
     "problems_error",
-    "parse_record",
-    "read_jsonl",
-    "load_jsonl",
+    "MAX_PROBLEMS_SHOWN",
     "Conversations",
-    "resolve_image_path",
     "subset",
     "scored_turns",
     "open_image",
@@ -75,7 +62,9 @@ class Conversation:
     source: str = ""
     where: str = ""  # "file.jsonl:12" or "train row 5": where problems are reported
     references: list[str] | None = None  # every accepted answer of the last turn (evaluation)
-    tokens: TokenCount | None = None  # measured by `validate` (length grouping and evaluation order reuse it)
+    # A recipe.tokenization.TokenCount, measured by `validate` (length grouping and evaluation
+    # order reuse it); typed loosely so that the records import nothing from above them.
+    tokens: Any = None
     system: str = ""  # a system message, rendered first by the release's chat template ("" = none)
 
     @property
@@ -85,6 +74,40 @@ class Conversation:
     @property
     def answer(self) -> str:
         return self.turns[-1].assistant
+
+
+@dataclass
+class PreferencePair:
+    """A conversation whose last turn holds the prompt (user text and images) and the chosen
+    answer; `rejected` is the rejected answer to that last turn. Earlier turns are complete."""
+
+    conversation: Conversation
+    rejected: str
+
+    @property
+    def id(self) -> str:
+        return self.conversation.id
+
+    @property
+    def where(self) -> str:
+        return self.conversation.where
+
+    @property
+    def source(self) -> str:
+        return self.conversation.source
+
+    @property
+    def images(self) -> list[Any]:
+        return self.conversation.images
+
+    @property
+    def chosen(self) -> str:
+        return self.conversation.answer
+
+    def rejected_conversation(self) -> Conversation:
+        """The same conversation with the rejected answer in the last turn."""
+        turns = self.conversation.turns
+        return replace(self.conversation, turns=[*turns[:-1], replace(turns[-1], assistant=self.rejected)])
 
 
 @dataclass
@@ -113,128 +136,6 @@ def problems_error(problems: Sequence[Problem], what: str) -> DataError:
     )
 
 
-# -- reading -------------------------------------------------------------------------------
-
-
-_TURN_KEYS = {"images", "user", "assistant"}
-
-
-def _parse_record(obj: Any, where: str, image_dir: Path) -> tuple[Conversation | None, list[Problem]]:
-    return parse_record(obj, where, lambda p: resolve_image_path(p, image_dir))
-
-
-def parse_record(
-    obj: Any, where: str, resolve: Callable[[Any], Any]
-) -> tuple[Conversation | None, list[Problem]]:
-    """One record of our layout; `resolve` turns an image entry into a path or image reference
-    (a ValueError says why it cannot)."""
-
-    def bad(message: str, reason: str) -> tuple[None, list[Problem]]:
-        return None, [Problem(where, message, reason)]
-
-    if not isinstance(obj, dict):
-        return bad(f"expected a JSON object, got {type(obj).__name__}", "not an object")
-    turns_raw = obj.get("conversations")
-    if turns_raw is None:
-        return bad("missing key 'conversations'", "missing key")
-    if not isinstance(turns_raw, list) or not turns_raw:
-        return bad("'conversations' must be a non-empty list of turns", "wrong type")
-    record_id = obj.get("id", where)
-    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
-        return bad(f"'id' must be a string or integer, got {type(record_id).__name__}", "wrong type")
-    source = obj.get("source", "")
-    if not isinstance(source, str):
-        return bad(f"'source' must be a string, got {type(source).__name__}", "wrong type")
-    system = obj.get("system", "")
-    if not isinstance(system, str):
-        return bad(f"'system' must be a string, got {type(system).__name__}", "wrong type")
-    turns, problems = [], []
-    for t, turn in enumerate(turns_raw):
-        at = f"conversations[{t}]"
-        if not isinstance(turn, dict):
-            problems.append(Problem(where, f"{at} must be an object", "wrong type"))
-            continue
-        unknown = set(turn) - _TURN_KEYS
-        if unknown:
-            problems.append(
-                Problem(where, f"{at} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_TURN_KEYS)}",
-                        "unknown key")
-            )
-        for key in ("user", "assistant"):
-            if key not in turn:
-                problems.append(Problem(where, f"{at} is missing key '{key}'", "missing key"))
-            elif not isinstance(turn[key], str):
-                problems.append(
-                    Problem(where, f"{at}.{key} must be a string, got {type(turn[key]).__name__}", "wrong type")
-                )
-        images = turn.get("images", [])
-        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-            problems.append(Problem(where, f"{at}.images must be a list of path strings", "wrong type"))
-            images = []
-        paths = []
-        for p in images:
-            try:
-                paths.append(resolve(p))
-            except ValueError as err:
-                problems.append(Problem(where, f"{at}.images: {err}", "unsafe path"))
-        if not problems:
-            turns.append(Turn(user=turn["user"], assistant=turn["assistant"], images=paths))
-    if problems:
-        return None, problems
-    return Conversation(id=str(record_id), turns=turns, source=source, where=where, system=system), []
-
-
-def resolve_image_path(relative: str, image_dir: str | Path) -> Path:
-    """`image_dir / relative`, refusing absolute paths and paths that leave `image_dir`.
-
-    The check is on the written path (not on symlink targets), so an image directory that is
-    itself a symlink, or holds symlinked sub-trees, keeps working.
-    """
-    if not relative:
-        raise ValueError("empty image path")
-    if os.path.isabs(relative) or Path(relative).drive:
-        raise ValueError(f"absolute image path {relative!r} is not allowed; give it relative to the image directory")
-    normalized = os.path.normpath(relative)
-    if normalized == ".." or normalized.startswith(".." + os.sep):
-        raise ValueError(f"image path {relative!r} escapes the image directory")
-    return Path(image_dir) / normalized
-
-
-def read_jsonl(path: str | Path, image_dir: str | Path) -> tuple[list[Conversation], list[Problem]]:
-    """Reads the documented jsonl layout. Returns conversations and the problems of bad lines.
-
-    Bad lines (invalid JSON, missing keys, wrong types, unsafe paths) are reported with
-    file:line and never stop the reading, so every problem is listed at once.
-    """
-    path, image_dir = Path(path), Path(image_dir)
-    conversations: list[Conversation] = []
-    problems: list[Problem] = []
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist; check the path")
-    lines = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            lines += 1
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(Problem(where, f"invalid JSON ({err.msg} at column {err.colno})", "invalid JSON"))
-                continue
-            conversation, found = _parse_record(obj, where, image_dir)
-            problems += found
-            if conversation is not None:
-                conversations.append(conversation)
-    if not lines:
-        raise DataError(
-            f"{path} has no examples (the file is empty or holds only blank lines); it needs one JSON "
-            "example per line (see the README's 'Your own data')"
-        )
-    return conversations, problems
-
-
 class Conversations(list):
     """Conversations read from a file, with the `problems` of the lines that could not be read.
 
@@ -250,14 +151,7 @@ class Conversations(list):
         self.count_problems = count_problems
 
 
-def load_jsonl(path: str | Path, image_dir: str | Path, defer_errors: bool = False) -> Conversations:
-    """`read_jsonl` that stops on bad lines (one DataError listing them all), or with
-    `defer_errors` lets the problems travel on the returned list, for `validate` to report (or,
-    with --skip_bad_examples, to count) along with everything else."""
-    conversations, problems = read_jsonl(path, image_dir)
-    if problems and not defer_errors:
-        raise problems_error(problems, str(path))
-    return Conversations(conversations, problems)
+# -- subsets ---------------------------------------------------------------------------------
 
 
 def subset(conversations: Sequence[Conversation], n: int | None, seed: int) -> Conversations:

@@ -4,7 +4,7 @@ equally often, so only the image tells which answer is right.
 
     python -m recipe.synthetic_pairs --out_dir demo_out/pairs [--train 48 --eval 16 --text_only 0]
 
-Writes train.jsonl, eval.jsonl (recipe/preference_data.py's layout) and images/.
+Writes train.jsonl, eval.jsonl (recipe/pair_layouts.py's layout) and images/.
 """
 
 from __future__ import annotations

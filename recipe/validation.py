@@ -1,4 +1,4 @@
-"""Checks every example before the first step, and measures each one once.
+"""Checks every example (or preference pair) before the first step, and measures each one once.
 
 `validate` reports every problem that would fail later (types, image files, tags, length)
 with file:line in one `DataError`, or with --skip_bad_examples drops the bad examples with a
@@ -12,52 +12,24 @@ import logging
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from PIL import Image
 
-
-from .data import build_messages, image_tokens, tokenize_conversation
 from .errors import DataError
-from .records import MAX_PROBLEMS_SHOWN, Conversation, Problem, load_image, open_image, problems_error
+from .records import (MAX_PROBLEMS_SHOWN, Conversation, Conversations, PreferencePair, Problem, load_image,
+                      open_image, problems_error)
+from .tokenization import TokenCount, build_messages, count_tokens, image_tokens, pair_length
 from .validation_cache import ValidationCache, example_key
 
-__all__ = ["validate", "TokenCount", "LONG_ROPE_THRESHOLD"]
+__all__ = ["validate", "validate_pairs", "LONG_ROPE_THRESHOLD"]
 
 logger = logging.getLogger("recipe.validation")
 
 # Phi-3.5-vision's LongRoPE switches to its long-context factors past this many positions
 # (config.original_max_position_embeddings of every released Phi-3(.5)-vision).
 LONG_ROPE_THRESHOLD = 4096
-
-
-@dataclass(frozen=True)
-class TokenCount:
-    """An example's length, measured once by `validate` at its --num_crops.
-
-    Length grouping and evaluation ordering reuse it instead of tokenising again and reading
-    every image header again; the parts say what costs what when an example is too long.
-    """
-
-    text: int  # tokens of the rendered conversation without the image positions
-    images: tuple[int, ...]  # tokens of each image, in order
-    image_sizes: tuple[tuple[int, int], ...]  # (width, height) of each image, to price other --num_crops
-
-    @property
-    def total(self) -> int:
-        return self.text + sum(self.images)
-
-    def at_num_crops(self, num_crops: int) -> int:
-        """The length this example would have at another --num_crops."""
-        return self.text + sum(image_tokens(w, h, num_crops) for w, h in self.image_sizes)
-
-    def describe(self, num_crops: int) -> str:
-        if not self.images:
-            return f"{self.text} text tokens, no image"
-        per_image = ", ".join(str(n) for n in self.images)
-        return f"{self.text} text tokens + image tokens {per_image} per image at --num_crops {num_crops}"
 
 
 def _inspect_image(image: Any, decode: bool) -> tuple[tuple[int, int] | None, str | None]:
@@ -106,11 +78,10 @@ def _check_one(
         if counts is None:
             build_messages(conversation)  # the tag check alone: the other problems are reported too
             return found, None
-        length = (measure(conversation, counts) if measure is not None
-                  else len(tokenize_conversation(conversation, tokenizer, counts).input_ids))
+        tokens = count_tokens(conversation, tokenizer, counts, sizes, measure)
     except ValueError as err:
         return found + [Problem(where, str(err), "tag mismatch")], None
-    return [], TokenCount(length - sum(counts), tuple(counts), tuple(sizes))
+    return [], tokens
 
 
 def _check_all(conversations, tokenizer, num_crops: int, decode_images: bool, what: str, progress: bool,
@@ -259,3 +230,34 @@ def _warn(message: str) -> None:
 
     if PartialState().is_main_process:
         logger.warning(message)
+
+
+# -- preference pairs ----------------------------------------------------------------------
+
+
+def validate_pairs(
+    pairs: Sequence[PreferencePair],
+    tokenizer,
+    num_crops: int,
+    max_length: int | None = None,
+    decode_images: bool = False,
+    skip_bad: bool = False,
+    what: str = "the pairs",
+    training: bool = False,
+    progress: bool = False,
+) -> list[PreferencePair]:
+    """`validate` for pairs: the reading problems, images, tags, duplicate ids,
+    and pairs whose prompt + chosen + rejected (one row of the shared-prefix forward) is longer
+    than `max_length` (never cut: reported with its image tokens at this --num_crops, or dropped
+    with --skip_bad_examples). Returns the usable pairs, each conversation with its measured
+    length (`conversation.tokens`, the pair's) for length grouping."""
+    by_conversation = {id(pair.conversation): pair for pair in pairs}
+
+    def measure(conversation: Conversation, counts: list[int]) -> int:
+        return pair_length(by_conversation[id(conversation)], tokenizer, counts)
+
+    conversations = Conversations([pair.conversation for pair in pairs], getattr(pairs, "problems", []),
+                                  count_problems=getattr(pairs, "count_problems", True))
+    good = validate(conversations, tokenizer, num_crops, max_length=max_length, decode_images=decode_images,
+                    skip_bad=skip_bad, what=what, training=training, progress=progress, measure=measure)
+    return [by_conversation[id(conversation)] for conversation in good]

@@ -39,7 +39,7 @@ VERSION = 1  # raise when what a result holds changes
 # part of the setting, so a recipe update that measures differently does not reuse old lengths.
 _ROOT = Path(__file__).resolve().parent.parent
 CODE_FILES = tuple(_ROOT / name for name in (
-    "recipe/data.py", "recipe/validation.py", "recipe/records.py", "recipe/validation_cache.py",
+    "recipe/tokenization.py", "recipe/validation.py", "recipe/records.py", "recipe/validation_cache.py",
     "phi3v/image_processing_phi3v.py", "phi3v/processing_phi3v.py",
 ))
 _LOADED: dict[Path, tuple[int, dict]] = {}  # the last cache file read or written, by its mtime

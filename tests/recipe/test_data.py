@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from data_samples import image, make_processor
-from recipe.data import IGNORE_INDEX, Collator, ConversationDataset, build_messages, tokenize_conversation
+from recipe.data import Collator, ConversationDataset
+from recipe.tokenization import IGNORE_INDEX, build_messages, tokenize_conversation
 from recipe.records import Conversation, Turn
 
 
@@ -182,7 +183,7 @@ def test_length_grouping_only_with_more_than_one_example_per_device():
 
 @pytest.mark.parametrize("release", [None, "phi-3.5-vision-instruct", "phi-3-vision-128k-instruct"])
 def test_backend_encoding_equals_the_tokenizer_call(release):
-    """recipe.data._encode skips transformers' wrapping for speed: it must give exactly the ids
+    """recipe.tokenization._encode skips transformers' wrapping for speed: it must give exactly the ids
     of `tokenizer(text)`, with and without BOS, for special tokens typed inside user text too,
     for the tiny tokenizer and both released ones; and fall back to the call when the tokenizer
     is set to split special tokens."""
@@ -190,7 +191,7 @@ def test_backend_encoding_equals_the_tokenizer_call(release):
 
     from transformers import AutoTokenizer
 
-    from recipe.data import _encode
+    from recipe.tokenization import _encode
 
     if release is None:
         tokenizer = make_processor().tokenizer

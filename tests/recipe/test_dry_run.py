@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 import finetune_hf_trainer_ucf101 as ucf
-from recipe.data import ConversationDataset, image_tokens
-from recipe.records import image_size, load_jsonl
+from recipe.data import ConversationDataset
+from recipe.layouts import load_jsonl
+from recipe.records import image_size
+from recipe.tokenization import image_tokens
 
 
 def numbers(line: str) -> list[float]:

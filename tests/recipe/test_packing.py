@@ -15,9 +15,10 @@ from phi3v.modeling_phi3v import packed_sequence_lengths
 from phi3v.processing_phi3v import Phi3VProcessor
 from phi3v.tiny import build_tiny_model, tiny_config
 from recipe.args import FlagError, check_args, parse_args
-from recipe.data import IGNORE_INDEX, Collator, ConversationDataset
+from recipe.data import Collator, ConversationDataset
 from recipe.model import load_model
 from recipe.packing import pack_examples, pack_rows
+from recipe.tokenization import IGNORE_INDEX
 from recipe.train import RecipeTrainer
 
 PAD = 100

@@ -16,9 +16,9 @@ from PIL import Image
 from phi3v.configuration_phi3v import PHI3_5V, PHI3V_128K
 from phi3v.processing_phi3v import Phi3VProcessor
 from phi3v.tiny import build_tiny_model, tiny_config
-from recipe.data import tokenize_conversation
-from recipe.pairs import PairCollator, PairDataset, PreferencePair, pair_log_probs, tokenize_pair
-from recipe.records import Conversation, Turn
+from recipe.pairs import PairCollator, PairDataset, pair_log_probs
+from recipe.records import Conversation, PreferencePair, Turn
+from recipe.tokenization import tokenize_conversation, tokenize_pair
 
 SWITCH = 400  # original context of the test model: 313 image tokens (1 crop) + text crosses it
 

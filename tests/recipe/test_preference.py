@@ -24,7 +24,7 @@ from recipe.errors import cli
 from recipe.pairs import PairCollator, PairDataset, pair_log_probs
 from recipe import preference
 from recipe.preference import LogProbs, PairEvaluator, Reference
-from recipe.preference_data import load_pairs_jsonl
+from recipe.pair_layouts import load_pairs_jsonl
 from recipe.synthetic_pairs import write_pairs
 from recipe.train import run
 

@@ -4,8 +4,10 @@ import datasets
 import pytest
 
 from recipe.errors import DataError
-from recipe.preference_data import load_pairs_jsonl, pair_length, rlaif_v_pairs, trl_pairs, validate_pairs
+from recipe.pair_layouts import load_pairs_jsonl, rlaif_v_pairs, trl_pairs
 from recipe.records import subset
+from recipe.tokenization import pair_length
+from recipe.validation import validate_pairs
 
 from data_samples import image, make_processor, write_jsonl
 

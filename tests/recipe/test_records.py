@@ -3,7 +3,8 @@
 import pytest
 
 from data_samples import good_record, image, write_jsonl
-from recipe.records import Conversation, Turn, load_jsonl, read_jsonl, resolve_image_path
+from recipe.layouts import load_jsonl, read_jsonl, resolve_image_path
+from recipe.records import Conversation, Turn
 
 
 def test_read_jsonl_reports_each_bad_line_with_file_and_line(tmp_path):

@@ -7,7 +7,8 @@ import pytest
 from data_samples import good_record, image, make_processor, write_jsonl
 from recipe.data import ConversationDataset
 from recipe.errors import DataError
-from recipe.records import Conversation, Turn, load_jsonl, read_jsonl, subset
+from recipe.layouts import load_jsonl, read_jsonl
+from recipe.records import Conversation, Turn, subset
 from recipe.validation import validate
 
 
@@ -99,6 +100,7 @@ def test_a_subset_does_not_count_the_files_unreadable_lines(tmp_path, processor,
 def test_lengths_are_measured_once_and_reused(tmp_path, processor, monkeypatch):
     import recipe.data as data
     import recipe.records as records
+    import recipe.tokenization as tokenization
     import recipe.validation as validation
     from recipe.train import GroupedByLengthSampler
 
@@ -117,8 +119,8 @@ def test_lengths_are_measured_once_and_reused(tmp_path, processor, monkeypatch):
             return function(*args, **kwargs)
         return wrapper
 
-    tokenize, open_image = counted("tokenize", data.tokenize_conversation), counted("open", records.open_image)
-    for module in (data, validation):
+    tokenize, open_image = counted("tokenize", tokenization.tokenize_conversation), counted("open", records.open_image)
+    for module in (data, tokenization):
         monkeypatch.setattr(module, "tokenize_conversation", tokenize)
     for module in (records, validation):
         monkeypatch.setattr(module, "open_image", open_image)
@@ -288,7 +290,7 @@ def test_cached_validation_rechecks_an_edited_system_message(tmp_path, processor
 
 
 def test_validation_cache_is_keyed_by_the_checking_code(tmp_path, processor, monkeypatch):
-    """A recipe update that changes how an example is tokenized or measured (recipe.data,
+    """A recipe update that changes how an example is tokenized or measured (recipe.tokenization,
     phi3v's image token rule, ...) must not reuse lengths measured by the old code."""
     import recipe.validation_cache
 

@@ -1,6 +1,7 @@
-"""Preference pairs from the layouts users have, and their checks before the first step.
+"""Preference pairs from the layouts users have (checked before the first step by
+`recipe.validation.validate_pairs`).
 
-Three layouts, one reader each, all giving `recipe.pairs.PreferencePair`s (a conversation whose
+Three layouts, one reader each, all giving `recipe.records.PreferencePair`s (a conversation whose
 last turn holds the prompt and the chosen answer, plus the rejected answer):
 
 - our jsonl (`--train_file/--eval_file`, image paths relative to `--image_dir`), one pair a line:
@@ -29,9 +30,8 @@ from typing import Any, Sequence
 from phi3v.processing_phi3v import image_tag
 
 from .errors import DataError
-from .pairs import PreferencePair, tokenize_pair
-from .records import Conversation, Conversations, Problem, Turn, _parse_record
-from .validation import validate
+from .layouts import parse_record, resolve_image_path
+from .records import Conversation, Conversations, PreferencePair, Problem, Turn
 
 __all__ = [
     "read_pairs_jsonl",
@@ -40,8 +40,6 @@ __all__ = [
     "trl_pairs",
     "from_rlaif_v",
     "from_trl",
-    "validate_pairs",
-    "pair_length",
 ]
 
 
@@ -75,7 +73,7 @@ def _parse_pair(obj: Any, where: str, image_dir: Path) -> tuple[PreferencePair |
         # The last turn completed with the chosen answer is an ordinary conversation: the
         # jsonl parser of the SFT layout checks it (keys, types, image paths).
         obj = {**obj, "conversations": [*turns[:-1], {**turns[-1], "assistant": obj.get("chosen") or ""}]}
-    conversation, more = _parse_record(obj, where, image_dir)
+    conversation, more = parse_record(obj, where, lambda p: resolve_image_path(p, image_dir))
     found += more
     if found:
         return None, found
@@ -250,41 +248,3 @@ def trl_pairs(dataset, split: str) -> Conversations:
         convert = lambda row, i: from_trl(row, i, split)  # noqa: E731
     return _collect(dataset, convert, split, answer_problems=_trl_answer_problems,
                     errors=(ValueError, KeyError, TypeError, AttributeError), layout="not TRL's preference layout: ")
-
-
-# -- checks ----------------------------------------------------------------------------------
-
-
-def pair_length(pair: PreferencePair, tokenizer, image_token_counts: Sequence[int]) -> int:
-    """Tokens of a pair's shared-prefix row: prompt + chosen + rejected (images included)."""
-    tokens = tokenize_pair(pair, tokenizer, list(image_token_counts))
-    return len(tokens.prompt_ids) + len(tokens.chosen_ids) + len(tokens.rejected_ids)
-
-
-def validate_pairs(
-    pairs: Sequence[PreferencePair],
-    tokenizer,
-    num_crops: int,
-    max_length: int | None = None,
-    decode_images: bool = False,
-    skip_bad: bool = False,
-    what: str = "the pairs",
-    training: bool = False,
-    progress: bool = False,
-) -> list[PreferencePair]:
-    """`recipe.validation.validate` for pairs: the reading problems, images, tags, duplicate ids,
-    and pairs whose prompt + chosen + rejected (one row of the shared-prefix forward) is longer
-    than `max_length` (never cut: reported with its image tokens at this --num_crops, or dropped
-    with --skip_bad_examples). Returns the usable pairs, each conversation with its measured
-    length (`conversation.tokens`, the pair's) for length grouping."""
-    by_conversation = {id(pair.conversation): pair for pair in pairs}
-
-    def measure(conversation: Conversation, counts: list[int]) -> int:
-        return pair_length(by_conversation[id(conversation)], tokenizer, counts)
-
-    conversations = Conversations([pair.conversation for pair in pairs], getattr(pairs, "problems", []),
-                                  count_problems=getattr(pairs, "count_problems", True))
-    good = validate(conversations, tokenizer, num_crops, max_length=max_length, decode_images=decode_images,
-                    skip_bad=skip_bad, what=what, training=training, progress=progress, measure=measure)
-    return [by_conversation[id(conversation)] for conversation in good]
-
