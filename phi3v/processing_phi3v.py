@@ -20,6 +20,10 @@ repeated or out-of-order tags crash the model or silently give positions the fea
 another image. Here the tags must be exactly `<|image_1|>` .. `<|image_M|>`, each once, in
 increasing order, with M == len(images); anything else raises a ValueError saying what was
 found and what is expected (`check_image_tags`, usable to validate data before training).
+
+The released tokenizer's facts that the processor's users need live here too: its additional
+special tokens (`ADDITIONAL_SPECIAL_TOKENS`, written back into saved tokenizer configs) and the
+tokens generation ends at (`end_token_ids`).
 """
 
 from __future__ import annotations
