@@ -259,5 +259,4 @@ def tokenize_pair(pair: PreferencePair, tokenizer, image_token_counts: Sequence[
 
 def pair_length(pair: PreferencePair, tokenizer, image_token_counts: Sequence[int]) -> int:
     """Tokens of a pair's shared-prefix row: prompt + chosen + rejected (images included)."""
-    tokens = tokenize_pair(pair, tokenizer, list(image_token_counts))
-    return len(tokens.prompt_ids) + len(tokens.chosen_ids) + len(tokens.rejected_ids)
+    return len(tokenize_pair(pair, tokenizer, list(image_token_counts)))
