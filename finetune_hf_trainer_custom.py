@@ -20,16 +20,15 @@ tensorboard run; the metric's name into eval_*.json and every tracker.
 
 import logging
 import re
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from recipe.args import FileDataArguments
-from recipe.errors import DataError, FlagError, cli
+from recipe.errors import DataError, FlagError
 from recipe.hub import load_source
 from recipe.layouts import dataset_conversations, load_file
 from recipe.metrics import exact_match, score_function
-from recipe.task import Task, run
+from recipe.task import Task
 
 logger = logging.getLogger("recipe")
 
@@ -141,9 +140,5 @@ TASK = Task(
 )
 
 
-def main(argv=None):
-    return run(TASK, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    TASK.main()

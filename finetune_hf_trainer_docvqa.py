@@ -14,14 +14,12 @@ test split. Without network, pass local copies in the same schema (see recipe/hu
 ANLS before and after finetuning is printed and written to OUTPUT_DIR/eval_{before,after}.json.
 """
 
-import sys
 from dataclasses import dataclass, field
 
 from recipe.args import DataArguments
-from recipe.errors import cli
 from recipe.hub import cauldron_conversations, docvqa_conversations, load_source, split_for_eval, train_split
 from recipe.metrics import anls
-from recipe.task import Task, run
+from recipe.task import Task
 
 
 @dataclass
@@ -72,9 +70,5 @@ TASK = Task(
 )
 
 
-def main(argv=None):
-    return run(TASK, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    TASK.main()

@@ -17,15 +17,14 @@ written to OUTPUT_DIR/eval_{before,after}.json. Pairs are not generated from: no
 (pairs share their prompt through a 4-D mask, which it cannot take); SDPA is the default.
 """
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipe.errors import DataError, FlagError, cli
+from recipe.errors import DataError, FlagError
 from recipe.hub import load_source, split_for_eval
-from recipe.preference import PREFERENCE, PreferenceArguments
 from recipe.pair_layouts import load_pairs_jsonl, rlaif_v_pairs, trl_pairs
-from recipe.task import Task, run
+from recipe.preference import PreferenceArguments
+from recipe.task import Task
 
 
 @dataclass
@@ -98,13 +97,9 @@ TASK = Task(
     data_args_class=RlaifVArguments,
     defaults=dict(num_crops=16, batch_size=64, batch_size_per_gpu=1, learning_rate=5e-7, num_train_epochs=1,
                   warmup_steps=0.1, eval_batch_size=2),
-    objective=PREFERENCE,
+    objective="preference",
 )
 
 
-def main(argv=None):
-    return run(TASK, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    TASK.main()

@@ -26,15 +26,14 @@ names its outputs by --task_name.
 To build a new task, copy this file and change the three parts below.
 """
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipe.args import FileDataArguments
-from recipe.errors import DataError, FlagError, cli
+from recipe.errors import DataError, FlagError
 from recipe.metrics import accuracy
 from recipe.layouts import load_file
-from recipe.task import Task, run
+from recipe.task import Task
 
 
 DEFAULT_DATA_DIR = "data/ucf101"
@@ -110,9 +109,5 @@ TASK = Task(
 )
 
 
-def main(argv=None):
-    return run(TASK, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    TASK.main()

@@ -35,21 +35,22 @@ CHILD = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 from transformers import TrainerCallback
-import recipe.train
+import recipe.supervised
+import recipe.trainer
 
 class FirstStep(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         print("FIRST_STEP", time.time(), flush=True)
         os._exit(0)
 
-class Trainer(recipe.train.RecipeTrainer):
+class Trainer(recipe.trainer.RecipeTrainer):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.add_callback(FirstStep())
 
-recipe.train.RecipeTrainer = Trainer
+recipe.supervised.Supervised.trainer_class = Trainer
 import finetune_hf_trainer_ucf101 as ucf
-ucf.main(sys.argv[1:])
+ucf.TASK.run(sys.argv[1:])
 """
 
 

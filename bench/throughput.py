@@ -90,7 +90,7 @@ from recipe.args import DataArguments, parse_args  # noqa: E402
 from recipe.data import Collator, ConversationDataset  # noqa: E402
 from recipe.records import Conversation, Turn  # noqa: E402
 from recipe.model import freeze_vision, lora_target_modules, weights_dtype  # noqa: E402
-from recipe.train import RecipeTrainer  # noqa: E402
+from recipe.trainer import RecipeTrainer  # noqa: E402
 
 COLUMNS = ("original", "ours", "ours+padding_free")
 FLASH_COLUMN = "ours+flash_attention_2"

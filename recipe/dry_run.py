@@ -1,7 +1,7 @@
 """`--dry_run`: what a run would cost, checked in seconds on a laptop before renting GPUs.
 
 It does everything a run does up to loading the weights: the flags and their checks, the
-processor, the task's data read and validated exactly as for training (recipe.train.setup_data),
+processor, the task's data read and validated exactly as for training (recipe.runner.Runner.setup_data),
 the first training batches built by the real dataset and collator. Then it prints, and exits 0 (on
 any machine: what only the GPU machine has, a launcher, a GPU, flash-attn, is not asked for):
 
@@ -164,7 +164,7 @@ def dry_run(task: Task, flags: Flags) -> dict:
 
     from .args import parse_transformers_flags
     from .data import Collator, ConversationDataset
-    from .train import setup_data
+    from .runner import Runner
 
     parse_transformers_flags(flags)  # (the flags a run would refuse, as build_training_args parses them)
     model_args, data_args, training = flags.model, flags.data, flags.training
@@ -172,8 +172,11 @@ def dry_run(task: Task, flags: Flags) -> dict:
     config = Phi3VConfig.from_pretrained(model_args.model_name_or_path)  # config.json only
     read = task.load_data(data_args, model_args)
     counts_read = [None if part is None else len(part) for part in read]
-    train, eval_ = setup_data(SimpleNamespace(**{**vars(task), "load_data": lambda *_: read}), model_args,
-                              data_args, SimpleNamespace(disable_tqdm=training.no_tqdm, seed=training.seed), processor)
+    runner = Runner(task, model_args, data_args,
+                    SimpleNamespace(disable_tqdm=training.no_tqdm, seed=training.seed))
+    runner.processor = processor
+    runner.setup_data(read)
+    train, eval_ = runner.train_data, runner.eval_data
     training_set = train if train is not None else eval_
     tokens = [c.tokens.total for c in training_set]
     image_tokens = [n for c in training_set for n in c.tokens.images]

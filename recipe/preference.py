@@ -1,7 +1,8 @@
-"""Preference tuning (DPO) as an objective of the shared runner (recipe.train.run).
+"""Preference tuning (DPO), an objective of the shared runner (recipe.objective, recipe.runner).
 
-A task script passes `PREFERENCE` as its Task's `objective`; the runner keeps everything else
-(flags, modes, checkpoints, saving, merging, the report). What this objective supplies:
+A task script names it as its Task's objective (`objective="preference"`); the runner keeps
+everything else (flags, modes, checkpoints, saving, merging, the report). What `Preference`
+supplies:
 
 - data: pairs read by the task (recipe.pair_layouts), validated with `validate_pairs`;
 - trainer: `PreferenceTrainer`, a RecipeTrainer whose loss is DPO (recipe.dpo) on the log-probs of
@@ -52,14 +53,14 @@ from .errors import DataError, FlagError
 from .evaluate import evaluate
 from .metrics import score_function
 from .model import REFERENCE_ADAPTER, load_model
+from .objective import Objective
 from .pairs import PairCollator, PairDataset, pair_log_probs
-from .records import PreferencePair, subset
+from .records import PreferencePair
 from .report import Throughput
-from .faults import StopOnSignal
-from .train import Objective, RecipeTrainer, _EvalAtTrainBegin, _LogAtSaveAndEnd, _name_tensorboard_run, setup_model
+from .trainer import RecipeTrainer
 from .validation import validate_pairs
 
-__all__ = ["PreferenceArguments", "PREFERENCE", "PreferenceTrainer", "PairEvaluator", "Reference",
+__all__ = ["PreferenceArguments", "Preference", "PreferenceTrainer", "PairEvaluator", "Reference",
            "dataset_log_probs"]
 
 logger = logging.getLogger("recipe")
@@ -145,43 +146,6 @@ def check_model_flags(model_args, data_args) -> None:
     if data_args.eval_only and not data_args.ref_model and not is_lora_output(model_args.model_name_or_path):
         raise FlagError(f"--eval_only measures rewards against a reference, and {model_args.model_name_or_path} is a "
                         "full model: pass --ref_model PATH, the model its run started from")
-
-
-def setup_pair_data(task, model_args, data_args, training_args, processor):
-    """The task's pairs, validated once (recipe.train.setup_data for pairs); --eval_only: the
-    held-out pairs only."""
-    check_model_flags(model_args, data_args)
-    train, eval_ = task.load_data(data_args, model_args)
-    common = dict(tokenizer=processor.tokenizer, num_crops=model_args.num_crops, decode_images=data_args.decode_images,
-                  skip_bad=data_args.skip_bad_examples, progress=not training_args.disable_tqdm)
-    if data_args.eval_only:
-        train = None
-    else:
-        train = subset(train, data_args.max_train_samples, training_args.seed)
-        train = validate_pairs(train, max_length=data_args.max_length, what=f"{task.name} training pairs",
-                               training=True, **common)
-        if not train:
-            raise DataError(f"no usable {task.name} training pairs", everywhere=True)
-    eval_ = subset(eval_, data_args.max_eval_samples, training_args.seed)
-    eval_ = validate_pairs(eval_, max_length=None, what=f"{task.name} evaluation pairs", **common)
-    if not eval_:
-        raise DataError(f"no usable {task.name} evaluation pairs", everywhere=True)
-    logger.info("%s: %d training / %d evaluation pairs", task.name, len(train or ()), len(eval_))
-    return train, eval_
-
-
-def setup_pair_model(model_args, data_args, training_args, processor):
-    """recipe.train.setup_model; with --adapter, that adapter to train and (unless the reference
-    log-probs are precomputed) its frozen twin, the reference."""
-    if not data_args.adapter:
-        return setup_model(model_args, training_args, processor)
-    base = json.loads((Path(data_args.adapter) / "adapter_config.json").read_text(encoding="utf-8")).get(
-        "base_model_name_or_path")
-    if base and base != model_args.model_name_or_path:
-        logger.warning("--adapter %s was trained on %s; applying it to --model_name_or_path %s", data_args.adapter,
-                       base, model_args.model_name_or_path)
-    return setup_model(model_args, training_args, processor, adapter=data_args.adapter,
-                       reference_adapter=not data_args.precompute_ref_log_probs)
 
 
 class IndexedPairDataset(PairDataset):
@@ -482,7 +446,7 @@ class PreferenceTrainer(RecipeTrainer):
 
 class PairEvaluator:
     """TRL's DPO metrics on the held-out pairs, for any model and moment of the run (the
-    interface of recipe.train.TaskEvaluator): each call writes `<name>.json` (the metrics and the
+    interface of recipe.supervised.TaskEvaluator): each call writes `<name>.json` (the metrics and the
     per-pair log-probs and rewards), logs one line and, given a trainer, logs `eval_<metric>`
     for each metric through it (tensorboard, the training curves)."""
 
@@ -603,7 +567,7 @@ class PairEvaluator:
         return metrics[self.metric]
 
 
-# -- trainer setup ---------------------------------------------------------------------------
+# -- the objective ---------------------------------------------------------------------------
 
 
 class _ReferenceAtTrainBegin(TrainerCallback):
@@ -611,43 +575,58 @@ class _ReferenceAtTrainBegin(TrainerCallback):
     log-probs, the precomputed training ones (--precompute_ref_log_probs), the frozen copy. From
     here because under ZeRO-3 only the DeepSpeed engine (created by now) runs partitioned weights."""
 
-    def __init__(self, trainer: PreferenceTrainer):
-        self.trainer = trainer
+    def __init__(self, runner):
+        self.runner = runner
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        trainer = self.trainer
+        trainer = self.runner.trainer
         resumed = bool(args.resume_from_checkpoint)
         trainer.task_eval.prepare_reference(model, resumed)
         trainer.reference.prepare(trainer, model, trainer.train_dataset, trainer.data_collator, resumed)
         logger.info("reference: %s", trainer.reference.describe())
 
 
-def setup_pair_trainer(model, train, eval_pairs, processor, evaluator, model_args, data_args, training_args):
-    """recipe.train.setup_trainer for pairs (the same callbacks, a PreferenceTrainer)."""
-    trainer = PreferenceTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=IndexedPairDataset(train, processor),
-        eval_dataset=evaluator.dataset,
-        data_collator=_collator(processor, model),
-        processing_class=None,  # (see recipe.train.setup_trainer: keeps the release's eos_token_id)
-        model_args=model_args,
-        task_eval=evaluator,
-        # StopOnSignal before _LogAtSaveAndEnd, as recipe.train.setup_trainer has them.
-        callbacks=[StopOnSignal(), _LogAtSaveAndEnd()],
-        dpo_loss=data_args.dpo_loss(),
-        reference=Reference(model_args, data_args, training_args),
-    )
-    trainer.add_callback(_ReferenceAtTrainBegin(trainer))
-    eval_before = None
-    if not training_args.resume_from_checkpoint and not evaluator.skip_before:
-        eval_before = _EvalAtTrainBegin(evaluator)
-        eval_before.trainer = trainer
-        trainer.add_callback(eval_before)
-    trainer.checkpoint_extras.append(processor.save_pretrained)
-    _name_tensorboard_run(trainer, evaluator.task.name)
-    return trainer, eval_before
+class Preference(Objective):
+    """Pairs in, DPO on the shared-prefix pair forward as the loss (PreferenceTrainer), TRL's
+    reward metrics on held-out pairs (PairEvaluator)."""
 
+    name = "preference"
+    data_noun = unit = "pairs"
+    trainer_class = PreferenceTrainer
 
-PREFERENCE = Objective(setup_data=setup_pair_data, setup_model=setup_pair_model, make_evaluator=PairEvaluator,
-                       setup_trainer=setup_pair_trainer)
+    def check(self, runner) -> None:
+        check_model_flags(runner.model_args, runner.data_args)
+
+    def validate(self, runner, records, cache_dir=None, **kwargs):
+        # (no validation cache for pairs: recipe.validation_cache keys single conversations)
+        return validate_pairs(records, **kwargs)
+
+    def load_kwargs(self, runner) -> dict:
+        """With --adapter: that adapter to train and (unless the reference log-probs are
+        precomputed) its frozen twin, the reference."""
+        model_args, data_args = runner.model_args, runner.data_args
+        if not data_args.adapter:
+            return {}
+        base = json.loads((Path(data_args.adapter) / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path")
+        if base and base != model_args.model_name_or_path:
+            logger.warning("--adapter %s was trained on %s; applying it to --model_name_or_path %s", data_args.adapter,
+                           base, model_args.model_name_or_path)
+        return dict(adapter=data_args.adapter, reference_adapter=not data_args.precompute_ref_log_probs)
+
+    def dataset(self, runner, records, training: bool):
+        return IndexedPairDataset(records, runner.processor) if training else runner.evaluator.dataset
+
+    def collator(self, runner) -> IndexedPairCollator:
+        return _collator(runner.processor, runner.model)
+
+    def evaluator(self, runner) -> PairEvaluator:
+        return PairEvaluator(runner.task, runner.processor, runner.eval_data, runner.model_args, runner.data_args,
+                             runner.training_args)
+
+    def trainer_kwargs(self, runner) -> dict:
+        return dict(dpo_loss=runner.data_args.dpo_loss(),
+                    reference=Reference(runner.model_args, runner.data_args, runner.training_args))
+
+    def callbacks(self, runner) -> list[TrainerCallback]:
+        return [_ReferenceAtTrainBegin(runner)]

@@ -1,21 +1,22 @@
-"""What a task script supplies (`Task`) and its one call into the shared runner (`run`).
+"""What a task script supplies (`Task`) and its one call into the shared runner (`Task.main`).
 
 Light on purpose: a task script imports only this, so `--help`, a flag error or `--dry_run`
-answer before torch and the trainer's libraries load (recipe.train, imported by `run` once the
+answer before torch and the trainer's libraries load (recipe.runner, imported by `run` once the
 flags are good).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from . import quiet_libraries
 from .args import DataArguments, Flags, ModelArguments, parse_flags
+from .errors import FlagError, cli
 
 if TYPE_CHECKING:
     from .records import Conversation
-    from .train import Objective
 
 __all__ = ["Task", "run", "task_flags"]
 
@@ -29,8 +30,8 @@ class Task:
     from_flags(data_args) -> Task: for a task named and scored by its flags (finetune_hf_trainer_custom.py's
     --task_name, --metric), the task those flags describe; its name goes into every output.
     script: the script's file name, for the model card (default finetune_hf_trainer_<name>.py).
-    objective: what training optimises (recipe.train.Objective); None is supervised finetuning,
-    recipe.preference.PREFERENCE preference tuning (DPO).
+    objective: what training optimises, by its name in recipe.runner.OBJECTIVES: "supervised"
+    (finetuning, labels on the answers) or "preference" (DPO on pairs); or a recipe.objective.Objective.
     """
 
     name: str
@@ -41,10 +42,19 @@ class Task:
     defaults: dict = field(default_factory=dict)
     from_flags: Callable[[DataArguments], Task] | None = None
     script: str | None = None
-    objective: Objective | None = None  # None: supervised finetuning (labels on the answers)
+    objective: str | Any = "supervised"
 
     def resolve(self, data_args) -> Task:
         return self.from_flags(data_args) if self.from_flags is not None else self
+
+    def run(self, argv: list[str] | None = None) -> dict:
+        """Runs the task with `argv` (default: the command line); returns the results."""
+        return run(self, argv)
+
+    def main(self, argv: list[str] | None = None) -> NoReturn:
+        """A task script's `__main__`: runs the task and exits 0, or 2 with one line for a user
+        error (recipe.errors.cli)."""
+        sys.exit(cli(lambda: self.run(argv)))
 
 
 def task_flags(task: Task, argv: list[str] | None = None) -> Flags:
@@ -59,13 +69,16 @@ def task_flags(task: Task, argv: list[str] | None = None) -> Flags:
 
 
 def run(task: Task, argv: list[str] | None = None) -> dict:
-    """Parses and checks the flags, then runs the task (recipe.train.run) or, with --dry_run,
+    """Parses and checks the flags, then runs the task (recipe.runner.run) or, with --dry_run,
     prints what the run would cost (recipe.dry_run) without loading weights."""
     flags = task_flags(task, argv)
     if flags.training.dry_run:
+        if task.objective != "supervised":
+            raise FlagError(f"--dry_run plans supervised finetuning; {task.name} trains with the {task.objective!r} "
+                            "objective, which it does not model: try a few steps with --max_steps instead")
         from .dry_run import dry_run
 
         return dry_run(task, flags)
-    from . import train
+    from . import runner
 
-    return train.run(task, argv, flags=flags)
+    return runner.run(task, flags)

@@ -24,8 +24,8 @@ def test_pip_install_gives_importable_packages_with_pinned_requirements(tmp_path
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import phi3v, recipe.train, phi3v.generate, phi3v.vllm_plugin, ucf101.tree; "
-            "print(phi3v.__file__); print(recipe.train.__file__); print(ucf101.tree.__file__)")
+    code = ("import phi3v, recipe.runner, phi3v.generate, phi3v.vllm_plugin, ucf101.tree; "
+            "print(phi3v.__file__); print(recipe.runner.__file__); print(ucf101.tree.__file__)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env={"PYTHONPATH": str(target)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -56,7 +56,7 @@ def test_docvqa(tiny, tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(4, 0)),
                           "test": datasets.Dataset.from_dict(rows(3, 10))}).save_to_disk(data)
     out = tmp_path / "out"
-    results = finetune_hf_trainer_docvqa.main(common(tiny, out) + ["--dataset_name_or_path", str(data)])
+    results = finetune_hf_trainer_docvqa.TASK.run(common(tiny, out) + ["--dataset_name_or_path", str(data)])
     check_outputs(out, "anls", 3)
     after = json.loads((out / "eval_after.json").read_text())
     assert after["predictions"][0]["references"] == ["doc 10", "document 10"]
@@ -75,7 +75,7 @@ def test_hateful_memes(tiny, tmp_path):
     datasets.DatasetDict({"train": cauldron(6, 1, "Is this meme hateful? Answer yes or no.", ["yes", "no"])}
                          ).save_to_disk(data)
     out = tmp_path / "out"
-    finetune_hf_trainer_hateful_memes.main(common(tiny, out) + ["--dataset_name_or_path", str(data),
+    finetune_hf_trainer_hateful_memes.TASK.run(common(tiny, out) + ["--dataset_name_or_path", str(data),
                                                                "--eval_size", "2"])
     check_outputs(out, "accuracy", 2)
 
@@ -85,7 +85,7 @@ def test_nlvr2(tiny, tmp_path):
     datasets.DatasetDict({"train": cauldron(5, 2, "The left image has more colour. True or false?",
                                             ["True", "False"])}).save_to_disk(data)
     out = tmp_path / "out"
-    finetune_hf_trainer_nlvr2.main(common(tiny, out) + ["--dataset_name_or_path", str(data), "--eval_size", "2"])
+    finetune_hf_trainer_nlvr2.TASK.run(common(tiny, out) + ["--dataset_name_or_path", str(data), "--eval_size", "2"])
     check_outputs(out, "accuracy", 2)
     before = json.loads((out / "eval_before.json").read_text())
     assert before["predictions"][0]["references"][0] in ("True", "False")
@@ -102,15 +102,15 @@ def synthetic_ucf101(data: Path) -> Path:
 def test_ucf101(tiny, tmp_path):
     data = synthetic_ucf101(tmp_path / "ucf")
     out = tmp_path / "out"
-    finetune_hf_trainer_ucf101.main(common(tiny, out) + ["--data_dir", str(data)])
+    finetune_hf_trainer_ucf101.TASK.run(common(tiny, out) + ["--data_dir", str(data)])
     check_outputs(out, "accuracy", 2)
 
 
 def test_eval_only_and_missing_data_message(tiny, tmp_path):
     with pytest.raises(DataError, match="convert_ucf101.py"):
-        finetune_hf_trainer_ucf101.main(common(tiny, tmp_path / "o") + ["--data_dir", str(tmp_path / "nope")])
+        finetune_hf_trainer_ucf101.TASK.run(common(tiny, tmp_path / "o") + ["--data_dir", str(tmp_path / "nope")])
     with pytest.raises(DataError, match="--dataset_name_or_path DIR"):
-        finetune_hf_trainer_nlvr2.main(common(tiny, tmp_path / "o2") + ["--dataset_name_or_path",
+        finetune_hf_trainer_nlvr2.TASK.run(common(tiny, tmp_path / "o2") + ["--dataset_name_or_path",
                                                                        "no-such-org/no-such-dataset"])
 
 
@@ -146,7 +146,7 @@ def test_ucf101_with_own_file_names(tiny, tmp_path):
     (data / "ucf101_train.jsonl").rename(train_file)
     (data / "ucf101_test.jsonl").rename(eval_file)
     out = tmp_path / "out"
-    finetune_hf_trainer_ucf101.main(common(tiny, out) + ["--train_file", str(train_file), "--eval_file",
+    finetune_hf_trainer_ucf101.TASK.run(common(tiny, out) + ["--train_file", str(train_file), "--eval_file",
                                                          str(eval_file), "--image_dir", str(data / "images")])
     check_outputs(out, "accuracy", 2)
     # Without --image_dir the images are looked up in images/ beside each file.
@@ -168,4 +168,4 @@ def test_ucf101_file_flag_conflicts(tiny, tmp_path, flags, message):
     from recipe.errors import FlagError
 
     with pytest.raises(FlagError, match=message):
-        finetune_hf_trainer_ucf101.main(common(tiny, tmp_path / "o") + flags)
+        finetune_hf_trainer_ucf101.TASK.run(common(tiny, tmp_path / "o") + flags)

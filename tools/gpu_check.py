@@ -7,7 +7,7 @@
 Weights are random, at the released widths (tests/fixtures/release/phi-3.5-vision-instruct:
 its config with 2 decoder layers, its tokenizer and image processor), in bf16 (fp16 on a GPU
 without bf16) on one GPU. Each training check is one run of the recipe's own runner
-(`recipe.train.run`: flags, model setup, data loader, Trainer, save, evaluation by
+(`recipe.runner.Runner`: flags, model setup, data loader, Trainer, save, evaluation by
 generation) on synthetic document-like images at --num_crops 16, --steps optimizer steps of 4
 examples:
 
@@ -142,7 +142,7 @@ def make_conversations(directory: Path, n: int, sizes: list[tuple[int, int]], se
 
 
 def make_task(train, evaluation):
-    from recipe.train import Task
+    from recipe.task import Task
 
     def score(predictions, references):
         return sum(p.strip() in refs for p, refs in zip(predictions, references)) / max(1, len(predictions))
@@ -189,7 +189,7 @@ def _importable(module: str, what: str) -> None:
 
 def train_check(mode: str, checkpoint: Path, task, work: Path, args) -> dict:
     """One run of the recipe's runner in `mode`; its throughput figures."""
-    from recipe.train import run
+    from recipe.task import run
 
     out = work / f"run_{mode}"
     flags = ["--model_name_or_path", str(checkpoint), "--output_dir", str(out), "--overwrite_output_dir",

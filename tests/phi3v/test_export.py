@@ -197,7 +197,7 @@ def ucf101(tmp_path_factory) -> Path:
 
 def short_run(tiny, data, out, *extra):
     import finetune_hf_trainer_ucf101 as ucf
-    from recipe.train import run
+    from recipe.task import run
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -14,7 +14,7 @@ import convert_ucf101
 import finetune_hf_trainer_ucf101 as ucf
 from phi3v.generate import answer, load, main
 from phi3v.tiny import save_tiny_checkpoint
-from recipe.train import run
+from recipe.task import run
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -56,11 +56,13 @@ def log_dummy_decisions(log_dir: str):
 
 
 def record_batches(log_dir: str) -> None:
-    import recipe.train
+    import recipe.runner
+    import recipe.supervised
+    import recipe.trainer
 
     log = log_dummy_decisions(log_dir)
 
-    class Trainer(recipe.train.RecipeTrainer):
+    class Trainer(recipe.trainer.RecipeTrainer):
         def training_step(self, model, inputs, *args, **kwargs):
             if self.state.global_step == 0 and not getattr(self, "_dtypes_logged", False):
                 self._dtypes_logged = True
@@ -70,15 +72,15 @@ def record_batches(log_dir: str) -> None:
             log.write(f"train {self.state.global_step + 1} images={int(inputs.get('pixel_values') is not None)}\n")
             return super().training_step(model, inputs, *args, **kwargs)
 
-    load_model = recipe.train.load_model
+    load_model = recipe.runner.load_model
 
     def logged_load(model_args, training_args):
         model = load_model(model_args, training_args)
         log.write(f"loaded {next(model.parameters()).dtype}\n")
         return model
 
-    recipe.train.RecipeTrainer = Trainer
-    recipe.train.load_model = logged_load
+    recipe.supervised.Supervised.trainer_class = Trainer
+    recipe.runner.load_model = logged_load
 
 
 def ranks_as_nodes(argv: list[str]) -> list[str]:
@@ -110,7 +112,5 @@ if __name__ == "__main__":
         record_batches(os.environ["RECIPE_TEST_BATCH_LOG"])
     import importlib
 
-    from recipe.errors import cli
-
     script = importlib.import_module(os.environ.get("RECIPE_TEST_SCRIPT", "finetune_hf_trainer_ucf101"))
-    sys.exit(cli(lambda: script.main(argv)))  # as the scripts' own __main__
+    script.TASK.main(argv)  # as the scripts' own __main__

@@ -40,4 +40,4 @@ if __name__ == "__main__":
         record_batches(os.environ["RECIPE_TEST_BATCH_LOG"])
     import finetune_hf_trainer_rlaif_v
 
-    finetune_hf_trainer_rlaif_v.main(sys.argv[1:])
+    finetune_hf_trainer_rlaif_v.TASK.main(sys.argv[1:])

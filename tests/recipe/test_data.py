@@ -168,7 +168,7 @@ def test_left_padding_for_generation_and_crop_padding(processor, tmp_path):
 def test_length_grouping_only_with_more_than_one_example_per_device():
     from types import SimpleNamespace
 
-    from recipe.train import GroupedByLengthSampler, RecipeTrainer
+    from recipe.trainer import GroupedByLengthSampler, RecipeTrainer
 
     dataset = type("D", (), {"lengths": [5, 1, 9, 3], "__len__": lambda self: 4})()
 

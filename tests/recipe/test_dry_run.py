@@ -10,6 +10,7 @@ import pytest
 
 import finetune_hf_trainer_ucf101 as ucf
 from recipe.data import ConversationDataset
+from recipe.errors import FlagError
 from recipe.layouts import load_jsonl
 from recipe.records import image_size
 from recipe.tokenization import image_tokens
@@ -39,7 +40,7 @@ def test_dry_run_prints_the_cost_and_loads_no_weights(weightless, tiny_checkpoin
 
     monkeypatch.setattr(Phi3VForCausalLM, "from_pretrained", no_loading)
     out = tmp_path / "out"
-    results = ucf.main(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
+    results = ucf.TASK.run(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
                         str(out), "--num_crops", "1", "--batch_size", "2",  # (ZeRO-2, the default, needs no launcher)
                         "--batch_size_per_gpu", "1", "--num_train_epochs", "3", "--no-tqdm", "--dry_run", "--bf16"])
     text = capsys.readouterr().out
@@ -74,7 +75,7 @@ def test_dry_run_prints_the_cost_and_loads_no_weights(weightless, tiny_checkpoin
 
 
 def test_dry_run_lora_counts_the_adapters(weightless, ucf101_data, tmp_path, capsys):
-    results = ucf.main(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
+    results = ucf.TASK.run(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
                         str(tmp_path / "out"), "--num_crops", "1", "--use_lora", "--lora_rank", "4",
                         "--batch_size", "2", "--no-tqdm", "--dry_run"])
     from peft import LoraConfig, get_peft_model
@@ -99,7 +100,7 @@ def test_dry_run_checks_the_transformers_flags_too(weightless, ucf101_data, tmp_
     if not names_readable:
         monkeypatch.setattr(args, "transformers_flag_names", lambda: None)
     with pytest.raises(args.FlagError, match=flag[0]):
-        ucf.main(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
+        ucf.TASK.run(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
                   str(tmp_path / "out"), "--num_crops", "1", "--use_lora", "--batch_size", "2", "--no-tqdm",
                   "--dry_run", *flag])
 
@@ -123,3 +124,14 @@ def test_memory_estimate_of_lora_under_zero3_partitions_the_frozen_base(monkeypa
     memory = estimate_memory(model_args, training, config, (total, trainable, 0), tokens=1, crops=0)
     assert (memory.weights, memory.gradients, memory.optimizer) == (2 * total + 4 * trainable, 4 * trainable,
                                                                    8 * trainable)
+
+
+def test_dry_run_refuses_what_it_does_not_model(tmp_path):
+    """--dry_run plans supervised finetuning; a preference task says so in one line instead of
+    planning the wrong run."""
+    import finetune_hf_trainer_rlaif_v as rlaif_v
+
+    with pytest.raises(FlagError, match="--dry_run plans supervised finetuning; rlaif_v trains with the 'preference' "
+                                        "objective"):
+        rlaif_v.TASK.run(["--output_dir", str(tmp_path / "out"), "--dry_run", "--deepspeed", "none"])
+    assert not (tmp_path / "out").exists()

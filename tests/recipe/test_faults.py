@@ -30,7 +30,7 @@ from recipe.data import ConversationDataset
 from recipe.errors import UserError
 from recipe.faults import StopOnSignal, exit_status
 from recipe.lock import LOCK_FILE, OutputDirLock
-from recipe.train import run
+from recipe.task import run
 from test_training import LAUNCHER, SUBPROCESS_TIMEOUT, assert_same_tensors, flags, launch, read_json
 
 ZERO2 = str(Path(ucf.__file__).parent / "ds_configs" / "zero2.json")
@@ -90,27 +90,25 @@ def test_sigterm_on_two_ranks_resumes_exactly(mode, tiny_checkpoint, ucf101_data
 
 
 def add_callback(monkeypatch, callback) -> None:
-    """The supervised runner's trainer gets `callback` (the runner calls setup_trainer through
-    its Objective)."""
-    import recipe.train
+    """The runner's trainer gets `callback` (added once Runner.setup_trainer has built it)."""
+    import recipe.runner
 
-    original = recipe.train.setup_trainer
+    original = recipe.runner.Runner.setup_trainer
 
-    def with_callback(*args, **kwargs):
-        trainer, before = original(*args, **kwargs)
-        trainer.add_callback(callback)
-        return trainer, before
+    def with_callback(self):
+        original(self)
+        self.trainer.add_callback(callback)
 
-    monkeypatch.setattr(recipe.train.SUPERVISED, "setup_trainer", with_callback)
+    monkeypatch.setattr(recipe.runner.Runner, "setup_trainer", with_callback)
 
 
 def test_sigusr1_in_process_stops_with_its_status(tiny_checkpoint, ucf101_data, tmp_path, monkeypatch, caplog):
     """One process (python script.py): the same stop on SIGUSR1 (SLURM's --signal), also with
     --save_strategy no, and status 128 + 10; resuming gives the weights of a straight run."""
     caplog.set_level(logging.INFO, logger="recipe")
-    import recipe.train
+    from transformers import TrainerCallback
 
-    class SignalAtStep2(recipe.train.TrainerCallback):
+    class SignalAtStep2(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 1:
                 os.kill(os.getpid(), signal.SIGUSR1)
@@ -160,7 +158,7 @@ def test_every_rank_records_the_best_checkpoint_where_it_is_published(tmp_path, 
     its shards on each rank; DDP ranks would otherwise keep the last weights)."""
     import types
 
-    import recipe.train
+    import recipe.trainer
     from transformers import Trainer, TrainerState
 
     def library_save(self, model, trial):  # what Trainer._save_checkpoint records when this step is the best
@@ -168,8 +166,8 @@ def test_every_rank_records_the_best_checkpoint_where_it_is_published(tmp_path, 
         self.state.best_model_checkpoint = os.path.join(self._get_output_dir(trial), f"checkpoint-{step}")
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", library_save)
-    monkeypatch.setattr(recipe.train, "_barrier", lambda: None)
-    trainer = recipe.train.RecipeTrainer.__new__(recipe.train.RecipeTrainer)
+    monkeypatch.setattr(recipe.trainer, "barrier", lambda: None)
+    trainer = recipe.trainer.RecipeTrainer.__new__(recipe.trainer.RecipeTrainer)
     trainer.args = types.SimpleNamespace(should_save=False, output_dir=str(tmp_path), save_total_limit=None)
     trainer.state, trainer.checkpoint_extras, trainer._saving_into = TrainerState(global_step=4), [], None
     trainer.hp_search_backend = None
@@ -201,7 +199,7 @@ def test_a_save_clears_what_a_killed_save_left(tmp_path, monkeypatch):
     save removes it (one run per directory: nothing else writes there)."""
     import types
 
-    import recipe.train
+    import recipe.trainer
     from transformers import Trainer, TrainerState
 
     def library_save(self, model, trial):
@@ -210,11 +208,11 @@ def test_a_save_clears_what_a_killed_save_left(tmp_path, monkeypatch):
         self.state.save_to_json(str(target / "trainer_state.json"))
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", library_save)
-    monkeypatch.setattr(recipe.train, "_barrier", lambda: None)
+    monkeypatch.setattr(recipe.trainer, "barrier", lambda: None)
     left = tmp_path / TMP_DIR / "checkpoint-7"
     left.mkdir(parents=True)
     (left / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 1000)
-    trainer = recipe.train.RecipeTrainer.__new__(recipe.train.RecipeTrainer)
+    trainer = recipe.trainer.RecipeTrainer.__new__(recipe.trainer.RecipeTrainer)
     trainer.args = types.SimpleNamespace(should_save=True, output_dir=str(tmp_path), save_total_limit=None)
     trainer.state, trainer.checkpoint_extras, trainer._saving_into = TrainerState(global_step=10), [], None
     trainer.hp_search_backend = None
@@ -228,9 +226,9 @@ def test_a_signal_after_the_last_step_still_stops_with_a_checkpoint(tiny_checkpo
     save, before training ends) is not lost: the run saves checkpoint-N and stops with its status
     instead of going on into the final phases (evaluation, merge) that the scheduler will kill."""
     caplog.set_level(logging.INFO, logger="recipe")
-    import recipe.train
+    from transformers import TrainerCallback
 
-    class SignalAfterLastStep(recipe.train.TrainerCallback):
+    class SignalAfterLastStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):  # (after StopOnSignal's agreement)
             if state.global_step == state.max_steps:
                 os.kill(os.getpid(), signal.SIGUSR1)

@@ -366,16 +366,16 @@ def test_each_bad_record_exits_2_with_file_and_line(tiny_checkpoint, data_dir, t
     (data_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     good = write(data_dir / "good.jsonl", [GOOD])
     loaded = []
-    import recipe.train
+    import recipe.runner
 
-    monkeypatch.setattr(recipe.train, "setup_model", lambda *a, **k: loaded.append(1))  # must never be reached
+    monkeypatch.setattr(recipe.runner.Runner, "setup_model", lambda *a, **k: loaded.append(1))  # must never be reached
     if True:
         for name, record, message in BAD + [("no-layout", None, "matches no layout; closest is llava")]:
             lines = [{"image": "a.png", "question": "Q"}] if record is None else [GOOD, record]
             path = write(data_dir / f"bad-{name}.jsonl", lines)
             argv = common(tiny_checkpoint, tmp_path / name, "--task_name", "shapes", "--train_file", path,
                           "--eval_file", good)
-            assert cli(lambda: custom.main(argv)) == 2, name
+            assert cli(lambda: custom.TASK.run(argv)) == 2, name
             err = capsys.readouterr().err
             last = err.strip().splitlines()[-1]
             assert "Traceback" not in err and last.startswith("error: "), (name, err)
@@ -430,7 +430,7 @@ def test_saved_dataset_trains_offline_and_the_task_is_named_everywhere(tiny_chec
     monkeypatch.setattr(recipe.plotting, "plot_training_curves",
                         lambda history, path, title: (titles.append(title), plot(history, path, title=title)))
     out = tmp_path / "out"
-    results = custom.main(common(tiny_checkpoint, out, "--task_name", "shapes", "--dataset_name_or_path",
+    results = custom.TASK.run(common(tiny_checkpoint, out, "--task_name", "shapes", "--dataset_name_or_path",
                                  tmp_path / "hf", "--eval_split", "validation", "--metric", "shape_scores:shape_score",
                                  "--report_to", "tensorboard", "--use_lora"))
     assert results["eval_after"] == 0.25

@@ -13,7 +13,7 @@ from phi3v.processing_phi3v import Phi3VProcessor
 from recipe.args import check_args, parse_args
 from recipe.data import Collator, ConversationDataset
 from recipe.model import count_parameters, load_model
-from recipe.train import RecipeTrainer
+from recipe.trainer import RecipeTrainer
 
 
 @pytest.fixture

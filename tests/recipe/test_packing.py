@@ -19,7 +19,7 @@ from recipe.data import Collator, ConversationDataset
 from recipe.model import load_model
 from recipe.packing import pack_examples, pack_rows
 from recipe.tokenization import IGNORE_INDEX
-from recipe.train import RecipeTrainer
+from recipe.trainer import RecipeTrainer
 
 PAD = 100
 ROW = 700  # row limit of the model-level tests; also the tiny model's original context there
@@ -234,8 +234,9 @@ def test_row_limit_above_original_context_is_refused(tmp_path):
 
 
 def test_run_trains_padding_free(tiny_checkpoint, ucf101_data, tmp_path, monkeypatch):
-    """`--padding_free` reaches the training collator of `recipe.train.run`, and the run completes."""
-    import recipe.train
+    """`--padding_free` reaches the training collator of `recipe.runner.run`, and the run completes."""
+    import recipe.supervised
+    import recipe.task
 
     batches = []
 
@@ -246,8 +247,8 @@ def test_run_trains_padding_free(tiny_checkpoint, ucf101_data, tmp_path, monkeyp
                 batches.append(batch)
             return batch
 
-    monkeypatch.setattr(recipe.train, "Collator", Recording)
-    results = recipe.train.run(ucf.TASK, [
+    monkeypatch.setattr(recipe.supervised, "Collator", Recording)
+    results = recipe.task.run(ucf.TASK, [
         "--model_name_or_path", str(tiny_checkpoint), "--data_dir", str(ucf101_data), "--output_dir",
         str(tmp_path / "out"), "--num_crops", "1", "--no-tqdm", "--deepspeed", "none", "--padding_free",
         "--max_tokens_per_row", "1500", "--batch_size", "4", "--batch_size_per_gpu", "4", "--max_steps", "1",

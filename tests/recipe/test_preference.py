@@ -26,7 +26,7 @@ from recipe import preference
 from recipe.preference import LogProbs, PairEvaluator, Reference
 from recipe.pair_layouts import load_pairs_jsonl
 from recipe.synthetic_pairs import write_pairs
-from recipe.train import run
+from recipe.task import run
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def test_adapter_flag_errors(tiny_checkpoint, pairs_dir, sft_adapter, tmp_path, 
         (["--eval_only"], "is a full model: pass --ref_model PATH"),
     ]
     for extra, message in cases:
-        code = cli(lambda: rlaif_v.main(flags(tiny_checkpoint, pairs_dir, tmp_path / "out", *extra)))
+        code = cli(lambda: rlaif_v.TASK.run(flags(tiny_checkpoint, pairs_dir, tmp_path / "out", *extra)))
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], (extra, err)
 
@@ -352,7 +352,7 @@ def test_resume_without_the_stored_reference_stops(tiny_checkpoint, pairs_dir, t
     run(rlaif_v.TASK, flags(tiny_checkpoint, pairs_dir, out, *common))
     (out / "ref_log_probs_train.pt").unlink()
     (out / "run_complete.json").unlink()
-    code = cli(lambda: rlaif_v.main(flags(tiny_checkpoint, pairs_dir, out, *common, "--resume_from_checkpoint",
+    code = cli(lambda: rlaif_v.TASK.run(flags(tiny_checkpoint, pairs_dir, out, *common, "--resume_from_checkpoint",
                                           str(out / "checkpoint-1"))))
     assert code == 2
     assert "resuming with --precompute_ref_log_probs needs" in capsys.readouterr().err
@@ -435,11 +435,11 @@ def test_bad_input_stops_before_training_with_one_line(extra, message, tiny_chec
                                                        capsys, monkeypatch):
     import re
 
-    import recipe.train
+    import recipe.runner
 
-    monkeypatch.setattr(recipe.train, "load_model", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(recipe.runner, "load_model", lambda *a: pytest.fail("a model was loaded"))
     data = bad_data(tmp_path, pairs_dir)
-    code = cli(lambda: rlaif_v.main(flags(tiny_checkpoint, data, tmp_path / "out", "--use_lora", *extra)))
+    code = cli(lambda: rlaif_v.TASK.run(flags(tiny_checkpoint, data, tmp_path / "out", "--use_lora", *extra)))
     err = capsys.readouterr().err
     assert code == 2
     assert re.search(message, err), err
@@ -487,7 +487,7 @@ def test_hub_layouts_train_through_the_script(layout, tiny_checkpoint, pairs_dir
     source = tmp_path / "source"
     hub_rows(pairs_dir, layout).save_to_disk(str(source))
     out = tmp_path / "out"
-    results = rlaif_v.main([
+    results = rlaif_v.TASK.run([
         "--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path", str(source), "--dataset_layout", layout,
         "--eval_size", "2", "--output_dir", str(out), "--num_crops", "1", "--no-tqdm", "--dataloader_num_workers", "0",
         "--use_lora", "--deepspeed", "none", "--max_steps", "1", "--batch_size", "2", "--batch_size_per_gpu", "2",

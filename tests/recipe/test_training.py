@@ -31,7 +31,8 @@ from recipe.data import Collator, ConversationDataset
 from recipe.records import subset
 from recipe.evaluate import evaluate
 from recipe.model import load_model
-from recipe.train import GroupedByLengthSampler, RecipeTrainer, run
+from recipe.task import run
+from recipe.trainer import GroupedByLengthSampler, RecipeTrainer
 
 LAUNCHER = Path(__file__).with_name("ucf101_launcher.py")
 SUBPROCESS_TIMEOUT = 900  # the first DeepSpeed run on a machine JIT-compiles its CPU comm op
@@ -222,8 +223,8 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model or processor was loaded before the flags were checked")
 
-    monkeypatch.setattr("recipe.train.load_model", refuse)
-    monkeypatch.setattr("recipe.train.Phi3VProcessor.from_pretrained", refuse)
+    monkeypatch.setattr("recipe.runner.load_model", refuse)
+    monkeypatch.setattr("recipe.runner.Phi3VProcessor.from_pretrained", refuse)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
@@ -361,7 +362,7 @@ def test_log_level_sets_the_process_log_levels(flags, ours, libraries, tmp_path)
     import datasets
     import transformers
 
-    from recipe.train import _setup_logging
+    from recipe.runner import _setup_logging
 
     before = transformers.utils.logging.get_verbosity(), datasets.utils.logging.get_verbosity()
     try:

@@ -102,7 +102,7 @@ def test_lengths_are_measured_once_and_reused(tmp_path, processor, monkeypatch):
     import recipe.records as records
     import recipe.tokenization as tokenization
     import recipe.validation as validation
-    from recipe.train import GroupedByLengthSampler
+    from recipe.trainer import GroupedByLengthSampler
 
     convs = []
     for i in range(4):

@@ -43,25 +43,27 @@ def record_writes(log_dir: str) -> None:
 def kill_after_save(step: int) -> None:
     from transformers import TrainerCallback
 
-    import recipe.train
+    import recipe.supervised
+    import recipe.trainer
 
     class KillAfterSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.global_step == step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    class Trainer(recipe.train.RecipeTrainer):
+    class Trainer(recipe.trainer.RecipeTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(KillAfterSave())
 
-    recipe.train.RecipeTrainer = Trainer
+    recipe.supervised.Supervised.trainer_class = Trainer
 
 
 def signal_during_step(spec: str) -> None:
     from transformers import TrainerCallback
 
-    import recipe.train
+    import recipe.supervised
+    import recipe.trainer
 
     step, name, rank = spec.split(":")
 
@@ -70,12 +72,12 @@ def signal_during_step(spec: str) -> None:
             if state.global_step + 1 == int(step) and os.environ.get("RANK", "0") == rank:
                 os.kill(os.getpid(), getattr(signal, name))
 
-    class Trainer(recipe.train.RecipeTrainer):
+    class Trainer(recipe.trainer.RecipeTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(SignalDuringStep())
 
-    recipe.train.RecipeTrainer = Trainer
+    recipe.supervised.Supervised.trainer_class = Trainer
 
 
 if __name__ == "__main__":
@@ -86,6 +88,5 @@ if __name__ == "__main__":
     if os.environ.get("RECIPE_TEST_KILL_AFTER_SAVE"):
         kill_after_save(int(os.environ["RECIPE_TEST_KILL_AFTER_SAVE"]))
     import finetune_hf_trainer_ucf101
-    from recipe.errors import cli
 
-    sys.exit(cli(lambda: finetune_hf_trainer_ucf101.main(sys.argv[1:])))
+    finetune_hf_trainer_ucf101.TASK.main(sys.argv[1:])
