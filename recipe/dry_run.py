@@ -27,7 +27,6 @@ from types import SimpleNamespace
 from typing import Sequence
 
 from .args import Flags, world_size
-from .task import Task
 
 __all__ = ["dry_run", "optimizer_steps", "MemoryEstimate", "estimate_memory"]
 
@@ -156,8 +155,8 @@ def _mode(model_args, training) -> str:
     return mode
 
 
-def dry_run(task: Task, flags: Flags) -> dict:
-    """Checks the flags (done), the processor and the data, builds the first batches, prints
+def dry_run(task, flags: Flags) -> dict:
+    """`task`: the script's recipe.task.Task (recipe.task.run calls this). Checks the flags (done), the processor and the data, builds the first batches, prints
     what the run would cost, and returns the figures; loads no weights and writes nothing."""
     from phi3v.configuration_phi3v import Phi3VConfig
     from phi3v.processing_phi3v import Phi3VProcessor
