@@ -23,7 +23,7 @@ from pathlib import Path
 from recipe.errors import DataError, FlagError
 from recipe.hub import load_source, split_for_eval
 from recipe.pair_layouts import load_pairs_jsonl, rlaif_v_pairs, trl_pairs
-from recipe.preference import PreferenceArguments
+from recipe.preference_args import PreferenceArguments
 from recipe.task import Task
 
 

@@ -51,7 +51,7 @@ def child(column: str, checkpoint: str) -> None:
 
     import finetune_hf_trainer_ucf101 as ucf
     import recipe.model
-    from recipe.args import parse_args
+    from recipe.flag_parser import parse_args
 
     with tempfile.TemporaryDirectory() as tmp:
         model_args, _, training_args = parse_args(ucf.Ucf101Arguments, [

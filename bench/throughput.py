@@ -86,7 +86,8 @@ from phi3v.modeling_phi3v import Phi3VForCausalLM  # noqa: E402
 from phi3v.processing_phi3v import Phi3VProcessor  # noqa: E402
 from phi3v.tiny import build_tiny_model, tiny_config  # noqa: E402
 from phi3v.tiny_tokenizer import build_tokenizer  # noqa: E402
-from recipe.args import DataArguments, parse_args  # noqa: E402
+from recipe.args import DataArguments  # noqa: E402
+from recipe.flag_parser import parse_args  # noqa: E402
 from recipe.data import Collator, ConversationDataset  # noqa: E402
 from recipe.records import Conversation, Turn  # noqa: E402
 from recipe.model import freeze_vision, lora_target_modules, weights_dtype  # noqa: E402

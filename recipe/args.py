@@ -1,72 +1,47 @@
-"""Command-line flags shared by every recipe, and the checks run before any model is loaded.
+"""The command-line flags every recipe shares: their definitions (dataclasses with defaults and
+help texts) and the constants those need. Parsing them is recipe.flag_parser's job, checking them
+recipe.flag_checks'.
 
 All of the original recipe's flags keep their meaning (`--batch_size` is the global batch,
 `--batch_size_per_gpu` the per-device one, `--wd`, `--no-tqdm`, `--lora_*`, ...), and the
 transformers `TrainingArguments` flags work as well (`--save_steps`, `--max_steps`, `--report_to`,
 `--seed`, `--deepspeed`, ...), with the original recipe's optimisation settings as defaults.
 transformers' own names for what the original names differently (`--weight_decay`,
-`--per_device_train_batch_size`, ...) are refused with the name to use.
+`--per_device_train_batch_size`, ...) are refused with the name to use (REFUSED).
 
-Flags are matched exactly: no abbreviations (argparse would otherwise take `--learning_rat 5` as
-the learning rate). Every problem ends in one `error:` line (recipe.errors).
-
-This module is light on purpose: `--help` and every flag error come from it without importing
-torch or transformers' trainer (seconds). The flags the recipes document are light dataclasses
-here (`TrainingFlags` holds the training ones); transformers' other flags are known by name
-(read from its source, not imported) and parsed, with the `TrainingArguments` object built
-(recipe.training_args), only for a run that passed every check.
+Light on purpose, as --help and every flag error are: the flags the recipes document are light
+dataclasses here (`TrainingFlags` holds the training ones); transformers' other flags are known
+by name only, and the `TrainingArguments` object is built (recipe.training_args) only for a run
+that passed every check.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import difflib
-import functools
-import importlib.util
-import json
-import logging
 import os
-import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
-from transformers import HfArgumentParser
-
-from .checkpoints import last_complete_checkpoint, verify
 from .errors import FlagError
 from .packing import MAX_TOKENS_PER_ROW
-
-# Seconds a data worker may take to hand over a batch before the run stops with an error
-# (--dataloader_timeout, recipe.faults): long enough for the slowest batch of large images, short
-# enough that a dead or stuck worker is reported rather than waited on forever.
-DATALOADER_TIMEOUT = 600
 
 __all__ = [
     "ModelArguments",
     "DataArguments",
     "FileDataArguments",
     "TrainingFlags",
-    "RecipeTrainingArguments",
-    "Flags",
     "FlagError",
-    "parse_flags",
-    "build_training_args",
-    "parse_transformers_flags",
-    "parse_args",
-    "check_args",
-    "world_size",
-    "RUN_COMPLETE_FILE",
     "DEFAULT_DEEPSPEED_CONFIG",
+    "REFUSED",
+    "MIRRORED",
 ]
 
-logger = logging.getLogger("recipe")
-
-RUN_COMPLETE_FILE = "run_complete.json"
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_DEEPSPEED_CONFIG = str(REPOSITORY / "ds_configs" / "zero2.json")
-TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer's name (a test checks they agree)
+
+# Seconds a data worker may take to hand over a batch before the run stops with an error
+# (--dataloader_timeout, recipe.faults): long enough for the slowest batch of large images, short
+# enough that a dead or stuck worker is reported rather than waited on forever.
+DATALOADER_TIMEOUT = 600
 
 # transformers' names for what the original recipe calls differently: refused (and hidden from
 # --help) rather than silently overwritten by the original's flag.
@@ -182,11 +157,15 @@ class DataArguments:
     )
 
     def check(self) -> None:
-        """The data flags' own checks (called with the other flag checks, before anything loads)."""
+        """The data flags' own checks (recipe.flag_checks runs them with the other flag checks,
+        before anything loads). A task's subclass adds its own flags' rules after super().check()."""
         for name in ("max_train_samples", "max_eval_samples", "max_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise FlagError(f"--{name} {value} must be at least 1 (or left out: no limit)")
+
+    def check_model_flags(self, model_args: ModelArguments) -> None:
+        """A task's data flags that depend on the model flags (run after check()); none here."""
 
 
 def _default_workers() -> int:
@@ -344,433 +323,3 @@ class TrainingFlags:
 # TrainingFlags fields that keep transformers' default (tests check they still agree).
 MIRRORED = ("learning_rate", "num_train_epochs", "max_steps", "bf16", "fp16", "seed", "save_strategy", "log_level",
             "log_level_replica", "eval_strategy", "eval_steps", "load_best_model_at_end", "greater_is_better")
-
-
-def __getattr__(name: str):
-    """`RecipeTrainingArguments` imports transformers' TrainingArguments (heavy): on first use."""
-    if name == "RecipeTrainingArguments":
-        from .training_args import RecipeTrainingArguments
-
-        return RecipeTrainingArguments
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def world_size() -> int:
-    """Processes in the job, from torchrun's environment (1 when run with plain python)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-# -- parsing -----------------------------------------------------------------------------------
-
-GROUPS = ("task data", "model and method", "training", "evaluation", "other transformers flags")
-# Flags shown under "training" / "evaluation" besides the recipe's own dataclass fields.
-TRAINING_FLAGS = {
-    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "batch_size", "batch_size_per_gpu",
-    "learning_rate", "num_train_epochs", "max_steps", "wd", "adam_beta1", "adam_beta2", "adam_epsilon",
-    "lr_scheduler_type", "warmup_steps", "max_grad_norm", "activation_checkpointing", "bf16", "fp16",
-    "deepspeed", "seed", "save_strategy", "save_steps", "save_total_limit", "logging_steps",
-    "report_to", "train_sampling_strategy", "dataloader_num_workers", "dataloader_prefetch_factor", "no_tqdm",
-    "dataloader_timeout", "log_level", "log_level_replica", "padding_free", "max_tokens_per_row", "dry_run",
-}
-EVALUATION_FLAGS = {
-    "eval_strategy", "eval_steps", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
-    "eval_batch_size", "max_new_tokens", "eval_turns", "eval_only", "skip_eval_before",
-}
-HIDDEN = {"remove_unused_columns"}  # must stay as it is; not offered
-
-
-def _is_switch(action: argparse.Action) -> bool:
-    """An on/off flag (HfArgumentParser's bool: `--flag` alone means on; `--flag False` works too)."""
-    return action.nargs == "?" and action.const is True
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Each flag under its name with underscores only (the dashed spelling works too); on/off
-    flags without a value (`--use_lora`, `--no_activation_checkpointing`); a default shown once:
-    where the help text does not already explain it, and not for switches that are off."""
-
-    def _format_action_invocation(self, action):
-        if not action.option_strings or isinstance(action, argparse._HelpAction):
-            return super()._format_action_invocation(action)
-        name = action.option_strings[0]
-        if _is_switch(action):
-            negation = getattr(action, "negation", None)
-            return f"{name}, {negation}" if negation else name
-        if action.nargs == 0:
-            return name
-        return f"{name} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        if "default" in text.lower() or default is None or default is argparse.SUPPRESS or not action.option_strings:
-            return text
-        if _is_switch(action):
-            return f"{text} (default: on)" if default else text
-        return f"{text} (default: %(default)s)"
-
-
-@functools.lru_cache(maxsize=1)
-def transformers_flag_names() -> frozenset[str] | None:
-    """The field names of the installed transformers' TrainingArguments, read from its source
-    (importing it takes seconds: torch, accelerate, peft, bitsandbytes). None if the source is
-    not where or what it used to be (a class with bases: some fields would be elsewhere);
-    unknown flags are then left to transformers' parser (build_training_args, after the imports)."""
-    try:
-        spec = importlib.util.find_spec("transformers")
-        source = Path(spec.origin).with_name("training_args.py").read_text(encoding="utf-8")
-        for node in ast.parse(source).body:
-            if isinstance(node, ast.ClassDef) and node.name == "TrainingArguments":
-                if node.bases or node.keywords:  # (fields it inherits are not in this source)
-                    return None
-                names = frozenset(item.target.id for item in node.body
-                                  if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
-                                  and not item.target.id.startswith("_"))
-                return names or None
-    except (AttributeError, OSError, SyntaxError, TypeError, ValueError):
-        pass
-    return None
-
-
-class RecipeArgumentParser(HfArgumentParser):
-    """HfArgumentParser with exact flag names, one-line errors and a grouped --help."""
-
-    def __init__(self, dataclass_types, defaults: dict | None = None):
-        super().__init__(dataclass_types, allow_abbrev=False, formatter_class=_HelpFormatter,
-                         usage="%(prog)s [--flag VALUE ...]   (torchrun --nproc_per_node=N %(prog)s ... on GPUs)")
-        defaults = dict(defaults or {})
-        unknown = set(defaults) - {action.dest for action in self._actions}
-        if unknown:
-            raise FlagError(f"task defaults name unknown flags: {sorted(unknown)}")
-        self.set_defaults(**defaults)
-
-    def group_help(self, data_args_class) -> None:
-        """Moves every flag into one of GROUPS; refused transformers names are not shown, the
-        other transformers flags are listed by name."""
-        ours = {f.name for f in fields(TrainingFlags)}
-        data = {f.name for f in fields(data_args_class)}
-        model = {f.name for f in fields(ModelArguments)}
-        others = sorted((transformers_flag_names() or frozenset()) - ours - REFUSED.keys() - HIDDEN)
-        descriptions = {"other transformers flags": (
-            "Any other flag of transformers' TrainingArguments works too, with transformers' meaning (see "
-            "its documentation): " + ", ".join(f"--{name}" for name in others) + ".") if others else None}
-        groups = {title: self.add_argument_group(title, descriptions.get(title)) for title in GROUPS}
-        negations = {a.dest: a.option_strings[0] for a in self._actions
-                     if a.option_strings and a.option_strings[0].startswith("--no_") and a.const is False}
-        for action in list(self._optionals._group_actions):
-            dest = action.dest
-            if dest == "help":
-                continue
-            if _is_switch(action) and dest in negations:
-                action.negation = negations[dest]
-            if dest in REFUSED or dest in HIDDEN or (action.option_strings[0].startswith("--no_") and action.const
-                                                     is False):
-                action.help = argparse.SUPPRESS
-                continue
-            if dest in EVALUATION_FLAGS:
-                title = "evaluation"
-            elif dest in TRAINING_FLAGS:
-                title = "training"
-            elif dest in data:
-                title = "task data"
-            elif dest in model:
-                title = "model and method"
-            elif dest in ours:
-                title = "training"
-            else:
-                title = "other transformers flags"
-            self._optionals._group_actions.remove(action)
-            groups[title]._group_actions.append(action)
-
-    def error(self, message: str):
-        """argparse's own errors (bad value, missing value): one line instead of usage + message."""
-        raise FlagError(f"{message} (see --help)")
-
-    def known_flags(self) -> list[str]:
-        return [f"--{action.dest}" for action in self._actions
-                if action.option_strings and action.help is not argparse.SUPPRESS]
-
-    def unknown_flags(self, problems: list[str]) -> FlagError:
-        return FlagError("; ".join(problems) + "; flags are matched exactly, see --help")
-
-
-def _unknown(rest: list[str], passable: frozenset[str] | None, known: list[str]) -> list[str]:
-    """What argparse left over that is not a transformers flag: each unknown flag with the
-    closest real ones. (Values after a flag belong to it; a negative number is a value.)"""
-    problems, after_flag = [], False
-    for token in rest:
-        if token.startswith("-") and not _is_number(token):
-            flag = token.split("=", 1)[0]
-            name = flag.lstrip("-").replace("-", "_")
-            after_flag = True
-            if passable is None or name in passable or (name.startswith("no_") and name[3:] in passable):
-                continue
-            close = difflib.get_close_matches(flag.replace("-", "_").replace("__", "--", 1), known, n=3, cutoff=0.6)
-            problems.append(f"unknown flag {flag}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
-        elif not after_flag:
-            problems.append(f"unexpected value {token!r}")
-            after_flag = True  # (one such message is enough)
-    return problems
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-        return True
-    except ValueError:
-        return False
-
-
-def _given(argv: list[str]) -> set[str]:
-    """The flag names (dest form) written on the command line."""
-    return {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
-
-
-def _build(dtype, values: dict):
-    values = {f.name: values[f.name] for f in fields(dtype) if f.init and f.name in values}
-    try:
-        return dtype(**values)
-    except FlagError:
-        raise
-    except (ValueError, OSError) as err:  # transformers' own flag validation (and files its flags name)
-        raise FlagError(" ".join(str(err).split())) from None
-
-
-class Flags(NamedTuple):
-    """The parsed, checked flags of a run; `transformers_argv` are the transformers flags that
-    TrainingFlags does not declare, parsed by build_training_args."""
-
-    model: ModelArguments
-    data: DataArguments
-    training: TrainingFlags
-    transformers_argv: list[str]
-
-
-def parse_flags(data_args_class=DataArguments, argv: list[str] | None = None, defaults: dict | None = None,
-                late_defaults=None) -> Flags:
-    """Parses and checks every flag (check_args) without importing torch or transformers'
-    trainer: --help and every flag error end here in well under a second of imports.
-    `defaults` are the task's own defaults.
-
-    `late_defaults(data_args) -> {flag: value}`: defaults that follow from the data flags (a task
-    named and scored by its flags: its metric is --metric_for_best_model's default), applied to
-    the flags not given on the command line.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    refused = sorted(_given(argv) & REFUSED.keys())
-    if refused:
-        raise FlagError(f"--{refused[0]} is not used by these recipes; use {REFUSED[refused[0]]}")
-    parser = RecipeArgumentParser((ModelArguments, data_args_class, TrainingFlags), defaults)
-    parser.group_help(data_args_class)
-    namespace, rest = parser.parse_known_args(argv)
-    ours = {action.dest for action in parser._actions}
-    names = transformers_flag_names()
-    passable = None if names is None else names - ours - REFUSED.keys()
-    problems = _unknown(rest, passable, parser.known_flags() + sorted(f"--{n}" for n in passable or ()))
-    if problems:
-        raise parser.unknown_flags(problems)
-    values = vars(namespace)
-    model_args = _build(ModelArguments, values)
-    data_args = _build(data_args_class, values)
-    if late_defaults is not None:
-        given = _given(argv)
-        values.update({name: value for name, value in late_defaults(data_args).items() if name not in given})
-    training = _build(TrainingFlags, values)
-    if model_args.use_qlora:
-        model_args.use_lora = True
-    if training.deepspeed == "auto":
-        full = not (model_args.use_lora or data_args.eval_only)
-        training.deepspeed = DEFAULT_DEEPSPEED_CONFIG if full else None
-    elif training.deepspeed in ("none", ""):
-        training.deepspeed = None
-    check_args(model_args, data_args, training)
-    return Flags(model_args, data_args, training, rest)
-
-
-def build_training_args(flags: Flags):
-    """The run's RecipeTrainingArguments (transformers' TrainingArguments: imports torch and the
-    trainer's libraries; sets up devices), from flags that passed their checks."""
-    from .training_args import RecipeTrainingArguments
-
-    values = {f.name: getattr(flags.training, f.name) for f in fields(TrainingFlags)}
-    values.update({name: value for name, value in parse_transformers_flags(flags).items() if name not in values})
-    return _build(RecipeTrainingArguments, values)
-
-
-def parse_transformers_flags(flags: Flags) -> dict:
-    """{name: value} of the transformers flags that TrainingFlags does not declare
-    (flags.transformers_argv), parsed by transformers' own field types: an unknown name or a bad
-    value is a FlagError. Imports TrainingArguments (not light) but builds nothing, so --dry_run
-    checks them too."""
-    if not flags.transformers_argv:
-        return {}
-    from .training_args import RecipeTrainingArguments
-
-    parser = RecipeArgumentParser(RecipeTrainingArguments)
-    namespace, rest = parser.parse_known_args(flags.transformers_argv)
-    problems = _unknown(rest, frozenset(), parser.known_flags())
-    if problems:
-        raise parser.unknown_flags(problems)
-    values = {}
-    for name in _given(flags.transformers_argv):
-        name = name if hasattr(namespace, name) or not name.startswith("no_") else name[3:]
-        if hasattr(namespace, name):
-            values[name] = getattr(namespace, name)
-    return values
-
-
-def parse_args(data_args_class=DataArguments, argv: list[str] | None = None, defaults: dict | None = None,
-               late_defaults=None):
-    """(model_args, data_args, training_args) from argv; `defaults` are the task's own defaults.
-
-    `late_defaults(data_args) -> {flag: value}`: defaults that follow from the data flags (a task
-    named and scored by its flags: its metric is --metric_for_best_model's default), applied to
-    the flags not given on the command line.
-
-    Every check (check_args) runs before TrainingArguments sets up devices, distributed or
-    DeepSpeed, so a wrong flag costs nothing.
-    """
-    flags = parse_flags(data_args_class, argv, defaults, late_defaults)
-    return flags.model, flags.data, build_training_args(flags)
-
-
-# -- checks ------------------------------------------------------------------------------------
-
-
-def _last_complete_checkpoint(output_dir: Path) -> str | None:
-    """The newest checkpoint-N whose files all load (recipe.checkpoints.verify); a newer one that
-    does not (killed while saving before atomic saves, truncated, corrupted) is named in a warning
-    and the previous one is taken."""
-    return last_complete_checkpoint(output_dir)
-
-
-def _check_resume(data_args, training_args) -> None:
-    """Resolves --resume_from_checkpoint (auto -> the newest complete checkpoint or None)."""
-    output_dir = Path(training_args.output_dir)
-    resume = training_args.resume_from_checkpoint
-    if data_args.eval_only:
-        training_args.resume_from_checkpoint = None
-        return
-    if resume == "auto":
-        resume = _last_complete_checkpoint(output_dir)
-        if resume is None:
-            logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting from scratch", output_dir)
-    elif resume is not None and not Path(resume).is_dir():
-        raise FlagError(f"--resume_from_checkpoint {resume}: no such checkpoint directory (or use 'auto')")
-    elif resume is not None and (problem := verify(Path(resume))):
-        raise FlagError(f"--resume_from_checkpoint {resume} cannot be resumed from: {problem}; name an earlier "
-                        "checkpoint or use 'auto' (the newest complete one)")
-    elif resume is None and not training_args.overwrite_output_dir and any(
-        p.is_dir() for p in output_dir.glob("checkpoint-*")
-    ):
-        raise FlagError(
-            f"--output_dir {output_dir} holds checkpoints of an unfinished run: pass --resume_from_checkpoint auto "
-            "to continue it, or --overwrite_output_dir to start over"
-        )
-    training_args.resume_from_checkpoint = resume
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def check_args(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
-    """Every flag conflict, before any model is loaded, data is read or a device is set up.
-
-    `training_args` is the TrainingFlags (or, when called again, the TrainingArguments). Only a
-    check that needs torch (a GPU for --fp16 / --use_flash_attention) imports it.
-    """
-    t = training_args
-    # --dry_run plans a GPU run on any machine: what only the GPU machine has (a launcher, a GPU,
-    # the flash-attn package) is not asked for.
-    planning = getattr(t, "dry_run", False)
-    if model_args.use_qlora:
-        model_args.use_lora = True
-    world = world_size()
-    if t.batch_size < 1 or t.batch_size_per_gpu < 1:
-        raise FlagError("--batch_size and --batch_size_per_gpu must be >= 1")
-    if t.batch_size % (world * t.batch_size_per_gpu):
-        raise FlagError(
-            f"--batch_size {t.batch_size} (global) is not divisible by {world} process(es) x "
-            f"--batch_size_per_gpu {t.batch_size_per_gpu}; pick a multiple of {world * t.batch_size_per_gpu}"
-        )
-    if t.fp16 and t.bf16:
-        raise FlagError("--fp16 and --bf16 are exclusive; pick one")
-    if model_args.use_qlora and t.deepspeed:
-        raise FlagError("--use_qlora does not run under DeepSpeed here; drop --deepspeed (QLoRA fits one GPU)")
-    if t.deepspeed:
-        if not Path(t.deepspeed).is_file():
-            raise FlagError(f"--deepspeed {t.deepspeed}: no such file (or 'none' to train without DeepSpeed)")
-        try:
-            config = json.loads(Path(t.deepspeed).read_text(encoding="utf-8"))
-            problem = None if isinstance(config, dict) else f"a JSON {type(config).__name__}"
-        except (ValueError, OSError) as err:
-            problem = " ".join(str(err).split())
-        if problem:  # (DeepSpeed, and --dry_run's ZeRO stage, read it as an object)
-            raise FlagError(f"--deepspeed {t.deepspeed}: not a JSON object of DeepSpeed settings ({problem})")
-        if "LOCAL_RANK" not in os.environ and not planning:
-            raise FlagError(
-                "DeepSpeed needs a launcher: run with `torchrun --nproc_per_node=N script.py ...` "
-                "(also for one GPU), or pass --deepspeed none"
-            )
-    if not 1 <= model_args.num_crops <= 16:
-        raise FlagError(f"--num_crops {model_args.num_crops} is outside 1..16 (4 suits multi-frame, 16 single images)")
-    if model_args.use_flash_attention:
-        if t.fp16:
-            raise FlagError(
-                "--use_flash_attention cannot be combined with --fp16: FlashAttention-2 runs on Ampere or newer "
-                "GPUs, use --bf16 there; on V100 use --fp16 without --use_flash_attention"
-            )
-        if not t.bf16:
-            raise FlagError("--use_flash_attention needs --bf16 (FlashAttention-2 runs in half precision)")
-        if importlib.util.find_spec("flash_attn") is None and not planning:
-            raise FlagError(
-                "--use_flash_attention needs the flash-attn package, which is not installed: "
-                "`pip install -r requirements-gpu.txt` on a CUDA machine, or drop the flag to use SDPA"
-            )
-        if not planning and not _cuda_available():
-            raise FlagError("--use_flash_attention needs a CUDA GPU; none is visible. Drop the flag to use SDPA")
-    if t.fp16 and not planning and not _cuda_available():
-        raise FlagError("--fp16 needs a CUDA GPU; on CPU use --bf16 or neither")
-    if model_args.use_qlora and importlib.util.find_spec("bitsandbytes") is None:
-        raise FlagError("--use_qlora needs bitsandbytes: `pip install -r requirements.txt`")
-    if model_args.freeze_vision_model and (
-        model_args.vision_learning_rate is not None or model_args.projector_learning_rate is not None
-    ):
-        raise FlagError("--vision_learning_rate/--projector_learning_rate make no sense with --freeze_vision_model")
-    if model_args.merge_lora and not model_args.use_lora:
-        raise FlagError("--merge_lora needs --use_lora or --use_qlora")
-    output_dir = Path(t.output_dir)
-    if (output_dir / RUN_COMPLETE_FILE).exists() and not t.overwrite_output_dir and not data_args.eval_only:
-        raise FlagError(
-            f"--output_dir {output_dir} holds a finished run ({RUN_COMPLETE_FILE}); choose another --output_dir "
-            "or pass --overwrite_output_dir"
-        )
-    if data_args.eval_only and (output_dir / "eval_after.json").exists() and not t.overwrite_output_dir:
-        raise FlagError(
-            f"--output_dir {output_dir} already holds eval_after.json; choose another --output_dir for "
-            "--eval_only or pass --overwrite_output_dir"
-        )
-    if (t.overwrite_output_dir and not data_args.eval_only and not t.resume_from_checkpoint
-            and output_dir.resolve() == Path(model_args.model_name_or_path).resolve()):
-        raise FlagError(
-            f"--overwrite_output_dir would delete the model being finetuned ({model_args.model_name_or_path} is also "
-            "--output_dir); choose another --output_dir"
-        )
-    if getattr(t, "dataloader_timeout", 0) < 0:
-        raise FlagError("--dataloader_timeout must be >= 0 (0: no limit)")
-    if data_args.eval_batch_size < 1:
-        raise FlagError("--eval_batch_size must be >= 1")
-    if not 1 <= data_args.max_tokens_per_row <= MAX_TOKENS_PER_ROW:
-        raise FlagError(
-            f"--max_tokens_per_row {data_args.max_tokens_per_row} is outside 1..{MAX_TOKENS_PER_ROW}: a longer row "
-            "would switch LongRoPE to the long factors for examples that use the short ones alone"
-        )
-
-    if getattr(t, "load_best_model_at_end", False) and str(getattr(t, "eval_strategy", "no")) in ("no", "IntervalStrategy.NO"):
-        raise FlagError("--load_best_model_at_end needs --eval_strategy steps (or epoch) and a matching --save_strategy")
-    if hasattr(data_args, "check"):
-        data_args.check()  # the task's own data flags
-    _check_resume(data_args, t)

@@ -27,11 +27,18 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["TMP_DIR", "checkpoint_steps", "verify", "last_complete_checkpoint", "save_error", "publish"]
+__all__ = ["TMP_DIR", "RUN_COMPLETE_FILE", "TRAINER_STATE_NAME", "checkpoint_steps", "verify",
+           "last_complete_checkpoint", "save_error", "publish"]
 
 logger = logging.getLogger("recipe")
 
 TMP_DIR = ".checkpoint-tmp"  # (not matched by the Trainer's `checkpoint-*` globs)
+# Written last into OUTPUT_DIR by a finished run (recipe.report); without it, checkpoints there are
+# an unfinished run's, to resume from.
+RUN_COMPLETE_FILE = "run_complete.json"
+# transformers.trainer's name, here without importing the trainer (the flag checks verify a
+# checkpoint to resume from; a test checks the names agree).
+TRAINER_STATE_NAME = "trainer_state.json"
 TORCH_ARCHIVES = (".pt", ".pth", ".bin")
 
 
@@ -81,8 +88,6 @@ def _check_file(path: Path) -> str | None:
 
 def verify(checkpoint: Path) -> str | None:
     """None if every file resuming reads loads; else "<file>: <why not>" for the first that does not."""
-    from transformers.trainer import TRAINER_STATE_NAME
-
     if not (checkpoint / TRAINER_STATE_NAME).is_file():
         return f"{checkpoint / TRAINER_STATE_NAME}: missing (killed while saving?)"
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):

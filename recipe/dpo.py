@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LOSS_TYPES", "DPOLoss", "dpo_losses", "sequence_logps", "pair_metrics", "METRIC_NAMES"]
+from .preference_args import LOSS_TYPES
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+__all__ = ["DPOLoss", "dpo_losses", "sequence_logps", "pair_metrics", "METRIC_NAMES"]
+
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected")
 

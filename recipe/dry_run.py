@@ -26,7 +26,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
 
-from .args import Flags, world_size
+from .flag_parser import Flags
+from .launcher import world_size
 
 __all__ = ["dry_run", "optimizer_steps", "MemoryEstimate", "estimate_memory"]
 
@@ -161,7 +162,7 @@ def dry_run(task, flags: Flags) -> dict:
     from phi3v.configuration_phi3v import Phi3VConfig
     from phi3v.processing_phi3v import Phi3VProcessor
 
-    from .args import parse_transformers_flags
+    from .flag_parser import parse_transformers_flags
     from .data import Collator, ConversationDataset
     from .runner import Runner
 

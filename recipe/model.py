@@ -36,7 +36,8 @@ from transformers.trainer_pt_utils import get_model_param_count
 import phi3v  # noqa: F401  (registers the native classes with the Auto factories)
 from phi3v.modeling_phi3v import Phi3VForCausalLM
 
-from .args import ModelArguments, RecipeTrainingArguments
+from .args import ModelArguments
+from .training_args import RecipeTrainingArguments
 
 __all__ = ["load_model", "weights_dtype", "lora_target_modules", "freeze_vision", "parameter_groups", "count_parameters", "SEPARATORS",
            "REFERENCE_ADAPTER"]

@@ -34,7 +34,7 @@ import logging
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,9 +47,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from phi3v.jsonfile import write_json_atomic
 from phi3v.modeling_phi3v import Phi3VModel
 
-from .args import DataArguments
-from .dpo import LOSS_TYPES, METRIC_NAMES, DPOLoss
-from .errors import DataError, FlagError
+from .dpo import METRIC_NAMES, DPOLoss
+from .errors import DataError
 from .evaluate import evaluate
 from .metrics import score_function
 from .model import REFERENCE_ADAPTER, load_model
@@ -60,8 +59,7 @@ from .report import Throughput
 from .trainer import RecipeTrainer
 from .validation import validate_pairs
 
-__all__ = ["PreferenceArguments", "Preference", "PreferenceTrainer", "PairEvaluator", "Reference",
-           "dataset_log_probs"]
+__all__ = ["Preference", "PreferenceTrainer", "PairEvaluator", "Reference", "dataset_log_probs"]
 
 logger = logging.getLogger("recipe")
 
@@ -69,83 +67,7 @@ REF_TRAIN_FILE = "ref_log_probs_train.pt"
 REF_EVAL_FILE = "ref_log_probs_eval.pt"
 
 
-@dataclass
-class PreferenceArguments(DataArguments):
-    """The DPO flags, with TRL's names and defaults."""
-
-    beta: float = field(default=0.1, metadata={"help": "DPO's beta: how far the policy may move from the reference "
-                                                       "(higher: closer). IPO: its regularisation tau."})
-    loss_type: str = field(default="sigmoid", metadata={
-        "help": "sigmoid (DPO), ipo (on log-probs averaged over answer tokens), hinge (RSO), robust "
-                "(noise-robust DPO).",
-        "choices": list(LOSS_TYPES)})
-    label_smoothing: float = field(default=0.0, metadata={
-        "help": "Assumed share of flipped preference labels, 0 <= x < 0.5 (cDPO with sigmoid; robust)."})
-    rpo_alpha: float | None = field(default=None, metadata={
-        "help": "Add this times the chosen answers' NLL per token to the loss (RPO; the paper uses 1.0)."})
-    precompute_ref_log_probs: bool = field(default=False, metadata={
-        "help": "Compute the reference log-probs of every training pair in one pass before training (stored in "
-                "OUTPUT_DIR, reused on resume): no reference model in memory during training."})
-    adapter: str | None = field(default=None, metadata={
-        "help": "Continue from this LoRA output (an SFT run's OUTPUT_DIR, --model_name_or_path its base; with "
-                "--use_lora/--use_qlora): DPO trains that adapter (its rank and targets), and the reference is "
-                "base + that adapter, frozen (loaded twice: adapters only, one base)."})
-    metric: str | None = field(default=None, metadata={
-        "help": "Also generate an answer to each held-out pair's prompt and score it against the chosen answer: "
-                "exact_match, accuracy, anls or module:function (as finetune_hf_trainer_custom.py's --metric); "
-                "written next to the reward metrics in eval_*.json, with the predictions."})
-    ref_model: str | None = field(default=None, metadata={
-        "help": "--eval_only: the reference the rewards are measured against (the run's starting model; a model or "
-                "LoRA output directory). Default for a LoRA output: its base (adapters disabled)."})
-
-    def check(self) -> None:
-        super().check()
-        if self.beta <= 0:
-            raise FlagError(f"--beta {self.beta} must be > 0")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise FlagError(f"--label_smoothing {self.label_smoothing} must be in [0, 0.5)")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
-            raise FlagError(f"--label_smoothing applies to --loss_type sigmoid or robust, not {self.loss_type}")
-        if self.rpo_alpha is not None and self.rpo_alpha < 0:
-            raise FlagError(f"--rpo_alpha {self.rpo_alpha} must be >= 0")
-        if self.metric:
-            score_function(self.metric)  # an unknown metric or unimportable function stops here
-        if self.ref_model and not self.eval_only:
-            raise FlagError("--ref_model goes with --eval_only; in training the reference is the starting model")
-        if self.adapter and self.eval_only:
-            raise FlagError("--adapter continues training an adapter; to evaluate a LoRA output pass it as "
-                            "--model_name_or_path with --eval_only")
-        for flag, path in (("--adapter", self.adapter), ("--ref_model", self.ref_model)):
-            if path and Path(path).exists() and not Path(path).is_dir():
-                raise FlagError(f"{flag} {path}: not a directory")
-        if self.adapter and not (Path(self.adapter) / "adapter_config.json").is_file():
-            raise FlagError(f"--adapter {self.adapter}: no adapter_config.json (not a LoRA output directory)")
-
-    def dpo_loss(self) -> DPOLoss:
-        return DPOLoss(self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha)
-
-
 # -- data ------------------------------------------------------------------------------------
-
-
-def is_lora_output(path: str) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def check_model_flags(model_args, data_args) -> None:
-    """The DPO flags that depend on the model flags (before any data or model is read)."""
-    if data_args.adapter:
-        if not model_args.use_lora:
-            raise FlagError(f"--adapter {data_args.adapter} continues a LoRA adapter: add --use_lora (or --use_qlora)")
-        targets = json.loads((Path(data_args.adapter) / "adapter_config.json").read_text(encoding="utf-8")).get(
-            "target_modules") or []
-        if model_args.freeze_vision_model and "vision_embed_tokens" in " ".join(
-                [targets] if isinstance(targets, str) else targets):
-            raise FlagError(f"--adapter {data_args.adapter} has LoRA weights on the image side, which "
-                            "--freeze_vision_model cannot freeze: drop --freeze_vision_model")
-    if data_args.eval_only and not data_args.ref_model and not is_lora_output(model_args.model_name_or_path):
-        raise FlagError(f"--eval_only measures rewards against a reference, and {model_args.model_name_or_path} is a "
-                        "full model: pass --ref_model PATH, the model its run started from")
 
 
 class IndexedPairDataset(PairDataset):
@@ -593,9 +515,6 @@ class Preference(Objective):
     name = "preference"
     data_noun = unit = "pairs"
     trainer_class = PreferenceTrainer
-
-    def check(self, runner) -> None:
-        check_model_flags(runner.model_args, runner.data_args)
 
     def validate(self, runner, records, cache_dir=None, **kwargs):
         # (no validation cache for pairs: recipe.validation_cache keys single conversations)

@@ -23,7 +23,8 @@ from accelerate.utils import gather_object
 
 from phi3v.jsonfile import write_json_atomic
 
-from .args import RUN_COMPLETE_FILE, world_size
+from .checkpoints import RUN_COMPLETE_FILE
+from .launcher import world_size
 
 __all__ = ["Throughput", "model_flops", "peak_flops", "mfu", "precision_of", "write_report", "model_card"]
 

@@ -43,10 +43,10 @@ from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_h
 from phi3v.export import SAVE_DTYPES, finalize_output, load_merged, merge_lora
 from phi3v.processing_phi3v import Phi3VProcessor, end_token_ids
 
-from .args import RUN_COMPLETE_FILE, Flags, build_training_args
-from .checkpoints import TMP_DIR
+from .checkpoints import RUN_COMPLETE_FILE, TMP_DIR
 from .errors import DataError
 from .faults import StopOnSignal, Stopped, dataloader_error
+from .flag_parser import Flags, build_training_args
 from .lock import lock_output_dir
 from .model import count_parameters, load_model
 from .objective import Objective

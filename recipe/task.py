@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from . import quiet_libraries
-from .args import DataArguments, Flags, ModelArguments, parse_flags
+from .args import DataArguments, ModelArguments
 from .errors import FlagError, cli
+from .flag_parser import Flags, parse_flags
 
 if TYPE_CHECKING:
     from .records import Conversation
@@ -58,7 +59,7 @@ class Task:
 
 
 def task_flags(task: Task, argv: list[str] | None = None) -> Flags:
-    """The task's flags, parsed with its defaults and checked (recipe.args.parse_flags). A chosen
+    """The task's flags, parsed with its defaults and checked (recipe.flag_parser.parse_flags). A chosen
     --log_level shows again what recipe/__init__.py hides by default (before the libraries load)."""
     late = (lambda data_args: {"metric_for_best_model": task.resolve(data_args).metric}) if task.from_flags else None
     flags = parse_flags(task.data_args_class, argv, {"metric_for_best_model": task.metric, **task.defaults},

@@ -1,8 +1,9 @@
 """The transformers `TrainingArguments` object of a run, built once the flags passed their checks.
 
 Importing transformers' TrainingArguments brings in torch, accelerate, peft and bitsandbytes
-(several seconds), so recipe.args parses and checks the flags from light dataclasses first and
-builds this only for a run that goes ahead (`--help` and flag errors never import it).
+(several seconds), so the flags are parsed (recipe.flag_parser) and checked (recipe.flag_checks)
+from light dataclasses (recipe.args) first, and this is built only for a run that goes ahead
+(`--help` and flag errors never import it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ if not torch.cuda.is_available():
 
 from transformers import TrainingArguments  # noqa: E402
 
-from .args import TrainingFlags, world_size  # noqa: E402
+from .args import TrainingFlags  # noqa: E402
+from .launcher import world_size  # noqa: E402
 
 __all__ = ["RecipeTrainingArguments"]
 
@@ -30,7 +32,7 @@ class RecipeTrainingArguments(TrainingFlags, TrainingArguments):
     (recipe.args.TrainingFlags: its fields replace transformers' fields of the same name)."""
 
     def __post_init__(self):
-        # Derived values only; every check is in check_args, which ran before this.
+        # Derived values only; every check is in recipe.flag_checks, which ran before this.
         if self.activation_checkpointing_kwargs is None:
             # Non-reentrant checkpointing works with frozen parts and LoRA without extra hooks.
             self.activation_checkpointing_kwargs = {"use_reentrant": False}

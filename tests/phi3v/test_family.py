@@ -284,7 +284,7 @@ def test_tiny_default_family_is_unchanged(tmp_path):
 
 @pytest.mark.parametrize("flag, family", [("auto", PHI3V_128K), ("phi3.5v", PHI3_5V)])
 def test_model_family_flag_of_the_scripts(flag, family, tiny_128k, tmp_path):
-    from recipe.args import parse_args
+    from recipe.flag_parser import parse_args
     from recipe.model import load_model
 
     model_args, _, training_args = parse_args(argv=[

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import finetune_hf_trainer_ucf101 as ucf
-from recipe.args import MIRRORED, TRAINER_STATE_NAME, FlagError, TrainingFlags, parse_args, parse_flags, \
-    transformers_flag_names
+from recipe.args import MIRRORED, FlagError, TrainingFlags
+from recipe.checkpoints import TRAINER_STATE_NAME
+from recipe.flag_parser import parse_args, parse_flags, transformers_flag_names
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 SCRIPTS = ("finetune_hf_trainer_custom.py", "finetune_hf_trainer_docvqa.py", "finetune_hf_trainer_hateful_memes.py",

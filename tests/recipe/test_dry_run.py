@@ -95,11 +95,12 @@ def test_dry_run_checks_the_transformers_flags_too(weightless, ucf101_data, tmp_
                                                    monkeypatch):
     """A transformers-only flag the run would refuse (a bad value; or an unknown flag, when
     transformers' flag names could not be read from its source) fails the dry run too."""
-    from recipe import args
+    from recipe import flag_parser
+    from recipe.errors import FlagError
 
     if not names_readable:
-        monkeypatch.setattr(args, "transformers_flag_names", lambda: None)
-    with pytest.raises(args.FlagError, match=flag[0]):
+        monkeypatch.setattr(flag_parser, "transformers_flag_names", lambda: None)
+    with pytest.raises(FlagError, match=flag[0]):
         ucf.TASK.run(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
                   str(tmp_path / "out"), "--num_crops", "1", "--use_lora", "--batch_size", "2", "--no-tqdm",
                   "--dry_run", *flag])

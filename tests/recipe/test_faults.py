@@ -24,8 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import finetune_hf_trainer_ucf101 as ucf
-from recipe.args import RUN_COMPLETE_FILE
-from recipe.checkpoints import TMP_DIR, last_complete_checkpoint, verify
+from recipe.checkpoints import RUN_COMPLETE_FILE, TMP_DIR, last_complete_checkpoint, verify
 from recipe.data import ConversationDataset
 from recipe.errors import UserError
 from recipe.faults import StopOnSignal, exit_status

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import finetune_hf_trainer_ucf101 as ucf
-from recipe.args import check_args, parse_args
+from recipe.flag_checks import check_flags
+from recipe.flag_parser import parse_args
 from recipe.model import load_model
 from recipe.report import Throughput, mfu, model_flops, peak_flops
 
@@ -25,7 +26,7 @@ def parsed(tiny, data, out, *extra):
     argv = ["--model_name_or_path", str(tiny), "--data_dir", str(data), "--output_dir", str(out), "--num_crops", "1",
             "--deepspeed", "none", "--no-tqdm", *map(str, extra)]
     model_args, data_args, training_args = parse_args(ucf.Ucf101Arguments, argv, ucf.TASK.defaults)
-    check_args(model_args, data_args, training_args)
+    check_flags(model_args, data_args, training_args)
     return model_args, data_args, training_args
 
 

@@ -10,8 +10,9 @@ import torch
 import finetune_hf_trainer_ucf101 as ucf
 from phi3v.modeling_phi3v import Phi3VForCausalLM
 from phi3v.processing_phi3v import Phi3VProcessor
-from recipe.args import check_args, parse_args
 from recipe.data import Collator, ConversationDataset
+from recipe.flag_checks import check_flags
+from recipe.flag_parser import parse_args
 from recipe.model import count_parameters, load_model
 from recipe.trainer import RecipeTrainer
 
@@ -35,7 +36,7 @@ def parsed(tiny, data, out, *extra):
     argv = ["--model_name_or_path", str(tiny), "--data_dir", str(data), "--output_dir", str(out), "--num_crops", "1",
             "--deepspeed", "none", "--no-tqdm", *map(str, extra)]
     model_args, data_args, training_args = parse_args(ucf.Ucf101Arguments, argv, ucf.TASK.defaults)
-    check_args(model_args, data_args, training_args)
+    check_flags(model_args, data_args, training_args)
     return model_args, data_args, training_args
 
 
@@ -67,7 +68,7 @@ def test_bf16_without_deepspeed_steps_fp32_weights(mode, tiny_checkpoint, ucf101
                                           "--batch_size", 1, "--learning_rate", "1e-5",
                                           "--lr_scheduler_type", "constant", "--save_strategy", "no",
                                           *[f for f in MODES[mode] if f != "flash"])
-    model_args.use_flash_attention = flash  # (check_args refuses it without a GPU)
+    model_args.use_flash_attention = flash  # (check_flags refuses it without a GPU)
     model = load_model(model_args, training_args)
     assert loaded_dtypes == [torch.bfloat16 if model_args.use_lora else torch.float32]
 

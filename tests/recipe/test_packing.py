@@ -14,8 +14,10 @@ import finetune_hf_trainer_ucf101 as ucf
 from phi3v.modeling_phi3v import packed_sequence_lengths
 from phi3v.processing_phi3v import Phi3VProcessor
 from phi3v.tiny import build_tiny_model, tiny_config
-from recipe.args import FlagError, check_args, parse_args
 from recipe.data import Collator, ConversationDataset
+from recipe.errors import FlagError
+from recipe.flag_checks import check_flags
+from recipe.flag_parser import parse_args
 from recipe.model import load_model
 from recipe.packing import pack_examples, pack_rows
 from recipe.tokenization import IGNORE_INDEX
@@ -187,7 +189,7 @@ def packed_trainer(tiny, data, out, *extra) -> RecipeTrainer:
             "--train_sampling_strategy", "sequential", "--dataloader_num_workers", "0", "--logging_steps", "1",
             *extra]
     model_args, data_args, training_args = parse_args(ucf.Ucf101Arguments, argv, ucf.TASK.defaults)
-    check_args(model_args, data_args, training_args)
+    check_flags(model_args, data_args, training_args)
     processor = Phi3VProcessor.from_pretrained(tiny, num_crops=1)
     train, _ = ucf.load_data(data_args, model_args)
     row_limit = data_args.max_tokens_per_row if data_args.padding_free else None

@@ -25,8 +25,10 @@ import finetune_hf_trainer_ucf101 as ucf
 import phi3v  # noqa: F401  (registers Phi3VForCausalLM with AutoModelForCausalLM)
 from phi3v.modeling_phi3v import Phi3VForCausalLM
 from phi3v.processing_phi3v import Phi3VProcessor
-from recipe.args import RUN_COMPLETE_FILE, FlagError, check_args, parse_args
-from recipe.checkpoints import TMP_DIR
+from recipe.checkpoints import RUN_COMPLETE_FILE, TMP_DIR
+from recipe.errors import FlagError
+from recipe.flag_checks import check_flags
+from recipe.flag_parser import parse_args
 from recipe.data import Collator, ConversationDataset
 from recipe.records import subset
 from recipe.evaluate import evaluate
@@ -79,7 +81,7 @@ def repeated_batch_trainer(tiny, data, out, *extra) -> RecipeTrainer:
                  "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--max_steps", 8,
                  "--save_strategy", "no", *extra)
     model_args, data_args, training_args = parse_args(ucf.Ucf101Arguments, argv, ucf.TASK.defaults)
-    check_args(model_args, data_args, training_args)
+    check_flags(model_args, data_args, training_args)
     processor = Phi3VProcessor.from_pretrained(tiny, num_crops=1)
     train, _ = ucf.load_data(data_args, model_args)
     return RecipeTrainer(
@@ -309,7 +311,7 @@ def test_qlora_under_deepspeed_is_refused(tmp_path):
         ucf.Ucf101Arguments, ["--use_qlora", "--deepspeed", "none", "--output_dir", str(tmp_path)], ucf.TASK.defaults)
     training_args.deepspeed = "ds_configs/zero2.json"
     with pytest.raises(FlagError, match=r"--use_qlora does not run under DeepSpeed.*drop --deepspeed"):
-        check_args(model_args, data_args, training_args)
+        check_flags(model_args, data_args, training_args)
 
 
 def test_help_lists_the_flags_that_work_grouped_with_recipe_defaults(capsys):
