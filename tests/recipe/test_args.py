@@ -56,6 +56,19 @@ def test_a_flag_error_imports_no_heavy_library(args, message, tmp_path):
     assert err[-2].startswith(message) and err[-1] == "HEAVY [] CODES [2]", err
 
 
+def test_the_dpo_flags_answer_without_heavy_libraries():
+    """A preference task's flags (recipe.preference_args) and their errors: no torch (the loss is
+    built only for a run)."""
+    code = ("import sys\nfrom recipe.errors import FlagError\nfrom recipe.flag_parser import parse_flags\n"
+            "from recipe.preference_args import PreferenceArguments\ntry:\n"
+            "    parse_flags(PreferenceArguments, ['--use_lora', '--label_smoothing', '0.6'])\n"
+            "except FlagError as err:\n    print('error:', err, file=sys.stderr)\n"
+            f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert err[-2] == "error: --label_smoothing 0.6 must be in [0, 0.5)" and err[-1] == "HEAVY []", err
+
+
 def test_help_shows_each_default_once_and_switches_without_a_value(capsys):
     with pytest.raises(SystemExit):
         parse_flags(ucf.Ucf101Arguments, ["--help"], ucf.TASK.defaults)
