@@ -194,9 +194,10 @@ def check_evaluation(data_args: DataArguments, training_args) -> None:
     during training."""
     if data_args.eval_batch_size < 1:
         raise FlagError("--eval_batch_size must be >= 1")
-    if getattr(training_args, "load_best_model_at_end", False) and str(
-            getattr(training_args, "eval_strategy", "no")) in ("no", "IntervalStrategy.NO"):
-        raise FlagError("--load_best_model_at_end needs --eval_strategy steps (or epoch) and a matching --save_strategy")
+    evaluating = str(getattr(training_args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO")
+    if getattr(training_args, "load_best_model_at_end", False) and not evaluating:
+        raise FlagError("--load_best_model_at_end needs --eval_strategy steps (or epoch) and a matching "
+                        "--save_strategy")
 
 
 def check_padding_free(data_args: DataArguments) -> None:
