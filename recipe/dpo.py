@@ -101,6 +101,11 @@ class DPOLoss:
     label_smoothing: float = 0.0
     rpo_alpha: float | None = None
 
+    @classmethod
+    def from_flags(cls, flags) -> DPOLoss:
+        """The loss the parsed DPO flags describe (recipe.preference_args.PreferenceArguments)."""
+        return cls(flags.beta, flags.loss_type, flags.label_smoothing, flags.rpo_alpha)
+
     def __call__(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens,
                  chosen_nll: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = [sequence_logps(x, n, self.loss_type) for x, n in (

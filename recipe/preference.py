@@ -383,7 +383,7 @@ class PairEvaluator:
         self.device = training_args.device
         self.autocast_dtype = _autocast_dtype(training_args)
         self.progress = not training_args.disable_tqdm
-        self.dpo_loss = data_args.dpo_loss()
+        self.dpo_loss = DPOLoss.from_flags(data_args)
         self.reference: LogProbs | None = None
         self.seconds = 0.0
         # --eval_only: the reference is not the model before training but the run's starting point.
@@ -544,7 +544,7 @@ class Preference(Objective):
                              runner.training_args)
 
     def trainer_kwargs(self, runner) -> dict:
-        return dict(dpo_loss=runner.data_args.dpo_loss(),
+        return dict(dpo_loss=DPOLoss.from_flags(runner.data_args),
                     reference=Reference(runner.model_args, runner.data_args, runner.training_args))
 
     def callbacks(self, runner) -> list[TrainerCallback]:

@@ -1,7 +1,8 @@
 """The preference-tuning (DPO) flags and their checks, with TRL's names and defaults.
 
 Light on purpose, as recipe.args is: a preference task script's --help and flag errors answer
-without torch (the loss itself, recipe.dpo, is built only for a run: `dpo_loss()`).
+without torch. The loss these flags describe is recipe.dpo's (`DPOLoss.from_flags`), built only
+for a run; --loss_type's choices are named here, and recipe.dpo computes each.
 """
 
 from __future__ import annotations
@@ -9,14 +10,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .args import DataArguments, ModelArguments
 from .errors import FlagError
 from .metrics import score_function
-
-if TYPE_CHECKING:
-    from .dpo import DPOLoss
 
 __all__ = ["PreferenceArguments", "LOSS_TYPES", "is_lora_output"]
 
@@ -96,9 +93,3 @@ class PreferenceArguments(DataArguments):
         if self.eval_only and not self.ref_model and not is_lora_output(model_args.model_name_or_path):
             raise FlagError(f"--eval_only measures rewards against a reference, and {model_args.model_name_or_path} "
                             "is a full model: pass --ref_model PATH, the model its run started from")
-
-    def dpo_loss(self) -> DPOLoss:
-        """The loss these flags describe (imports torch)."""
-        from .dpo import DPOLoss
-
-        return DPOLoss(self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha)
