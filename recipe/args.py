@@ -165,7 +165,8 @@ class DataArguments:
                 raise FlagError(f"--{name} {value} must be at least 1 (or left out: no limit)")
 
     def check_model_flags(self, model_args: ModelArguments) -> None:
-        """A task's data flags that depend on the model flags (run after check()); none here."""
+        """A task's data flags that depend on the model flags (run last of the flag checks,
+        recipe.flag_checks.check_flags); none here."""
 
 
 def _default_workers() -> int:

@@ -24,8 +24,9 @@ from .launcher import launched, world_size
 from .packing import MAX_TOKENS_PER_ROW
 
 __all__ = ["check_flags", "check_batch_size", "check_precision", "check_deepspeed", "check_num_crops",
-           "check_flash_attention", "check_gpu", "check_lora", "check_frozen_vision", "check_output_dir",
-           "check_data_loading", "check_evaluation", "check_padding_free", "check_data", "check_resume"]
+           "check_flash_attention", "check_gpu", "check_qlora", "check_frozen_vision", "check_merge_lora",
+           "check_output_dir", "check_data_loading", "check_evaluation", "check_padding_free", "check_best_model",
+           "check_data", "check_resume"]
 
 logger = logging.getLogger("recipe")
 
@@ -33,10 +34,11 @@ logger = logging.getLogger("recipe")
 def check_flags(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
     """Every flag conflict, feature by feature, in this order (where two checks could both fail,
     the earlier one is reported): the batch sizes, precision, DeepSpeed, --num_crops,
-    FlashAttention-2, the GPU that --fp16 / --use_flash_attention need, LoRA and QLoRA, the frozen
-    vision side, --output_dir, data loading, evaluation, --padding_free, the data flags (the
-    shared ones, the task's own, then the task's that depend on the model flags), and last the
-    resumption (--resume_from_checkpoint auto resolved to a checkpoint)."""
+    FlashAttention-2, the GPU that --fp16 / --use_flash_attention need, QLoRA, the frozen vision
+    side, --merge_lora, --output_dir, data loading, evaluation, --padding_free, the best checkpoint
+    (--load_best_model_at_end), the data flags (the shared ones and the task's own), the
+    resumption (--resume_from_checkpoint auto resolved to a checkpoint), and last the task's data
+    flags that depend on the model flags (DPO's --adapter, --ref_model)."""
     if model_args.use_qlora:
         model_args.use_lora = True
     check_batch_size(training_args)
@@ -45,14 +47,17 @@ def check_flags(model_args: ModelArguments, data_args: DataArguments, training_a
     check_num_crops(model_args)
     check_flash_attention(model_args, training_args)
     check_gpu(model_args, training_args)
-    check_lora(model_args)
+    check_qlora(model_args)
     check_frozen_vision(model_args)
+    check_merge_lora(model_args)
     check_output_dir(model_args, data_args, training_args)
     check_data_loading(training_args)
-    check_evaluation(data_args, training_args)
+    check_evaluation(data_args)
     check_padding_free(data_args)
-    check_data(model_args, data_args)
+    check_best_model(training_args)
+    check_data(data_args)
     check_resume(data_args, training_args)
+    data_args.check_model_flags(model_args)
 
 
 def _planning(training_args) -> bool:
@@ -144,12 +149,10 @@ def check_gpu(model_args: ModelArguments, training_args) -> None:
         raise FlagError("--fp16 needs a CUDA GPU; on CPU use --bf16 or neither")
 
 
-def check_lora(model_args: ModelArguments) -> None:
-    """QLoRA needs bitsandbytes; --merge_lora needs adapters to merge."""
+def check_qlora(model_args: ModelArguments) -> None:
+    """QLoRA's 4-bit base weights need bitsandbytes (and no DeepSpeed: check_deepspeed)."""
     if model_args.use_qlora and importlib.util.find_spec("bitsandbytes") is None:
         raise FlagError("--use_qlora needs bitsandbytes: `pip install -r requirements.txt`")
-    if model_args.merge_lora and not model_args.use_lora:
-        raise FlagError("--merge_lora needs --use_lora or --use_qlora")
 
 
 def check_frozen_vision(model_args: ModelArguments) -> None:
@@ -158,6 +161,12 @@ def check_frozen_vision(model_args: ModelArguments) -> None:
         model_args.vision_learning_rate is not None or model_args.projector_learning_rate is not None
     ):
         raise FlagError("--vision_learning_rate/--projector_learning_rate make no sense with --freeze_vision_model")
+
+
+def check_merge_lora(model_args: ModelArguments) -> None:
+    """--merge_lora merges adapters: LoRA or QLoRA trains them."""
+    if model_args.merge_lora and not model_args.use_lora:
+        raise FlagError("--merge_lora needs --use_lora or --use_qlora")
 
 
 def check_output_dir(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
@@ -189,15 +198,10 @@ def check_data_loading(training_args) -> None:
         raise FlagError("--dataloader_timeout must be >= 0 (0: no limit)")
 
 
-def check_evaluation(data_args: DataArguments, training_args) -> None:
-    """Generation batches hold an example at least; picking the best checkpoint needs evaluations
-    during training."""
+def check_evaluation(data_args: DataArguments) -> None:
+    """Generation batches of evaluation hold an example at least."""
     if data_args.eval_batch_size < 1:
         raise FlagError("--eval_batch_size must be >= 1")
-    evaluating = str(getattr(training_args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO")
-    if getattr(training_args, "load_best_model_at_end", False) and not evaluating:
-        raise FlagError("--load_best_model_at_end needs --eval_strategy steps (or epoch) and a matching "
-                        "--save_strategy")
 
 
 def check_padding_free(data_args: DataArguments) -> None:
@@ -209,11 +213,18 @@ def check_padding_free(data_args: DataArguments) -> None:
         )
 
 
-def check_data(model_args: ModelArguments, data_args: DataArguments) -> None:
-    """The data flags' own rules and the task's (its DataArguments subclass: `check()`), then the
-    task's rules that depend on the model flags too (`check_model_flags`)."""
+def check_best_model(training_args) -> None:
+    """Keeping the best checkpoint (--load_best_model_at_end) needs evaluations during training."""
+    evaluating = str(getattr(training_args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO")
+    if getattr(training_args, "load_best_model_at_end", False) and not evaluating:
+        raise FlagError("--load_best_model_at_end needs --eval_strategy steps (or epoch) and a matching "
+                        "--save_strategy")
+
+
+def check_data(data_args: DataArguments) -> None:
+    """The data flags' own rules and the task's (its DataArguments subclass: `check()`; the rules
+    that depend on the model flags too, `check_model_flags`, run last, after check_resume)."""
     data_args.check()
-    data_args.check_model_flags(model_args)
 
 
 def check_resume(data_args: DataArguments, training_args) -> None:
