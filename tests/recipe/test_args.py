@@ -16,7 +16,7 @@ from recipe.flag_parser import parse_args, parse_flags, transformers_flag_names
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 SCRIPTS = ("finetune_hf_trainer_custom.py", "finetune_hf_trainer_docvqa.py", "finetune_hf_trainer_hateful_memes.py",
-           "finetune_hf_trainer_nlvr2.py", "finetune_hf_trainer_ucf101.py")
+           "finetune_hf_trainer_nlvr2.py", "finetune_hf_trainer_ucf101.py", "finetune_hf_trainer_rlaif_v.py")
 HEAVY = ("torch", "transformers.trainer", "transformers.training_args", "peft", "datasets", "deepspeed",
          "bitsandbytes", "accelerate")
 
@@ -46,27 +46,18 @@ def test_help_imports_no_heavy_library():
     assert out.count("usage:") == len(SCRIPTS)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--learning_rat", "5"], "error: unknown flag --learning_rat (did you mean --learning_rate"),
-    (["--fp16", "--bf16"], "error: --fp16 and --bf16 are exclusive"),
-    (["--num_crops", "many"], "error: argument --num_crops"),
-], ids=["misspelled", "conflict", "bad value"])
-def test_a_flag_error_imports_no_heavy_library(args, message, tmp_path):
-    _, err = probe(["finetune_hf_trainer_ucf101.py"], args + ["--output_dir", str(tmp_path)])
+@pytest.mark.parametrize("script, args, message", [
+    ("finetune_hf_trainer_ucf101.py", ["--learning_rat", "5"],
+     "error: unknown flag --learning_rat (did you mean --learning_rate"),
+    ("finetune_hf_trainer_ucf101.py", ["--fp16", "--bf16"], "error: --fp16 and --bf16 are exclusive"),
+    ("finetune_hf_trainer_ucf101.py", ["--num_crops", "many"], "error: argument --num_crops"),
+    # the DPO flags (recipe.preference_args): the loss that reads them is built only for a run
+    ("finetune_hf_trainer_rlaif_v.py", ["--use_lora", "--label_smoothing", "0.6"],
+     "error: --label_smoothing 0.6 must be in [0, 0.5)"),
+], ids=["misspelled", "conflict", "bad value", "dpo flag"])
+def test_a_flag_error_imports_no_heavy_library(script, args, message, tmp_path):
+    _, err = probe([script], args + ["--output_dir", str(tmp_path)])
     assert err[-2].startswith(message) and err[-1] == "HEAVY [] CODES [2]", err
-
-
-def test_the_dpo_flags_answer_without_heavy_libraries():
-    """A preference task's flags (recipe.preference_args) and their errors: no torch (the loss is
-    built only for a run)."""
-    code = ("import sys\nfrom recipe.errors import FlagError\nfrom recipe.flag_parser import parse_flags\n"
-            "from recipe.preference_args import PreferenceArguments\ntry:\n"
-            "    parse_flags(PreferenceArguments, ['--use_lora', '--label_smoothing', '0.6'])\n"
-            "except FlagError as err:\n    print('error:', err, file=sys.stderr)\n"
-            f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
-    err = proc.stderr.strip().splitlines()
-    assert err[-2] == "error: --label_smoothing 0.6 must be in [0, 0.5)" and err[-1] == "HEAVY []", err
 
 
 def test_help_shows_each_default_once_and_switches_without_a_value(capsys):
