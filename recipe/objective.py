@@ -6,7 +6,10 @@ is optimised and measured: how its records are validated, the dataset and collat
 Trainer, the Trainer subclass with its loss, the evaluator with its metrics, and anything it must
 prepare when training begins. Supervised finetuning is recipe.supervised.Supervised, preference
 tuning (DPO) recipe.preference.Preference; a new one (KTO, GRPO, ...) is a module with its own
-subclass, registered by name in recipe.runner.OBJECTIVES, and a task script naming it.
+subclass, registered by name in recipe.runner.OBJECTIVES, and a task script naming it. Its
+flags, if it has any, are a DataArguments subclass in a light module (no torch: `--help` and
+flag errors answer before the libraries load), whose check() and check_model_flags() run with
+every other flag check (as recipe.preference_args.PreferenceArguments).
 
 Every method takes the runner, whose attributes are the run's state so far: task, model_args,
 data_args, training_args, processor, train_data, eval_data, model, evaluator, trainer, results.
@@ -33,10 +36,6 @@ class Objective:
     unit: str = "examples"
     # The Trainer subclass whose compute_loss is the objective's loss.
     trainer_class: type[RecipeTrainer] = RecipeTrainer
-
-    def check(self, runner) -> None:
-        """Checks of flags that only this objective has, against the model flags (before any data
-        is read or weights loaded)."""
 
     def validate(self, runner, records: Sequence, *, what: str, max_length: int | None, training: bool = False,
                  **common) -> Sequence:

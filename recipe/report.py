@@ -330,12 +330,15 @@ With vLLM: `vllm serve PATH` (see the repository README, "Serve it").
     return ModelCard(text).content
 
 
-def write_report(task, results: dict, trainer, model_args, data_args, training_args) -> None:
-    """run_complete.json, training_curves.png and README.md (the model card) in --output_dir."""
+def write_report(run) -> None:
+    """run_complete.json, training_curves.png and README.md (the model card) in --output_dir, for
+    `run`, a finished recipe.runner.Runner (its task, results, trainer and flags)."""
     from dataclasses import asdict
 
     from .plotting import plot_training_curves
 
+    task, results, trainer = run.task, run.results, run.trainer
+    model_args, data_args, training_args = run.model_args, run.data_args, run.training_args
     output_dir = Path(training_args.output_dir)
     plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png", title=task.name)
     card = model_card(task, results, model_args, data_args, training_args)

@@ -154,7 +154,6 @@ class Runner:
         --eval_only: the evaluation set only."""
         task, objective = self.task, self.objective
         model_args, data_args, training_args = self.model_args, self.data_args, self.training_args
-        objective.check(self)
         train, eval_ = read if read is not None else task.load_data(data_args, model_args)
         common = dict(tokenizer=self.processor.tokenizer, num_crops=model_args.num_crops,
                       decode_images=data_args.decode_images, skip_bad=data_args.skip_bad_examples,
@@ -338,7 +337,7 @@ class Runner:
     def report(self) -> None:
         """Model card, training curves and run_complete.json (recipe.report)."""
         if is_main():
-            write_report(self.task, self.results, self.trainer, self.model_args, self.data_args, self.training_args)
+            write_report(self)
         barrier()
 
 
