@@ -68,7 +68,7 @@ class Ucf101Arguments(FileDataArguments):
 
 # 1. Where the data comes from. Each jsonl line is already a conversation: the frames, the
 #    question listing the classes, and the class name as the answer. The frames get one
-#    <|image_k|> tag each, in front of the question (see recipe/records.py).
+#    <|image_k|> tag each, in front of the question (see recipe/tokenization.py).
 def load_data(data_args: Ucf101Arguments, model_args):
     if data_args.train_file or data_args.eval_file:
         train_file, eval_file = data_args.train_file, data_args.eval_file

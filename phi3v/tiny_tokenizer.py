@@ -356,4 +356,3 @@ def build_tokenizer(
         padding_side="right",
         chat_template=CHAT_TEMPLATE,
     )
-

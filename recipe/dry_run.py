@@ -157,8 +157,9 @@ def _mode(model_args, training) -> str:
 
 
 def dry_run(task, flags: Flags) -> dict:
-    """`task`: the script's recipe.task.Task (recipe.task.run calls this). Checks the flags (done), the processor and the data, builds the first batches, prints
-    what the run would cost, and returns the figures; loads no weights and writes nothing."""
+    """Checks the flags (done), the processor and the data of `task` (the script's
+    recipe.task.Task), builds the first batches, prints what the run would cost, and returns the
+    figures; loads no weights and writes nothing."""
     from phi3v.configuration_phi3v import Phi3VConfig
     from phi3v.processing_phi3v import Phi3VProcessor
 

@@ -58,8 +58,8 @@ class Objective:
     def evaluator(self, runner):
         """The evaluator: called with (model, name, trainer=None), it writes OUTPUT_DIR/<name>.json,
         logs `eval_<metric>` through the trainer when given one, and returns the value of its
-        `metric` (its attribute, the metric the run reports). It has `skip_before` (no evaluation
-        before training) and `seconds` (time spent evaluating, left out of the throughput)."""
+        `metric` (its attribute, the metric the run reports). It keeps `seconds`, the time spent
+        evaluating, which the throughput leaves out."""
         raise NotImplementedError
 
     def trainer_kwargs(self, runner) -> dict[str, Any]:

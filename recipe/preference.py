@@ -378,7 +378,6 @@ class PairEvaluator:
         self.task, self.processor, self.pairs = task, processor, list(pairs)
         self.dataset = IndexedPairDataset(self.pairs, processor)
         self.output_dir = Path(training_args.output_dir)
-        self.skip_before = data_args.skip_eval_before
         self.batch_size = data_args.eval_batch_size
         self.device = training_args.device
         self.autocast_dtype = _autocast_dtype(training_args)

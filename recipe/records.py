@@ -12,7 +12,8 @@ The data path, each layer importing only the ones below it:
   HF datasets; `recipe.hub`: hub rows; `recipe.pair_layouts`: preference pairs), and the
   tokenization of a conversation (`recipe.tokenization`);
 - validation: every example checked and measured before the first step (`recipe.validation`);
-- datasets and collators, per objective: `recipe.data` (SFT), `recipe.packing`, `recipe.pairs` (preference).
+- datasets and collators, per objective: `recipe.data` (SFT, with `recipe.packing`), `recipe.pairs`
+  (preference).
 """
 
 from __future__ import annotations

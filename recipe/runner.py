@@ -47,6 +47,7 @@ from .checkpoints import RUN_COMPLETE_FILE, TMP_DIR
 from .errors import DataError
 from .faults import StopOnSignal, Stopped, dataloader_error
 from .flag_parser import Flags, build_training_args
+from .launcher import barrier, is_main
 from .lock import lock_output_dir
 from .model import count_parameters, load_model
 from .objective import Objective
@@ -55,10 +56,10 @@ from .records import subset
 from .report import precision_of, write_report
 from .shared_fs import check_shared_output_dir
 from .supervised import Supervised
-from .trainer import LogAtSaveAndEnd, barrier, is_main
+from .trainer import LogAtSaveAndEnd
 from .validation_cache import CACHE_DIR
 
-__all__ = ["OBJECTIVES", "Runner", "run"]
+__all__ = ["OBJECTIVES", "Runner", "objective_of"]
 
 logger = logging.getLogger("recipe")
 
@@ -76,11 +77,6 @@ RUN_OUTPUTS = (
 RUN_MARKERS = (RUN_COMPLETE_FILE, "config.json", "adapter_config.json", "trainer_state.json")
 
 
-def run(task, flags: Flags) -> dict:
-    """Runs `task` (a recipe.task.Task) with its parsed and checked flags; returns the results."""
-    return Runner.from_flags(task, flags).run()
-
-
 def objective_of(task) -> Objective:
     objective = task.objective
     if isinstance(objective, Objective):
@@ -96,9 +92,9 @@ class Runner:
     trainer, results). Each phase is a method that reads and sets these attributes; the objective
     supplies what is its own (recipe.objective.Objective)."""
 
-    def __init__(self, task, model_args, data_args, training_args, objective: Objective | None = None):
+    def __init__(self, task, model_args, data_args, training_args):
         self.task = task
-        self.objective = objective or objective_of(task)
+        self.objective = objective_of(task)
         self.model_args, self.data_args, self.training_args = model_args, data_args, training_args
         self.processor = None
         self.train_data: Sequence | None = None
@@ -229,7 +225,7 @@ class Runner:
         save), the objective's own, then the evaluation before training."""
         objective, training_args = self.objective, self.training_args
         callbacks = [StopOnSignal(), LogAtSaveAndEnd(), *objective.callbacks(self)]
-        if not training_args.resume_from_checkpoint and not self.evaluator.skip_before:
+        if not training_args.resume_from_checkpoint and not self.data_args.skip_eval_before:
             callbacks.append(EvalAtTrainBegin(self))
         self.trainer = objective.trainer_class(
             model=self.model,

@@ -33,7 +33,6 @@ class TaskEvaluator:
     def __init__(self, task, processor, conversations, data_args, training_args):
         self.task, self.processor, self.conversations = task, processor, conversations
         self.output_dir = Path(training_args.output_dir)
-        self.skip_before = data_args.skip_eval_before
         self.device = training_args.device
         self.seconds = 0.0  # spent evaluating (the throughput figures leave it out of training time)
         self.kwargs = dict(

@@ -70,16 +70,17 @@ def task_flags(task: Task, argv: list[str] | None = None) -> Flags:
 
 
 def run(task: Task, argv: list[str] | None = None) -> dict:
-    """Parses and checks the flags, then runs the task (recipe.runner.run) or, with --dry_run,
+    """Parses and checks the flags, then runs the task (recipe.runner.Runner) or, with --dry_run,
     prints what the run would cost (recipe.dry_run) without loading weights."""
     flags = task_flags(task, argv)
     if flags.training.dry_run:
-        if task.objective != "supervised":
-            raise FlagError(f"--dry_run plans supervised finetuning; {task.name} trains with the {task.objective!r} "
+        objective = getattr(task.objective, "name", task.objective)  # (a name, or an Objective)
+        if objective != "supervised":
+            raise FlagError(f"--dry_run plans supervised finetuning; {task.name} trains with the {objective!r} "
                             "objective, which it does not model: try a few steps with --max_steps instead")
         from .dry_run import dry_run
 
         return dry_run(task, flags)
-    from . import runner
+    from .runner import Runner
 
-    return runner.run(task, flags)
+    return Runner.from_flags(task, flags).run()

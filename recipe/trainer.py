@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from accelerate import PartialState
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import get_length_grouped_indices
@@ -21,10 +20,11 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from .args import ModelArguments
 from .checkpoints import TMP_DIR, publish, save_error
+from .launcher import barrier
 from .model import SEPARATORS, parameter_groups
 from .report import Throughput
 
-__all__ = ["RecipeTrainer", "GroupedByLengthSampler", "LogAtSaveAndEnd", "is_main", "barrier"]
+__all__ = ["RecipeTrainer", "GroupedByLengthSampler", "LogAtSaveAndEnd"]
 
 logger = logging.getLogger("recipe")
 
@@ -191,13 +191,4 @@ class LogAtSaveAndEnd(TrainerCallback):
         if control.should_save or state.global_step >= state.max_steps:
             control.should_log = True
         return control
-
-
-def is_main() -> bool:
-    return PartialState().is_main_process
-
-
-def barrier() -> None:
-    PartialState().wait_for_everyone()
-
 

@@ -76,7 +76,7 @@ def test_hateful_memes(tiny, tmp_path):
                          ).save_to_disk(data)
     out = tmp_path / "out"
     finetune_hf_trainer_hateful_memes.TASK.run(common(tiny, out) + ["--dataset_name_or_path", str(data),
-                                                               "--eval_size", "2"])
+                                                                   "--eval_size", "2"])
     check_outputs(out, "accuracy", 2)
 
 
@@ -111,7 +111,7 @@ def test_eval_only_and_missing_data_message(tiny, tmp_path):
         finetune_hf_trainer_ucf101.TASK.run(common(tiny, tmp_path / "o") + ["--data_dir", str(tmp_path / "nope")])
     with pytest.raises(DataError, match="--dataset_name_or_path DIR"):
         finetune_hf_trainer_nlvr2.TASK.run(common(tiny, tmp_path / "o2") + ["--dataset_name_or_path",
-                                                                       "no-such-org/no-such-dataset"])
+                                                                           "no-such-org/no-such-dataset"])
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_ucf101_with_own_file_names(tiny, tmp_path):
     (data / "ucf101_test.jsonl").rename(eval_file)
     out = tmp_path / "out"
     finetune_hf_trainer_ucf101.TASK.run(common(tiny, out) + ["--train_file", str(train_file), "--eval_file",
-                                                         str(eval_file), "--image_dir", str(data / "images")])
+                                                             str(eval_file), "--image_dir", str(data / "images")])
     check_outputs(out, "accuracy", 2)
     # Without --image_dir the images are looked up in images/ beside each file.
     (mine / "images").symlink_to(data / "images")

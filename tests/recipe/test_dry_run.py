@@ -41,8 +41,9 @@ def test_dry_run_prints_the_cost_and_loads_no_weights(weightless, tiny_checkpoin
     monkeypatch.setattr(Phi3VForCausalLM, "from_pretrained", no_loading)
     out = tmp_path / "out"
     results = ucf.TASK.run(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
-                        str(out), "--num_crops", "1", "--batch_size", "2",  # (ZeRO-2, the default, needs no launcher)
-                        "--batch_size_per_gpu", "1", "--num_train_epochs", "3", "--no-tqdm", "--dry_run", "--bf16"])
+                            str(out), "--num_crops", "1",
+                            "--batch_size", "2",  # (ZeRO-2, the default, needs no launcher)
+                            "--batch_size_per_gpu", "1", "--num_train_epochs", "3", "--no-tqdm", "--dry_run", "--bf16"])
     text = capsys.readouterr().out
     lines = {line.split(":")[0].strip(): line for line in text.splitlines() if ":" in line}
     assert not out.exists()  # nothing written
@@ -76,8 +77,8 @@ def test_dry_run_prints_the_cost_and_loads_no_weights(weightless, tiny_checkpoin
 
 def test_dry_run_lora_counts_the_adapters(weightless, ucf101_data, tmp_path, capsys):
     results = ucf.TASK.run(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
-                        str(tmp_path / "out"), "--num_crops", "1", "--use_lora", "--lora_rank", "4",
-                        "--batch_size", "2", "--no-tqdm", "--dry_run"])
+                            str(tmp_path / "out"), "--num_crops", "1", "--use_lora", "--lora_rank", "4",
+                            "--batch_size", "2", "--no-tqdm", "--dry_run"])
     from peft import LoraConfig, get_peft_model
 
     from phi3v.modeling_phi3v import Phi3VForCausalLM
@@ -102,8 +103,8 @@ def test_dry_run_checks_the_transformers_flags_too(weightless, ucf101_data, tmp_
         monkeypatch.setattr(flag_parser, "transformers_flag_names", lambda: None)
     with pytest.raises(FlagError, match=flag[0]):
         ucf.TASK.run(["--model_name_or_path", str(weightless), "--data_dir", str(ucf101_data), "--output_dir",
-                  str(tmp_path / "out"), "--num_crops", "1", "--use_lora", "--batch_size", "2", "--no-tqdm",
-                  "--dry_run", *flag])
+                      str(tmp_path / "out"), "--num_crops", "1", "--use_lora", "--batch_size", "2", "--no-tqdm",
+                      "--dry_run", *flag])
 
 
 def test_memory_estimate_of_lora_under_zero3_partitions_the_frozen_base(monkeypatch):

@@ -431,8 +431,9 @@ def test_saved_dataset_trains_offline_and_the_task_is_named_everywhere(tiny_chec
                         lambda history, path, title: (titles.append(title), plot(history, path, title=title)))
     out = tmp_path / "out"
     results = custom.TASK.run(common(tiny_checkpoint, out, "--task_name", "shapes", "--dataset_name_or_path",
-                                 tmp_path / "hf", "--eval_split", "validation", "--metric", "shape_scores:shape_score",
-                                 "--report_to", "tensorboard", "--use_lora"))
+                                     tmp_path / "hf", "--eval_split", "validation",
+                                     "--metric", "shape_scores:shape_score", "--report_to", "tensorboard",
+                                     "--use_lora"))
     assert results["eval_after"] == 0.25
     after = json.loads((out / "eval_after.json").read_text())
     assert after["metric"] == "shape_score" and after["num_examples"] == 2

@@ -39,7 +39,7 @@ class LossEvaluator:
         self.dataset = ConversationDataset(runner.eval_data, runner.processor)
         self.collator = Collator(pad_token_id=runner.processor.tokenizer.pad_token_id)
         self.output_dir = runner.training_args.output_dir
-        self.skip_before, self.seconds = False, 0.0
+        self.seconds = 0.0
 
     def __call__(self, model, name, trainer=None):
         model.eval()

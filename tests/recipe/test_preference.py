@@ -353,7 +353,7 @@ def test_resume_without_the_stored_reference_stops(tiny_checkpoint, pairs_dir, t
     (out / "ref_log_probs_train.pt").unlink()
     (out / "run_complete.json").unlink()
     code = cli(lambda: rlaif_v.TASK.run(flags(tiny_checkpoint, pairs_dir, out, *common, "--resume_from_checkpoint",
-                                          str(out / "checkpoint-1"))))
+                                              str(out / "checkpoint-1"))))
     assert code == 2
     assert "resuming with --precompute_ref_log_probs needs" in capsys.readouterr().err
 
