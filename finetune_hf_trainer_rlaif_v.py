@@ -22,6 +22,7 @@ from pathlib import Path
 
 from recipe.errors import DataError, FlagError
 from recipe.hub import load_source, split_for_eval
+from recipe.pair_layouts import load_pairs_jsonl, rlaif_v_pairs, trl_pairs
 from recipe.preference_args import PreferenceArguments
 from recipe.task import Task
 
@@ -58,8 +59,6 @@ class RlaifVArguments(PreferenceArguments):
 
 # 1. Where the pairs come from: a jsonl of our layout, or hub rows (RLAIF-V's own or TRL's).
 def load_data(data_args: RlaifVArguments, model_args):
-    from recipe.pair_layouts import load_pairs_jsonl, rlaif_v_pairs, trl_pairs  # (torch: once the flags are good)
-
     if data_args.train_file:
         def read(path):
             return load_pairs_jsonl(path, data_args.image_dir or Path(path).parent / "images")

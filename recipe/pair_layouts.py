@@ -27,8 +27,6 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from phi3v.processing_phi3v import image_tag
-
 from .errors import DataError
 from .layouts import parse_record, resolve_image_path
 from .records import Conversation, Conversations, PreferencePair, Problem, Turn
@@ -168,6 +166,9 @@ def rlaif_v_pairs(dataset, split: str) -> Conversations:
 
 def _text_and_images(content: Any, first: int) -> tuple[str, int]:
     """A message's text with `<|image_k|>` tags (numbered from `first`) where its image entries are."""
+    # (imported here: the phi3v package loads torch, which a task script's --help must not wait for)
+    from phi3v.processing_phi3v import image_tag
+
     if isinstance(content, str):
         return content, 0
     text, count = "", 0
