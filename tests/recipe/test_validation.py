@@ -197,9 +197,10 @@ def test_validation_is_shared_between_ranks(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).with_name("validate_ranks.py")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(script), str(tmp_path / "rank")], check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[2])})
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path / "rank")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[2])})
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["checked"] == ["c0", "c1", "c2"] and ranks[1]["checked"] == ["c3", "c4"]
     assert ranks[0]["kept"] == ranks[1]["kept"] == ["c0", "c1", "c2", "c4"]  # c3: empty answer, seen by rank 1
