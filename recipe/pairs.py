@@ -39,7 +39,7 @@ import torch
 from .data import encode_images
 from .packing import MAX_TOKENS_PER_ROW
 from .records import PreferencePair
-from .tokenization import IGNORE_INDEX, image_token_counts, tokenize_pair
+from .tokenization import IGNORE_INDEX, image_token_counts, pair_length, tokenize_pair
 
 __all__ = [
     "PairDataset",
@@ -75,10 +75,13 @@ class PairDataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self) -> list[int]:
+        """Tokens of each pair's shared-prefix row: what `validate_pairs` measured where it ran,
+        else measured here."""
         if self._lengths is None:
             tokenizer = self.processor.tokenizer
             self._lengths = [
-                len(tokenize_pair(pair, tokenizer, image_token_counts(pair.images, self.num_crops)))
+                pair.conversation.tokens.total if pair.conversation.tokens is not None
+                else pair_length(pair, tokenizer, image_token_counts(pair.images, self.num_crops))
                 for pair in self.pairs
             ]
         return self._lengths

@@ -54,7 +54,6 @@ from .metrics import score_function
 from .model import REFERENCE_ADAPTER, load_model
 from .objective import Objective
 from .pairs import PairCollator, PairDataset, pair_log_probs
-from .records import PreferencePair
 from .report import Throughput
 from .trainer import RecipeTrainer
 from .validation import validate_pairs
@@ -72,12 +71,7 @@ REF_EVAL_FILE = "ref_log_probs_eval.pt"
 
 class IndexedPairDataset(PairDataset):
     """PairDataset whose items carry their index (precomputed reference log-probs are looked up
-    by it) and whose lengths are the ones `validate_pairs` measured."""
-
-    def __init__(self, pairs: Sequence[PreferencePair], processor):
-        super().__init__(pairs, processor)
-        if all(pair.conversation.tokens is not None for pair in self.pairs):
-            self._lengths = [pair.conversation.tokens.total for pair in self.pairs]
+    by it)."""
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**super().__getitem__(index), "index": index}

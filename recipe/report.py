@@ -286,8 +286,8 @@ def model_card(task, results: dict, model_args, data_args, training_args) -> str
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     t = training_args
     load = (
-        f"import phi3v\nfrom transformers import AutoModelForCausalLM, AutoProcessor\n"
-        f"model = AutoModelForCausalLM.from_pretrained(PATH)\nprocessor = AutoProcessor.from_pretrained(PATH)"
+        "import phi3v\nfrom transformers import AutoModelForCausalLM, AutoProcessor\n"
+        "model = AutoModelForCausalLM.from_pretrained(PATH)\nprocessor = AutoProcessor.from_pretrained(PATH)"
         if not model_args.use_lora else
         "import phi3v\nfrom transformers import AutoModelForCausalLM\n"
         "model = AutoModelForCausalLM.from_pretrained(PATH)  # base from adapter_config.json + this adapter"

@@ -17,7 +17,7 @@ from phi3v.configuration_phi3v import PHI3_5V, PHI3V_128K
 from phi3v.export import finalize_output, merge_lora, release_auto_maps
 from phi3v.modeling_phi3v import Phi3VForCausalLM
 from phi3v.processing_phi3v import Phi3VProcessor
-from phi3v.tiny import save_tiny_checkpoint, tiny_config
+from phi3v.tiny import save_tiny_checkpoint
 
 RELEASE = Path(__file__).resolve().parents[1] / "fixtures" / "release"
 RELEASE_35 = RELEASE / "phi-3.5-vision-instruct"

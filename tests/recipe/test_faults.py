@@ -30,7 +30,7 @@ from recipe.errors import UserError
 from recipe.faults import StopOnSignal, exit_status
 from recipe.lock import LOCK_FILE, OutputDirLock
 from recipe.task import run
-from test_training import LAUNCHER, SUBPROCESS_TIMEOUT, assert_same_tensors, flags, launch, read_json
+from test_training import SUBPROCESS_TIMEOUT, assert_same_tensors, flags, launch, read_json
 
 ZERO2 = str(Path(ucf.__file__).parent / "ds_configs" / "zero2.json")
 LORA = ["--deepspeed", "none", "--use_lora"]
