@@ -49,8 +49,8 @@ INTERRUPTED = 130
 
 def cli(main: Callable[[], object]) -> int:
     """Runs `main()`; a user error ends with one `error:` line on stderr (its details above it)
-    and exit status 2; a second Ctrl-C (recipe.faults) with one line and status 130. Use:
-    `sys.exit(cli(main))`."""
+    and exit status 2; a second Ctrl-C (recipe.faults) with one line and status 130. However it
+    ends, a distributed rank then leaves its process group. Use: `sys.exit(cli(main))`."""
     try:
         main()
     except KeyboardInterrupt:
@@ -68,13 +68,17 @@ def cli(main: Callable[[], object]) -> int:
             print(f"{prefix}error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
         _leave_process_group()
         return 2
+    _leave_process_group()
     return 0
 
 
 def _leave_process_group() -> None:
-    """A rank that stops on a user error or Ctrl-C leaves its process group: torch's exit-time
-    teardown of a group whose peers have already gone can abort the process (SIGABRT), which
-    torchrun then reports instead of the error's status. (torch is not imported for this.)"""
+    """A rank leaves its process group before it exits, whether it finished, stopped on a user
+    error or on Ctrl-C. Left to the interpreter's exit, the group's teardown can abort the
+    process (SIGABRT, "terminate called without an active exception": gloo's worker threads
+    still hold tensors while Python shuts down; pytorch issue 190489), and torchrun then
+    reports a finished run as failed, or the abort instead of the error's status. (torch is
+    not imported for this.)"""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         try:

@@ -30,6 +30,7 @@ def main(out_prefix: str) -> None:
     with open(f"{out_prefix}{state.process_index}.json", "w") as f:
         json.dump({"checked": checked, "kept": [c.id for c in kept],
                    "lengths": [c.tokens.total for c in kept]}, f)
+    state.destroy_process_group()  # as recipe.errors.cli does: left to exit, gloo's teardown can abort
 
 
 if __name__ == "__main__":
