@@ -24,9 +24,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from recipe.args import FileDataArguments
+from recipe.dataset_layouts import dataset_conversations
 from recipe.errors import DataError, FlagError
 from recipe.hub import load_source
-from recipe.layouts import dataset_conversations, load_file
+from recipe.layouts import load_file
 from recipe.metrics import exact_match, score_function
 from recipe.task import Task
 

@@ -39,6 +39,7 @@ LAYERS = {
     # ... layouts (files and datasets into records) and the tokenization of a conversation ...
     "recipe.layouts": 2,
     "recipe.hub": 2,
+    "recipe.dataset_layouts": 2,
     "recipe.pair_layouts": 2,
     "recipe.tokenization": 2,
     # ... validation: every example checked and measured before the first step ...

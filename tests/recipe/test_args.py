@@ -157,3 +157,11 @@ def test_a_missing_file_named_by_a_transformers_flag_is_a_flag_error(tmp_path):
     with pytest.raises(FlagError, match="accelerator_config.json"):
         parse_args(ucf.Ucf101Arguments, ["--use_lora", "--output_dir", str(tmp_path / "out"), "--accelerator_config",
                                          str(tmp_path / "accelerator_config.json")], ucf.TASK.defaults)
+
+
+def test_data_flag_checks():
+    from recipe.args import DataArguments
+
+    DataArguments(max_train_samples=5, max_eval_samples=1, max_length=512).check()
+    with pytest.raises(FlagError, match="--max_eval_samples 0 must be at least 1"):
+        DataArguments(max_eval_samples=0).check()

@@ -1,4 +1,4 @@
-"""The layouts users already have (recipe/layouts.py) and the own-data script
+"""The layouts users already have (recipe/layouts.py, recipe/dataset_layouts.py) and the own-data script
 (finetune_hf_trainer_custom.py): the same examples written in every layout give the same ids,
 labels and pixels; bad records stop the run with file:line; the script names its task in all it
 writes, scores with each --metric, trains on a saved HF dataset offline and on two ranks."""
@@ -18,11 +18,13 @@ from PIL import Image
 
 import finetune_hf_trainer_custom as custom
 import finetune_hf_trainer_ucf101 as ucf101
-from data_samples import make_processor
+from data_samples import good_record, image, make_processor, write_jsonl
 from phi3v.processing_phi3v import image_tag
 from recipe.data import ConversationDataset
+from recipe.dataset_layouts import dataset_conversations
 from recipe.errors import DataError, FlagError, cli
-from recipe.layouts import dataset_conversations, detect_layout, load_file, main as convert, to_ours
+from recipe.layouts import (detect_layout, load_file, load_jsonl, main as convert, read_jsonl, resolve_image_path,
+                            to_ours)
 
 LAUNCHER = Path(__file__).with_name("distributed_launcher.py")
 
@@ -284,6 +286,66 @@ def test_convert_to_ours_round_trips(data_dir, processor, capsys):
     assert_same(encoded(load_file(out, data_dir), processor), encoded(load_file(source, data_dir), processor),
                 "converted")
     assert to_ours(load_file(out, data_dir)[0], data_dir) == records[0]
+
+
+# -- our layout: bad lines, unsafe paths, empty files -------------------------------------------
+
+
+def test_read_jsonl_reports_each_bad_line_with_file_and_line(tmp_path):
+    (tmp_path / "img").mkdir()
+    image(336, 336).save(tmp_path / "img" / "a.png")
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        good_record(0, ["a.png"]),
+        "{not json",
+        {"id": "x"},
+        {"conversations": [{"user": 3, "assistant": "a"}]},
+        {"conversations": [{"user": "u", "asistant": "a"}]},
+        {"conversations": [{"images": ["/etc/passwd"], "user": "u", "assistant": "a"}]},
+        {"conversations": [{"images": ["../secret.png"], "user": "u", "assistant": "a"}]},
+        {"conversations": [{"images": "a.png", "user": "u", "assistant": "a"}]},
+    ])
+    conversations, problems = read_jsonl(data, tmp_path / "img")
+    assert [c.id for c in conversations] == ["ex0"]
+    by_line = {}
+    for p in problems:
+        line = int(p.where.rsplit(":", 1)[1])
+        by_line[line] = by_line.get(line, "") + p.message + "; "
+    assert set(by_line) == {2, 3, 4, 5, 6, 7, 8}
+    assert "invalid JSON" in by_line[2]
+    assert "conversations" in by_line[3]
+    assert "user must be a string" in by_line[4]
+    assert "asistant" in by_line[5]
+    assert "absolute" in by_line[6]
+    assert "escapes" in by_line[7]
+    assert "list of path strings" in by_line[8]
+    assert all(str(data) in p.where for p in problems)
+
+
+def test_path_traversal_refused():
+    for bad in ["../x.png", "a/../../x.png", "/abs.png", ""]:
+        with pytest.raises(ValueError):
+            resolve_image_path(bad, "/data/images")
+    assert str(resolve_image_path("a/./b/../c.png", "/data/images")) == "/data/images/a/c.png"
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\t\n"])
+def test_empty_or_blank_jsonl_is_one_error_line_naming_the_file(tmp_path, capsys, content):
+    data = tmp_path / "ucf101_train.jsonl"
+    data.write_text(content)
+    assert cli(lambda: load_jsonl(data, tmp_path / "images")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert f"{data} has no examples" in err
+
+
+def test_bad_lines_end_in_one_error_line_with_the_problems_above(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", ["{broken", good_record(1, [])])
+    assert cli(lambda: load_jsonl(data, tmp_path)) == 2
+    *details, last = capsys.readouterr().err.splitlines()
+    assert details == [f"  {data}:1: invalid JSON (Expecting property name enclosed in double quotes at column 2)"]
+    assert last.startswith(f"error: 1 problem(s) in {data} (first: {data}:1: invalid JSON")
+    assert cli(lambda: load_jsonl(tmp_path / "nope.jsonl", tmp_path)) == 2
+    assert "nope.jsonl does not exist" in capsys.readouterr().err
 
 
 def test_layout_detection_and_forcing(tmp_path):
