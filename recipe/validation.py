@@ -89,7 +89,7 @@ def _check_all(conversations, tokenizer, num_crops: int, decode_images: bool, wh
     """`_check_one` of every example, each rank checking its share; every rank gets all results.
 
     With a cache, only the examples it does not hold are checked (shared over the ranks as
-    well), and the main process adds their results to it."""
+    well), and the main process adds the results of those that passed to it."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, gather_object
     from tqdm.auto import tqdm
@@ -117,7 +117,7 @@ def _check_all(conversations, tokenizer, num_crops: int, decode_images: bool, wh
     for i, result in zip(todo, checked):  # shares are contiguous and in rank order: the original order
         results[i] = result
     if cache is not None and todo and state.is_main_process:
-        cache.store([(keys[i], results[i]) for i in todo])
+        cache.store([(keys[i], results[i]) for i in todo if not results[i][0]])  # (the examples that passed)
     return results
 
 
@@ -144,8 +144,8 @@ def validate(
     `skip_bad=True` bad examples are dropped with a WARNING by reason, unless that drops more
     than half of the `training` data, which is an error saying what to change. Ranks share
     the work (progress bar on the first); every rank returns the same result. With `cache_dir`,
-    each example's result is kept there and reused while the example, its images, the tokenizer,
-    `num_crops` and `decode_images` are unchanged (recipe.validation_cache).
+    each passing example's result is kept there and reused while the example, its images, the
+    tokenizer, `num_crops` and `decode_images` are unchanged (recipe.validation_cache).
 
     `measure(conversation, image_token_counts)` gives an example's length in tokens when it is
     not the conversation's own (a preference pair: prompt + chosen + rejected; not cached).

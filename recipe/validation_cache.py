@@ -6,15 +6,18 @@ example's result depends on besides the example: the tokenizer (its full seriali
 template), --num_crops, --decode_images and the source of the code that checks an example (a
 recipe update that measures differently starts afresh). --max_length is not part of it: the
 cache holds each example's measured length, and the limit is applied to that afresh. Inside,
-results are keyed per example by its content: id, where it was read, the system message, every
-turn's text, and for each image
+results are keyed per example by its content, not by where it stands in its file (deleting the
+bad lines a run reported keeps the results of the lines below them): id, the system message,
+every turn's text, and for each image
   a file path:      path, size and modification time (stat only: re-reading 40k images to hash
                     them would cost what the cache saves; a file rewritten in place keeps neither
                     its size nor its mtime in practice),
   a hub image:      the dataset's fingerprint (datasets' own content hash), row and column,
   a PIL image:      its size and mode (all a check of an in-memory image looks at).
 So an edited line, a replaced image or another tokenizer is checked again, and only that.
-Examples whose images are of another kind are not cached.
+Only examples that passed are kept: a bad one is checked again at every launch, so its problem
+names its current line, and one mended where the key does not look (a file's permissions) is
+seen mended. Examples whose images are of another kind are not cached.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def example_key(conversation) -> bytes | None:
             return None
         turns.append((turn.user, turn.assistant, images))
     system = getattr(conversation, "system", "")  # rendered first: part of the length
-    return hashlib.blake2b(repr((conversation.id, conversation.where, system, turns)).encode(),
+    return hashlib.blake2b(repr((conversation.id, system, turns)).encode(),
                            digest_size=16).digest()
 
 
@@ -93,7 +96,7 @@ def setting_key(tokenizer, num_crops: int, decode_images: bool) -> str:
 
 
 class ValidationCache:
-    """get(keys) -> results found; update(results) merges and writes (main process)."""
+    """lookup(keys) -> the results found; store(items) merges and writes (main process)."""
 
     def __init__(self, directory: Path, tokenizer, num_crops: int, decode_images: bool):
         self.path = Path(directory) / f"validation-{setting_key(tokenizer, num_crops, decode_images)}.pkl"

@@ -209,8 +209,9 @@ def test_validation_is_shared_between_ranks(tmp_path):
 
 def test_cached_validation_rechecks_only_what_changed(tmp_path, processor, monkeypatch):
     """A second validation of the same data reads its results from the cache; an edited line,
-    a replaced image or another --num_crops is checked again, and only that; --max_length applies
-    to the cached lengths; a damaged cache is only a slower start."""
+    a replaced image or another --num_crops is checked again, and only that, with the bad
+    examples (never cached); --max_length applies to the cached lengths; deleting a line keeps
+    the results of the lines below it; a damaged cache is only a slower start."""
     import os
 
     import recipe.validation
@@ -235,24 +236,29 @@ def test_cached_validation_rechecks_only_what_changed(tmp_path, processor, monke
     first, checked_first = run()
     assert checked_first == ["ex0", "ex1", "ex2", "ex3"] and [c.id for c in first] == ["ex0", "ex1", "ex2"]
     again, checked_again = run()
-    assert checked_again == [] and [(c.id, c.tokens) for c in again] == [(c.id, c.tokens) for c in first]
+    assert checked_again == ["ex3"] and [(c.id, c.tokens) for c in again] == [(c.id, c.tokens) for c in first]
 
     image(672, 336).save(img_dir / "b.png")  # replaced: another size, another mtime
     os.utime(img_dir / "b.png", ns=(1, 1))
     lines[2]["conversations"][0]["assistant"] = "blue"  # an edited line
     write_jsonl(data, lines)
     changed, checked_changed = run()
-    assert checked_changed == ["ex1", "ex2"]
+    assert checked_changed == ["ex1", "ex2", "ex3"]
     assert changed[1].tokens.image_sizes == ((672, 336),) and changed[0].tokens == first[0].tokens
 
     assert run(num_crops=2)[1] == ["ex0", "ex1", "ex2", "ex3"]  # another setting: another cache file
     short = min(c.tokens.total for c in changed)
     kept, checked_limited = run(max_length=short)
-    assert checked_limited == [] and all(c.tokens.total <= short for c in kept) and len(kept) < len(changed)
+    assert checked_limited == ["ex3"] and all(c.tokens.total <= short for c in kept) and len(kept) < len(changed)
+
+    write_jsonl(data, lines[1:])  # the first line deleted: the others now stand one line higher
+    moved, checked_moved = run()
+    assert checked_moved == ["ex3"] and [(c.id, c.tokens) for c in moved] == [(c.id, c.tokens) for c in changed[1:]]
+    assert moved[0].where.endswith("d.jsonl:1")
 
     for path in cache.iterdir():
         path.write_bytes(b"garbage")
-    assert run()[1] == ["ex0", "ex1", "ex2", "ex3"]
+    assert run()[1] == ["ex1", "ex2", "ex3"]
 
 
 def test_cached_validation_reports_the_same_problems_and_lengths(tmp_path, processor):
