@@ -50,14 +50,14 @@ INTERRUPTED = 130
 def cli(main: Callable[[], object]) -> int:
     """Runs `main()`; a user error ends with one `error:` line on stderr (its details above it)
     and exit status 2; a second Ctrl-C (recipe.faults) with one line and status 130. However it
-    ends, a distributed rank then leaves its process group. Use: `sys.exit(cli(main))`."""
+    ends (a signal's stop, recipe.faults.Stopped, included), a distributed rank then leaves its
+    process group. Use: `sys.exit(cli(main))`."""
     try:
         main()
     except KeyboardInterrupt:
         # (a training run's second Ctrl-C has said what is kept (recipe.faults); the converter's
         # output is published whole or not at all)
         print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
-        _leave_process_group()
         return INTERRUPTED
     except UserError as err:
         rank = os.environ.get("RANK", "0")
@@ -66,15 +66,15 @@ def cli(main: Callable[[], object]) -> int:
             for line in err.details:
                 print(f"  {line}", file=sys.stderr)
             print(f"{prefix}error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
-        _leave_process_group()
         return 2
-    _leave_process_group()
+    finally:
+        _leave_process_group()
     return 0
 
 
 def _leave_process_group() -> None:
     """A rank leaves its process group before it exits, whether it finished, stopped on a user
-    error or on Ctrl-C. Left to the interpreter's exit, the group's teardown can abort the
+    error, a signal or Ctrl-C. Left to the interpreter's exit, the group's teardown can abort the
     process (SIGABRT, "terminate called without an active exception": gloo's worker threads
     still hold tensors while Python shuts down; pytorch issue 190489), and torchrun then
     reports a finished run as failed, or the abort instead of the error's status. (torch is

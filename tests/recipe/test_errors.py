@@ -1,9 +1,12 @@
 """How a script ends (recipe.errors.cli): its exit status, and a rank leaving its process group."""
 
+import signal
+
 import pytest
 import torch.distributed as dist
 
 from recipe.errors import INTERRUPTED, DataError, cli
+from recipe.faults import Stopped
 
 
 def stop(error):
@@ -28,6 +31,20 @@ def test_a_rank_leaves_its_process_group_however_the_run_ends(main, status, caps
             dist.destroy_process_group()
     err = capsys.readouterr().err
     assert err == "" if status == 0 else err.strip().splitlines()[-1].startswith(("error: d.jsonl:1", "interrupted"))
+
+
+def test_a_rank_stopped_by_a_signal_leaves_its_process_group_and_exits_with_the_signals_status():
+    """A preempted run's stop (recipe.faults.Stopped, a SystemExit) goes through cli as well: a
+    rank that aborted in the teardown would report -6 instead of 143, which a scheduler's requeue
+    rule does not recognise."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(Stopped) as stopped:
+            cli(stop(Stopped(signal.SIGTERM, "stopped by SIGTERM at step 2")))
+        assert stopped.value.code == 143 and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_without_a_process_group_cli_only_returns_the_status():

@@ -59,6 +59,7 @@ def stop_on_two_ranks(tiny, data, out, *extra) -> None:
     assert proc.returncode != 0, proc.stdout[-3000:]
     # Each rank exits with 143; torchrun reports the failure of its workers.
     assert f"exitcode  : {exit_status(signal.SIGTERM)}" in proc.stderr, proc.stderr[-3000:]
+    assert "SIGABRT" not in proc.stderr and "exitcode  : -6" not in proc.stderr  # (each rank left its group)
     line = f"stopped by SIGTERM at step 2; checkpoint-2 saved in {out}; resume with --resume_from_checkpoint auto"
     assert (proc.stdout + proc.stderr).count(line) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     # (torchrun prints its own ChildFailedError traceback for any worker status but 0; the workers print none)
