@@ -60,7 +60,6 @@ __all__ = [
     "PLACEHOLDER",
     "parse_record",
     "resolve_image_path",
-    "read_jsonl",
     "load_jsonl",
     "detect_layout",
     "read_records",
@@ -202,52 +201,6 @@ def resolve_image_path(relative: str, image_dir: str | Path) -> Path:
     if normalized == ".." or normalized.startswith(".." + os.sep):
         raise ValueError(f"image path {relative!r} escapes the image directory")
     return Path(image_dir) / normalized
-
-
-def read_jsonl(path: str | Path, image_dir: str | Path) -> tuple[list[Conversation], list[Problem]]:
-    """Reads the documented jsonl layout. Returns conversations and the problems of bad lines.
-
-    Bad lines (invalid JSON, missing keys, wrong types, unsafe paths) are reported with
-    file:line and never stop the reading, so every problem is listed at once.
-    """
-    path, image_dir = Path(path), Path(image_dir)
-    resolve = lambda p: resolve_image_path(p, image_dir)  # noqa: E731
-    conversations: list[Conversation] = []
-    problems: list[Problem] = []
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist; check the path")
-    lines = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            lines += 1
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(Problem(where, f"invalid JSON ({err.msg} at column {err.colno})", "invalid JSON"))
-                continue
-            conversation, found = parse_record(obj, where, resolve)
-            problems += found
-            if conversation is not None:
-                conversations.append(conversation)
-    if not lines:
-        raise DataError(
-            f"{path} has no examples (the file is empty or holds only blank lines); it needs one JSON "
-            "example per line (see the README's 'Your own data')"
-        )
-    return conversations, problems
-
-
-def load_jsonl(path: str | Path, image_dir: str | Path, defer_errors: bool = False) -> Conversations:
-    """`read_jsonl` that stops on bad lines (one DataError listing them all), or with
-    `defer_errors` lets the problems travel on the returned list, for `validate` to report (or,
-    with --skip_bad_examples, to count) along with everything else."""
-    conversations, problems = read_jsonl(path, image_dir)
-    if problems and not defer_errors:
-        raise problems_error(problems, str(path))
-    return Conversations(conversations, problems)
 
 
 # -- the one rule: messages -> turns ---------------------------------------------------------
@@ -526,6 +479,16 @@ def _resolve_path(value: Any, image_dir: str | Path, allow_absolute: bool) -> Pa
 def load_file(path, image_dir, data_format: str = "auto", allow_absolute: bool = False) -> Conversations:
     """`read_file` with the problems riding on the list, for `validate` to report with its own."""
     conversations, problems, _ = read_file(path, image_dir, data_format, allow_absolute)
+    return Conversations(conversations, problems)
+
+
+def load_jsonl(path: str | Path, image_dir: str | Path, defer_errors: bool = False) -> Conversations:
+    """A file in our layout (`read_file`), stopping on bad lines (one DataError listing them all),
+    or with `defer_errors` letting the problems travel on the returned list, for `validate` to
+    report (or, with --skip_bad_examples, to count) along with everything else."""
+    conversations, problems, _ = read_file(path, image_dir, "ours")
+    if problems and not defer_errors:
+        raise problems_error(problems, str(path))
     return Conversations(conversations, problems)
 
 

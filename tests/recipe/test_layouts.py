@@ -23,8 +23,7 @@ from phi3v.processing_phi3v import image_tag
 from recipe.data import ConversationDataset
 from recipe.dataset_layouts import dataset_conversations
 from recipe.errors import DataError, FlagError, cli
-from recipe.layouts import (detect_layout, load_file, load_jsonl, main as convert, read_jsonl, resolve_image_path,
-                            to_ours)
+from recipe.layouts import detect_layout, load_file, load_jsonl, main as convert, read_file, resolve_image_path, to_ours
 
 LAUNCHER = Path(__file__).with_name("distributed_launcher.py")
 
@@ -291,7 +290,7 @@ def test_convert_to_ours_round_trips(data_dir, processor, capsys):
 # -- our layout: bad lines, unsafe paths, empty files -------------------------------------------
 
 
-def test_read_jsonl_reports_each_bad_line_with_file_and_line(tmp_path):
+def test_our_layout_reports_each_bad_line_with_file_and_line(tmp_path):
     (tmp_path / "img").mkdir()
     image(336, 336).save(tmp_path / "img" / "a.png")
     data = write_jsonl(tmp_path / "d.jsonl", [
@@ -304,7 +303,7 @@ def test_read_jsonl_reports_each_bad_line_with_file_and_line(tmp_path):
         {"conversations": [{"images": ["../secret.png"], "user": "u", "assistant": "a"}]},
         {"conversations": [{"images": "a.png", "user": "u", "assistant": "a"}]},
     ])
-    conversations, problems = read_jsonl(data, tmp_path / "img")
+    conversations, problems, _ = read_file(data, tmp_path / "img", "ours")
     assert [c.id for c in conversations] == ["ex0"]
     by_line = {}
     for p in problems:

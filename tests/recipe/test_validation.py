@@ -7,7 +7,7 @@ import pytest
 from data_samples import good_record, image, make_processor, write_jsonl
 from recipe.data import ConversationDataset
 from recipe.errors import DataError
-from recipe.layouts import load_jsonl, read_jsonl
+from recipe.layouts import load_jsonl, read_file
 from recipe.records import Conversation, Turn, subset
 from recipe.validation import validate
 
@@ -31,7 +31,7 @@ def test_validate_lists_every_problem_then_skip_mode_counts_them(tmp_path, proce
         good_record(0, ["ok.png"]),  # duplicate id
         {"id": "ex6", "conversations": [{"images": [], "user": "q", "assistant": "  "}]},
     ])
-    conversations, problems = read_jsonl(data, img_dir)
+    conversations, problems, _ = read_file(data, img_dir, "ours")
     assert not problems
     with pytest.raises(DataError) as err:
         validate(conversations, processor.tokenizer, num_crops=1, max_length=600, what=str(data))
@@ -228,7 +228,7 @@ def test_cached_validation_rechecks_only_what_changed(tmp_path, processor, monke
 
     def run(num_crops=1, **kwargs):
         checked.clear()
-        conversations, _ = read_jsonl(data, img_dir)
+        conversations, _, _ = read_file(data, img_dir, "ours")
         kept = validate(conversations, processor.tokenizer, num_crops=num_crops, skip_bad=True, cache_dir=cache,
                         **kwargs)
         return kept, list(checked)
@@ -273,8 +273,8 @@ def test_cached_validation_reports_the_same_problems_and_lengths(tmp_path, proce
 
     def run(**kwargs):
         with pytest.raises(DataError) as err:
-            validate(read_jsonl(data, img_dir)[0], processor.tokenizer, num_crops=1, what="d", **kwargs)
-        kept = validate(read_jsonl(data, img_dir)[0], processor.tokenizer, num_crops=1, skip_bad=True, **kwargs)
+            validate(read_file(data, img_dir, "ours")[0], processor.tokenizer, num_crops=1, what="d", **kwargs)
+        kept = validate(read_file(data, img_dir, "ours")[0], processor.tokenizer, num_crops=1, skip_bad=True, **kwargs)
         return (str(err.value), err.value.details), [(c.id, c.tokens) for c in kept]
 
     fresh = run()
