@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import DataError
-from .layouts import parse_record, resolve_image_path
+from .layouts import parse_record, read_records, resolve_image_path
 from .records import Conversation, Conversations, PreferencePair, Problem, Turn
 
 __all__ = [
@@ -79,27 +79,22 @@ def _parse_pair(obj: Any, where: str, image_dir: Path) -> tuple[PreferencePair |
 
 
 def read_pairs_jsonl(path: str | Path, image_dir: str | Path) -> tuple[list[PreferencePair], list[Problem]]:
-    """Pairs of a jsonl file and the problems of its bad lines (file:line each, all of them)."""
+    """Pairs of a JSON lines file (or one JSON list, as the SFT files may be) and the problems of
+    its bad records (file:line each, all of them)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; check the path")
-    pairs, problems, lines = [], [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            lines += 1
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(Problem(where, f"invalid JSON ({err.msg} at column {err.colno})", "invalid JSON"))
-                continue
-            pair, found = _parse_pair(obj, where, Path(image_dir))
-            problems += found
-            if pair is not None:
-                pairs.append(pair)
-    if not lines:
+    pairs, problems, count = [], [], 0
+    for where, obj in read_records(path):
+        count += 1
+        if isinstance(obj, json.JSONDecodeError):
+            problems.append(Problem(where, f"invalid JSON ({obj.msg} at column {obj.colno})", "invalid JSON"))
+            continue
+        pair, found = _parse_pair(obj, where, Path(image_dir))
+        problems += found
+        if pair is not None:
+            pairs.append(pair)
+    if not count:
         raise DataError(f"{path} has no pairs (the file is empty); it needs one JSON pair per line (see the README's "
                         "'Preference tuning')")
     return pairs, problems

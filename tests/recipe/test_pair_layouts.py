@@ -1,5 +1,7 @@
 """Preference pairs from our jsonl, RLAIF-V rows and TRL's layout; their checks before training."""
 
+import json
+
 import datasets
 import pytest
 
@@ -45,6 +47,21 @@ def test_jsonl_pairs_multi_turn_and_text_only(tmp_path, image_dir, processor):
     # the measured length is the shared-prefix row: prompt + chosen + rejected
     counts = [t for t in good[0].conversation.tokens.images]
     assert good[0].conversation.tokens.total == pair_length(good[0], processor.tokenizer, counts)
+
+
+def test_a_pairs_file_with_a_byte_order_mark_or_as_one_json_list(tmp_path, image_dir):
+    """Read as the SFT files are (recipe.layouts.read_records): the same pairs, each with its line."""
+    lines = [pair_line(0), pair_line(1, images=())]
+    plain = load_pairs_jsonl(write_jsonl(tmp_path / "p.jsonl", lines), image_dir)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "p.jsonl").read_bytes())
+    listed = tmp_path / "p.json"
+    listed.write_text("[\n" + ",\n".join(json.dumps(line) for line in lines) + "\n]\n")
+    for path in (bom, listed):
+        pairs = load_pairs_jsonl(path, image_dir)
+        assert not pairs.problems and [p.conversation.id for p in pairs] == [p.conversation.id for p in plain]
+        assert [p.rejected for p in pairs] == [p.rejected for p in plain]
+    assert [p.conversation.where for p in load_pairs_jsonl(listed, image_dir)] == [f"{listed}:2", f"{listed}:3"]
 
 
 def test_bad_pairs_are_reported_with_file_and_line(tmp_path, image_dir, processor):
