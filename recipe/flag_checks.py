@@ -39,8 +39,6 @@ def check_flags(model_args: ModelArguments, data_args: DataArguments, training_a
     (--load_best_model_at_end), the data flags (the shared ones and the task's own), the
     resumption (--resume_from_checkpoint auto resolved to a checkpoint), and last the task's data
     flags that depend on the model flags (DPO's --adapter, --ref_model)."""
-    if model_args.use_qlora:
-        model_args.use_lora = True
     check_batch_size(training_args)
     check_precision(training_args)
     check_deepspeed(model_args, training_args)
