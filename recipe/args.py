@@ -170,9 +170,11 @@ class DataArguments:
 
 
 def _default_workers() -> int:
-    """min(4, the CPUs this process may run on): more workers than CPUs only compete."""
+    """min(4, the CPUs this process may run on / the processes on this node): more workers than
+    CPUs only compete, and every rank on the node (torchrun's LOCAL_WORLD_SIZE) starts its own."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(4, cpus)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, min(4, cpus // max(local_ranks, 1)))
 
 
 @dataclass
@@ -232,7 +234,7 @@ class TrainingFlags:
     dataloader_num_workers: int = field(
         default_factory=_default_workers,
         metadata={"help": "Data loader worker processes per device (images decoded off the training step). "
-                          "Default: min(4, CPUs available to the process)."},
+                          "Default: min(4, CPUs available to the process / processes on the node), at least 1."},
     )
     dataloader_prefetch_factor: int | None = field(
         default=2, metadata={"help": "Batches each worker loads ahead (ignored with --dataloader_num_workers 0)."}

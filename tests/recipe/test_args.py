@@ -69,7 +69,7 @@ def test_help_shows_each_default_once_and_switches_without_a_value(capsys):
     entries = [entry for entry in flat.split(" --") if entry]
     assert not [entry for entry in entries if entry.lower().count("default") > 1]
     assert "--use_lora Train LoRA adapters instead of all weights." in flat  # off by default: no default shown
-    assert "Default: no limit." in flat and "Default: min(4, CPUs available to the process)." in flat
+    assert "Default: no limit." in flat and "Default: min(4, CPUs available to the process / processes on the node), at least 1." in flat
     # related flags together: the data files with --data_dir, not under "evaluation"
     sections = {}
     for line in text.splitlines():
@@ -81,9 +81,15 @@ def test_help_shows_each_default_once_and_switches_without_a_value(capsys):
     assert sections["--eval_batch_size"] == sections["--eval_only"] == "evaluation"
 
 
-@pytest.mark.parametrize("cpus, workers", [(1, 1), (3, 3), (16, 4)])
-def test_data_workers_default_to_the_cpus_available(cpus, workers, monkeypatch):
+@pytest.mark.parametrize("cpus, local_ranks, workers",
+                         [(1, None, 1), (3, None, 3), (16, None, 4), (16, "8", 2), (16, "2", 4), (4, "8", 1)])
+def test_data_workers_default_to_the_cpus_available(cpus, local_ranks, workers, monkeypatch):
+    # Every rank on a node starts its own workers: the node's CPUs are shared by torchrun's LOCAL_WORLD_SIZE.
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    if local_ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
     flags = parse_flags(ucf.Ucf101Arguments, ["--use_lora"], ucf.TASK.defaults)
     assert flags.training.dataloader_num_workers == workers
 
