@@ -33,15 +33,10 @@ __all__ = ["Flags", "RecipeArgumentParser", "parse_flags", "parse_args", "build_
            "parse_transformers_flags", "transformers_flag_names"]
 
 GROUPS = ("task data", "model and method", "training", "evaluation", "other transformers flags")
-# Flags shown under "training" / "evaluation" besides the recipe's own dataclass fields.
-TRAINING_FLAGS = {
-    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "batch_size", "batch_size_per_gpu",
-    "learning_rate", "num_train_epochs", "max_steps", "wd", "adam_beta1", "adam_beta2", "adam_epsilon",
-    "lr_scheduler_type", "warmup_steps", "max_grad_norm", "activation_checkpointing", "bf16", "fp16",
-    "deepspeed", "seed", "save_strategy", "save_steps", "save_total_limit", "logging_steps",
-    "report_to", "train_sampling_strategy", "dataloader_num_workers", "dataloader_prefetch_factor", "no_tqdm",
-    "dataloader_timeout", "log_level", "log_level_replica", "padding_free", "max_tokens_per_row", "dry_run",
-}
+# Flags shown under "training" besides TrainingFlags' own fields (which go there anyway): the data
+# flags of the padding-free layout, which shape the training batches.
+TRAINING_FLAGS = {"padding_free", "max_tokens_per_row"}
+# Flags shown under "evaluation", wherever they are declared (TrainingFlags, DataArguments).
 EVALUATION_FLAGS = {
     "eval_strategy", "eval_steps", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
     "eval_batch_size", "max_new_tokens", "eval_turns", "eval_only", "skip_eval_before",
