@@ -211,12 +211,43 @@ def check_padding_free(data_args: DataArguments) -> None:
         )
 
 
+def _strategy(training_args, name: str) -> str:
+    """A strategy flag as its name ('no', 'steps', ...), from TrainingFlags' string or
+    TrainingArguments' enum."""
+    value = getattr(training_args, name, "no")
+    return str(getattr(value, "value", value))
+
+
 def check_best_model(training_args) -> None:
-    """Keeping the best checkpoint (--load_best_model_at_end) needs evaluations during training."""
-    evaluating = str(getattr(training_args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO")
-    if getattr(training_args, "load_best_model_at_end", False) and not evaluating:
+    """Keeping the best checkpoint (--load_best_model_at_end) needs evaluations during training,
+    and, unless --save_strategy best, checkpoints where the evaluations are: the save and eval
+    strategies alike and, by steps, --save_steps a multiple of --eval_steps (transformers'
+    TrainingArguments refuses the rest, but only once it is built: here before anything loads)."""
+    t = training_args
+    if not getattr(t, "load_best_model_at_end", False):
+        return
+    evaluation, saving = _strategy(t, "eval_strategy"), _strategy(t, "save_strategy")
+    if evaluation == "no":
         raise FlagError("--load_best_model_at_end needs --eval_strategy steps (or epoch) and a matching "
                         "--save_strategy")
+    if saving == "best":
+        return
+    if saving != evaluation:
+        raise FlagError(f"--load_best_model_at_end needs --save_strategy to match --eval_strategy (or be 'best'): "
+                        f"got --eval_strategy {evaluation}, --save_strategy {saving}; pass --save_strategy "
+                        f"{evaluation}")
+    if evaluation != "steps":
+        return
+    # (--eval_steps defaults to --logging_steps; a value below 1 is a ratio of all steps)
+    save, every = t.save_steps, t.eval_steps or t.logging_steps
+    if (save < 1) != (every < 1):
+        raise FlagError(f"--load_best_model_at_end needs --save_steps a multiple of --eval_steps, which a ratio and "
+                        f"a number of steps cannot guarantee (--save_steps {save:g}, --eval_steps {every:g}); give "
+                        "both as steps or both as ratios")
+    if round(save * 1_000_000) % round(every * 1_000_000):
+        raise FlagError(f"--load_best_model_at_end needs --save_steps a multiple of --eval_steps, so that a "
+                        f"checkpoint is saved where the best evaluation is: got --save_steps {save:g}, --eval_steps "
+                        f"{every:g}; pass e.g. --save_steps {every * max(round(save / every), 1):g}")
 
 
 def check_data(data_args: DataArguments) -> None:

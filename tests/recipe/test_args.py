@@ -171,3 +171,36 @@ def test_data_flag_checks():
     DataArguments(max_train_samples=5, max_eval_samples=1, max_length=512).check()
     with pytest.raises(FlagError, match="--max_eval_samples 0 must be at least 1"):
         DataArguments(max_eval_samples=0).check()
+
+
+BEST_MODEL = {  # flags -> the FlagError expected (None: accepted), as transformers' TrainingArguments rules
+    ("--eval_strategy", "steps", "--eval_steps", "10", "--save_steps", "15"):
+        r"--save_steps a multiple of --eval_steps.*--save_steps 15, --eval_steps 10; pass e\.g\. --save_steps 20",
+    ("--eval_strategy", "steps", "--save_steps", "15"):  # --eval_steps defaults to --logging_steps (10)
+        r"--save_steps 15, --eval_steps 10",
+    ("--eval_strategy", "steps", "--eval_steps", "0.1", "--save_steps", "15"): r"a ratio and a number of steps",
+    ("--eval_strategy", "epoch"): r"--save_strategy to match --eval_strategy.*--save_strategy steps; pass "
+                                  r"--save_strategy epoch",
+    ("--eval_strategy", "steps", "--eval_steps", "10", "--save_steps", "20"): None,
+    ("--eval_strategy", "steps", "--eval_steps", "0.1", "--save_steps", "0.3"): None,
+    ("--eval_strategy", "steps", "--eval_steps", "10", "--save_steps", "15", "--save_strategy", "best"): None,
+    ("--eval_strategy", "epoch", "--save_strategy", "epoch"): None,
+}
+
+
+@pytest.mark.parametrize("extra", BEST_MODEL)
+def test_best_model_needs_checkpoints_where_the_evaluations_are(extra, tmp_path):
+    # Refused before anything loads (and --dry_run), as transformers' TrainingArguments would refuse it once built.
+    from transformers import TrainingArguments
+
+    argv = ["--use_lora", "--output_dir", str(tmp_path), "--load_best_model_at_end", *extra]
+    values = dict(zip(extra[::2], extra[1::2]))
+    transformers_args = {name.lstrip("-"): value if value.isalpha() else float(value) for name, value in values.items()}
+    if BEST_MODEL[extra] is None:
+        parse_flags(ucf.Ucf101Arguments, argv, ucf.TASK.defaults)
+        TrainingArguments(str(tmp_path), load_best_model_at_end=True, logging_steps=10, **transformers_args)
+    else:
+        with pytest.raises(FlagError, match=BEST_MODEL[extra]):
+            parse_flags(ucf.Ucf101Arguments, argv, ucf.TASK.defaults)
+        with pytest.raises(ValueError, match="--load_best_model_at_end requires"):
+            TrainingArguments(str(tmp_path), load_best_model_at_end=True, logging_steps=10, **transformers_args)
