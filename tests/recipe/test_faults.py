@@ -11,11 +11,13 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from recipe.checkpoints import RUN_COMPLETE_FILE, TMP_DIR, last_complete_checkpo
 from recipe.data import ConversationDataset
 from recipe.errors import UserError
 from recipe.faults import StopOnSignal, exit_status
-from recipe.lock import LOCK_FILE, OutputDirLock
+from recipe.lock import LOCK_FILE, STALE_SECONDS, OutputDirLock
 from recipe.task import run
 from test_training import SUBPROCESS_TIMEOUT, assert_same_tensors, flags, launch, read_json
 
@@ -364,6 +366,32 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, caplog):
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release()
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_lock_of_another_host_is_taken_over_once_no_longer_refreshed(tmp_path, caplog):
+    # A run SIGKILLed on another host (or a lost node) stops refreshing its lock; a requeued run takes it over.
+    lock, path = OutputDirLock(tmp_path), tmp_path / LOCK_FILE
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "then"}))
+    os.utime(path, (time.time() - STALE_SECONDS + 60,) * 2)  # refreshed lately: still running there
+    assert re.search(r"\(process 1 on elsewhere since then, refreshed 24\d s ago; taken over after 300 s", lock.acquire())
+    os.utime(path, (time.time() - STALE_SECONDS - 60,) * 2)
+    assert lock.acquire() is None
+    assert re.search(r"taking over the lock of process 1 on elsewhere, not refreshed for 36\d s", caplog.text)
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_the_holder_refreshes_its_lock_until_released(tmp_path):
+    lock, path = OutputDirLock(tmp_path, refresh_seconds=0.01), tmp_path / LOCK_FILE
+    assert lock.acquire() is None
+    old = time.time() - STALE_SECONDS - 60
+    os.utime(path, (old, old))
+    deadline = time.monotonic() + 30
+    while path.stat().st_mtime == old and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert path.stat().st_mtime > old + STALE_SECONDS  # touched again: another host would wait
+    lock.release()
+    assert not path.exists() and not [t for t in threading.enumerate() if t.name == "output-dir-lock"]
 
 
 def test_second_run_into_a_directory_in_use_stops_at_once_on_two_ranks(tiny_checkpoint, ucf101_data, tmp_path):
