@@ -164,10 +164,10 @@ def dry_run(task, flags: Flags) -> dict:
     from phi3v.processing_phi3v import Phi3VProcessor
 
     from .flag_parser import parse_transformers_flags
-    from .data import Collator, ConversationDataset
     from .runner import Runner
 
     parse_transformers_flags(flags)  # (the flags a run would refuse, as build_training_args parses them)
+    task = task.resolve(flags.data)  # (the task the flags name, as Runner.from_flags resolves it)
     model_args, data_args, training = flags.model, flags.data, flags.training
     processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path, num_crops=model_args.num_crops)
     config = Phi3VConfig.from_pretrained(model_args.model_name_or_path)  # config.json only
@@ -181,9 +181,9 @@ def dry_run(task, flags: Flags) -> dict:
     training_set = train if train is not None else eval_
     tokens = [c.tokens.total for c in training_set]
     image_tokens = [n for c in training_set for n in c.tokens.images]
-    dataset = ConversationDataset(training_set, processor)
-    collator = Collator(pad_token_id=processor.tokenizer.pad_token_id,
-                        max_tokens_per_row=data_args.max_tokens_per_row if data_args.padding_free else None)
+    # (the objective's own training dataset and collator, as the run's Trainer gets them)
+    dataset = runner.objective.dataset(runner, training_set, training=True)
+    collator = runner.objective.collator(runner)
     per_device = training.batch_size_per_gpu
     batches = [collator([dataset[i] for i in range(start, min(start + per_device, len(dataset)))])
                for start in range(0, min(len(dataset), FIRST_BATCHES * per_device), per_device)]

@@ -137,3 +137,14 @@ def test_dry_run_refuses_what_it_does_not_model(tmp_path):
                                         "objective"):
         rlaif_v.TASK.run(["--output_dir", str(tmp_path / "out"), "--dry_run", "--deepspeed", "none"])
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_plans_the_task_the_flags_name(weightless, ucf101_data, tmp_path, capsys):
+    # The custom script's task is named by --task_name (Task.resolve), as the run itself names it.
+    import finetune_hf_trainer_custom as custom
+
+    custom.TASK.run(["--model_name_or_path", str(weightless), "--output_dir", str(tmp_path / "out"), "--num_crops", "1",
+                     "--task_name", "shapes", "--train_file", str(ucf101_data / "ucf101_train.jsonl"),
+                     "--eval_file", str(ucf101_data / "ucf101_test.jsonl"), "--image_dir", str(ucf101_data / "images"),
+                     "--batch_size", "2", "--use_lora", "--no-tqdm", "--dry_run"])
+    assert "dry run of shapes: flags and data checked" in capsys.readouterr().out
