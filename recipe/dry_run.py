@@ -8,7 +8,8 @@ any machine: what only the GPU machine has, a launcher, a GPU, flash-attn, is no
 - examples kept (of those read), tokens per example (min/mean/max), image tokens per image at
   this --num_crops, the first batches' shapes, optimizer steps (as the Trainer counts them);
 - a rough memory estimate per GPU for the chosen mode, precision and ZeRO stage, for the
-  model's size read from its config.json (the model is built on the `meta` device: shapes
+  largest micro-batch the data can make (its longest examples, its examples with the most
+  image crops, wherever they are in the file) and the model's size read from its config.json (the model is built on the `meta` device: shapes
   only, no weights): weights, gradients, optimizer states, activations.
 
 The memory figures are estimates (no fragmentation, no CUDA context, no DeepSpeed buffers;
@@ -29,7 +30,7 @@ from typing import Sequence
 from .flag_parser import Flags
 from .launcher import world_size
 
-__all__ = ["dry_run", "optimizer_steps", "MemoryEstimate", "estimate_memory"]
+__all__ = ["dry_run", "optimizer_steps", "MemoryEstimate", "estimate_memory", "worst_tokens", "worst_crops"]
 
 GB = 1024**3
 FIRST_BATCHES = 2
@@ -137,6 +138,35 @@ def estimate_memory(model_args, training, config, sizes, tokens: int, crops: int
     return MemoryEstimate(weights, gradients, optimizer, language + logits + vision)
 
 
+def worst_tokens(lengths: Sequence[int], per_device: int, max_tokens_per_row: int | None) -> int:
+    """Token positions of the largest micro-batch the data can make, from the lengths validation
+    measured (any example may come last in the file and first in a batch): --batch_size_per_gpu
+    rows padded to the longest example, or with --padding_free (`max_tokens_per_row`) the longest
+    examples packed into rows as the collator packs them (recipe.packing), padded to the widest row."""
+    longest = sorted(lengths, reverse=True)[:per_device]
+    if not longest:
+        return 0
+    if max_tokens_per_row is None:
+        return per_device * longest[0]
+    from .packing import pack_rows
+
+    rows = pack_rows(longest, max_tokens_per_row)
+    return len(rows) * max(sum(longest[i] for i in row) for row in rows)
+
+
+def worst_crops(conversations: Sequence, num_crops: int, per_device: int) -> int:
+    """Image crops CLIP encodes in the largest micro-batch the data can make: the --batch_size_per_gpu
+    examples with the most (each image: its global view and its HD crops at --num_crops, from the
+    image sizes validation read; padding crops never reach CLIP)."""
+    from phi3v.image_processing_phi3v import CROP_SIZE, hd_image_size
+
+    def crops(conversation) -> int:
+        sizes = (hd_image_size(w, h, num_crops) for w, h in conversation.tokens.image_sizes)
+        return sum(1 + (height // CROP_SIZE) * (width // CROP_SIZE) for height, width in sizes)
+
+    return sum(sorted((crops(c) for c in conversations), reverse=True)[:per_device])
+
+
 def _spread(values: Sequence[int]) -> str:
     return f"min {min(values)} / mean {sum(values) / len(values):.1f} / max {max(values)}" if values else "none"
 
@@ -189,10 +219,9 @@ def dry_run(task, flags: Flags) -> dict:
                for start in range(0, min(len(dataset), FIRST_BATCHES * per_device), per_device)]
     steps, per_epoch = optimizer_steps(len(train), training) if train is not None else (0, 0)
     sizes = _sizes(model_args, config)
-    crops = max((b["pixel_values"].shape[0] * b["pixel_values"].shape[1] for b in batches if "pixel_values" in b),
-                default=0)
+    crops = worst_crops(training_set, model_args.num_crops, per_device)
     micro_tokens = max(b["input_ids"].numel() for b in batches)
-    longest = per_device * max(tokens) if not data_args.padding_free else micro_tokens
+    longest = worst_tokens(tokens, per_device, data_args.max_tokens_per_row if data_args.padding_free else None)
     memory = estimate_memory(model_args, training, config, sizes, max(longest, micro_tokens), crops)
 
     world = world_size()

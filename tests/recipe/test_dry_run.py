@@ -148,3 +148,30 @@ def test_dry_run_plans_the_task_the_flags_name(weightless, ucf101_data, tmp_path
                      "--eval_file", str(ucf101_data / "ucf101_test.jsonl"), "--image_dir", str(ucf101_data / "images"),
                      "--batch_size", "2", "--use_lora", "--no-tqdm", "--dry_run"])
     assert "dry run of shapes: flags and data checked" in capsys.readouterr().out
+
+
+def test_dry_run_prices_the_largest_example_wherever_it_is(weightless, ucf101_data, tmp_path, capsys):
+    # The memory estimate is the worst micro-batch's, not the first batches': an example with more images
+    # and text, last in the file, raises it (padding-free: tokens as packed; image crops for CLIP).
+    import json
+
+    import finetune_hf_trainer_custom as custom
+
+    records = [json.loads(line) for line in (ucf101_data / "ucf101_train.jsonl").read_text().splitlines()]
+    big = json.loads(json.dumps(records[-1]))
+    big["conversations"][0]["images"] *= 3
+    big["conversations"][0]["user"] *= 5
+    estimates = {}
+    for name, rows in (("plain", records), ("largest last", records[:-1] + [big])):
+        train = tmp_path / f"{name}.jsonl"
+        train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        results = custom.TASK.run([
+            "--model_name_or_path", str(weightless), "--output_dir", str(tmp_path / "out"), "--num_crops", "1",
+            "--train_file", str(train), "--eval_file", str(ucf101_data / "ucf101_test.jsonl"),
+            "--image_dir", str(ucf101_data / "images"), "--batch_size", "2", "--batch_size_per_gpu", "2",
+            "--padding_free", "--use_lora", "--no-tqdm", "--dry_run"])
+        memory_line = capsys.readouterr().out.splitlines()[-1]
+        lengths = sorted(results["tokens"])
+        assert f"({lengths[-1] + lengths[-2]} tokens per micro-batch" in memory_line  # the two longest, one row
+        estimates[name] = results["memory"].activations
+    assert estimates["largest last"] > estimates["plain"]
