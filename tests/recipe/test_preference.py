@@ -498,13 +498,45 @@ def test_hub_layouts_train_through_the_script(layout, tiny_checkpoint, pairs_dir
 
 def test_streamed_rows_hold_out_the_first_and_train_on_the_next(pairs_dir, tmp_path):
     """--streaming (here from a directory of parquet files): the first --eval_size rows are held
-    out, the next --max_train_samples trained on, images decoded in the rows."""
+    out, the next --max_train_samples trained on. The pairs hold each image as its encoded bytes
+    (20k decoded RLAIF-V images would be ~18 GB per rank), decoded to the same pixels when used
+    and keyed by their bytes in the validation cache."""
+    from PIL import Image
+
+    from recipe.hub import EncodedImage
+    from recipe.records import load_image
+    from recipe.validation_cache import example_key
+
     source = tmp_path / "parquet"
     source.mkdir()
-    hub_rows(pairs_dir, "rlaif_v").to_parquet(str(source / "train.parquet"))
+    hub = hub_rows(pairs_dir, "rlaif_v")
+    hub.to_parquet(str(source / "train.parquet"))
     args = rlaif_v.RlaifVArguments(dataset_name_or_path=str(source), streaming=True, eval_size=2, max_train_samples=3)
     train, eval_ = rlaif_v.load_data(args, None)
     rows = [json.loads(line) for line in (pairs_dir / "train.jsonl").read_text().splitlines()[:5]]
     assert [p.rejected for p in eval_] == [r["rejected"] for r in rows[:2]]
     assert [p.rejected for p in train] == [r["rejected"] for r in rows[2:5]]
-    assert train[0].conversation.images[0].size == (64, 64)
+    image = train[0].conversation.images[0]
+    assert isinstance(image, EncodedImage) and not isinstance(image, Image.Image)
+    assert str(image) == "image of train row 0"
+    assert load_image(image).tobytes() == hub[2]["image"].tobytes()
+    assert load_image(eval_[1].conversation.images[0]).tobytes() == hub[1]["image"].tobytes()
+    again, _ = rlaif_v.load_data(args, None)
+    assert example_key(train[0].conversation) is not None
+    assert [example_key(p.conversation) for p in again] == [example_key(p.conversation) for p in train]
+
+
+def test_streamed_trl_rows_hold_their_images_encoded(pairs_dir, tmp_path):
+    from recipe.hub import EncodedImage
+    from recipe.records import load_image
+
+    source = tmp_path / "parquet"
+    source.mkdir()
+    hub = hub_rows(pairs_dir, "trl", n=3)
+    hub.to_parquet(str(source / "train.parquet"))
+    args = rlaif_v.RlaifVArguments(dataset_name_or_path=str(source), dataset_layout="trl", streaming=True,
+                                   eval_size=1, max_train_samples=2)
+    train, _ = rlaif_v.load_data(args, None)
+    image = train[1].conversation.images[0]
+    assert isinstance(image, EncodedImage) and str(image) == "images[0] of train row 1"
+    assert load_image(image).tobytes() == hub[2]["images"][0].tobytes()
