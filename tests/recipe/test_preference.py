@@ -122,6 +122,25 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tiny_checkpoint, pair
     torch.testing.assert_close(rejected, expected.rejected_logps, rtol=0, atol=1e-5)
 
 
+def test_dataset_log_probs_are_the_same_with_data_workers(tiny_checkpoint, pairs_dir):
+    """The reference pass (--precompute_ref_log_probs, the held-out pairs) builds its batches in
+    --dataloader_num_workers workers: the same batches, in the same order, the same log-probs."""
+    processor = Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=1)
+    pairs = list(load_pairs_jsonl(pairs_dir / "eval.jsonl", pairs_dir / "images"))
+    dataset = preference.IndexedPairDataset([*pairs[:4], pairs[-1]], processor)  # images and a text-only pair
+    model = Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    collator = preference._collator(processor, model)
+    inline = preference.dataset_log_probs(model, dataset, collator, 2, "cpu")
+    workers = preference.dataset_log_probs(model, dataset, collator, 2, "cpu",
+                                           loader_kwargs=dict(num_workers=2, prefetch_factor=1, timeout=60))
+    for name in ("chosen", "rejected", "chosen_tokens", "rejected_tokens"):
+        assert torch.equal(getattr(inline, name), getattr(workers, name)), name
+    assert len(inline.chosen) == 5 and inline.chosen_tokens.min() > 0
+    with torch.no_grad():  # pair 3 alone: its entry is its own, not another pair's
+        alone = pair_log_probs(model.eval(), collator([dataset[3]]))
+    torch.testing.assert_close(inline.chosen[3], alone.chosen_logps[0], rtol=0, atol=1e-4)
+
+
 def count_vision_runs(monkeypatch) -> list[int]:
     runs = []
     forward = Phi3VImageEmbedding.forward
@@ -383,7 +402,8 @@ def test_a_fresh_start_ignores_reference_log_probs_left_in_the_output_dir(tmp_pa
     reference = Reference.__new__(Reference)
     reference.mode, reference.batch_size, reference.table = "precomputed", 2, None
     trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path), device="cpu", bf16=False, fp16=False,
-                                                   disable_tqdm=True), is_world_process_zero=lambda: True)
+                                                   disable_tqdm=True, dataloader_num_workers=0,
+                                                   dataloader_pin_memory=True), is_world_process_zero=lambda: True)
     reference.prepare(trainer, None, SimpleNamespace(pairs=pairs), None, resumed=False)
     assert torch.equal(reference.table.chosen, fresh.chosen)
     stale.save(tmp_path / "ref_log_probs_train.pt", ids)
