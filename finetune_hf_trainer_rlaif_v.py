@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipe.errors import DataError, FlagError
-from recipe.hub import load_source, split_for_eval
+from recipe.hub import load_source, split_for_eval, undecoded_stream
 from recipe.pair_layouts import load_pairs_jsonl, rlaif_v_pairs, trl_pairs
 from recipe.preference_args import PreferenceArguments
 from recipe.task import Task
@@ -76,11 +76,12 @@ def load_data(data_args: RlaifVArguments, model_args):
 
 
 def stream_rows(name_or_path: str):
-    """The training split's rows as a stream (hub id, or a directory of data files)."""
+    """The training split's rows as a stream (hub id, or a directory of data files), images
+    undecoded: the pairs keep them as encoded bytes, decoded when a batch is built."""
     import datasets
 
     try:
-        return datasets.load_dataset(name_or_path, split="train", streaming=True)
+        return undecoded_stream(datasets.load_dataset(name_or_path, split="train", streaming=True))
     except Exception as err:  # noqa: BLE001 - network, auth and missing-repo errors all end here
         raise DataError(f"cannot stream {name_or_path!r} ({err}); without network, drop --streaming and pass a "
                         "local copy as --dataset_name_or_path") from err

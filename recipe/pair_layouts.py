@@ -148,15 +148,17 @@ def _collect(rows, convert, split: str, answer_problems=None, errors=(ValueError
 
 def rlaif_v_pairs(dataset, split: str) -> Conversations:
     """Pairs of RLAIF-V rows. A `datasets.Dataset` keeps its images in the Arrow file (decoded
-    when used); rows of a streamed dataset (an iterable of dicts) carry decoded images."""
-    from .hub import lazy_images
+    when used); rows of a streamed dataset (an iterable of dicts, see `recipe.hub.undecoded_stream`)
+    keep theirs as encoded bytes (`recipe.hub.EncodedImage`), decoded when used too."""
+    from .hub import encoded_images, lazy_images
 
     if hasattr(dataset, "column_names") and hasattr(dataset, "features") and hasattr(dataset, "__len__"):
         _rows(dataset, ("image", "question", "chosen", "rejected"), "RLAIF-V")
         images = lazy_images(dataset, "image")
         rows = dataset.remove_columns(["image"])
         return _collect(rows, lambda row, i: from_rlaif_v(row, i, split, image=images[i][0]), split)
-    return _collect(dataset, lambda row, i: from_rlaif_v(row, i, split), split)
+    return _collect(dataset, lambda row, i: from_rlaif_v(
+        row, i, split, image=encoded_images(row.get("image"), "image", f"{split} row {i}")), split)
 
 
 def _text_and_images(content: Any, first: int) -> tuple[str, int]:
@@ -229,8 +231,9 @@ def _trl_answer_problems(row: dict, where: str) -> list[Problem]:
 
 
 def trl_pairs(dataset, split: str) -> Conversations:
-    """Pairs of TRL preference rows (`prompt`, `chosen`, `rejected`, optional `images`)."""
-    from .hub import lazy_images
+    """Pairs of TRL preference rows (`prompt`, `chosen`, `rejected`, optional `images`); images as
+    in `rlaif_v_pairs`."""
+    from .hub import encoded_images, lazy_images
 
     if hasattr(dataset, "column_names") and hasattr(dataset, "__len__"):
         _rows(dataset, ("prompt", "chosen", "rejected"), "TRL's preference layout")
@@ -241,6 +244,7 @@ def trl_pairs(dataset, split: str) -> Conversations:
             images = [[] for _ in range(len(dataset))]
         convert = lambda row, i: from_trl(row, i, split, images=images[i])  # noqa: E731
     else:
-        convert = lambda row, i: from_trl(row, i, split)  # noqa: E731
+        convert = lambda row, i: from_trl(  # noqa: E731
+            row, i, split, images=encoded_images(row.get("images") or [], "images", f"{split} row {i}"))
     return _collect(dataset, convert, split, answer_problems=_trl_answer_problems,
                     errors=(ValueError, KeyError, TypeError, AttributeError), layout="not TRL's preference layout: ")

@@ -13,7 +13,8 @@ every turn's text, and for each image
                     them would cost what the cache saves; a file rewritten in place keeps neither
                     its size nor its mtime in practice),
   a hub image:      the dataset's fingerprint (datasets' own content hash), row and column,
-  a PIL image:      its size and mode (all a check of an in-memory image looks at).
+  a PIL image:      its size and mode (all a check of an in-memory image looks at),
+  a streamed image: a hash of its encoded bytes (recipe.hub.EncodedImage.digest).
 So an edited line, a replaced image or another tokenizer is checked again, and only that.
 Only examples that passed are kept: a bad one is checked again at every launch, so its problem
 names its current line, and one mended where the key does not look (a file's permissions) is
@@ -57,6 +58,9 @@ def _image_key(image: Any) -> tuple | None:
         return ("file", os.fspath(image), stat.st_size, stat.st_mtime_ns)
     if isinstance(image, Image.Image):
         return ("pil", image.size, image.mode)
+    digest = getattr(image, "digest", None)
+    if isinstance(digest, str):
+        return ("bytes", digest)
     fingerprint = getattr(getattr(image, "dataset", None), "_fingerprint", None)
     if fingerprint is not None:
         return ("hub", fingerprint, image.row, image.column, image.position)

@@ -122,6 +122,25 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tiny_checkpoint, pair
     torch.testing.assert_close(rejected, expected.rejected_logps, rtol=0, atol=1e-5)
 
 
+def test_dataset_log_probs_are_the_same_with_data_workers(tiny_checkpoint, pairs_dir):
+    """The reference pass (--precompute_ref_log_probs, the held-out pairs) builds its batches in
+    --dataloader_num_workers workers: the same batches, in the same order, the same log-probs."""
+    processor = Phi3VProcessor.from_pretrained(tiny_checkpoint, num_crops=1)
+    pairs = list(load_pairs_jsonl(pairs_dir / "eval.jsonl", pairs_dir / "images"))
+    dataset = preference.IndexedPairDataset([*pairs[:4], pairs[-1]], processor)  # images and a text-only pair
+    model = Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    collator = preference._collator(processor, model)
+    inline = preference.dataset_log_probs(model, dataset, collator, 2, "cpu")
+    workers = preference.dataset_log_probs(model, dataset, collator, 2, "cpu",
+                                           loader_kwargs=dict(num_workers=2, prefetch_factor=1, timeout=60))
+    for name in ("chosen", "rejected", "chosen_tokens", "rejected_tokens"):
+        assert torch.equal(getattr(inline, name), getattr(workers, name)), name
+    assert len(inline.chosen) == 5 and inline.chosen_tokens.min() > 0
+    with torch.no_grad():  # pair 3 alone: its entry is its own, not another pair's
+        alone = pair_log_probs(model.eval(), collator([dataset[3]]))
+    torch.testing.assert_close(inline.chosen[3], alone.chosen_logps[0], rtol=0, atol=1e-4)
+
+
 def count_vision_runs(monkeypatch) -> list[int]:
     runs = []
     forward = Phi3VImageEmbedding.forward
@@ -383,7 +402,8 @@ def test_a_fresh_start_ignores_reference_log_probs_left_in_the_output_dir(tmp_pa
     reference = Reference.__new__(Reference)
     reference.mode, reference.batch_size, reference.table = "precomputed", 2, None
     trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path), device="cpu", bf16=False, fp16=False,
-                                                   disable_tqdm=True), is_world_process_zero=lambda: True)
+                                                   disable_tqdm=True, dataloader_num_workers=0,
+                                                   dataloader_pin_memory=True), is_world_process_zero=lambda: True)
     reference.prepare(trainer, None, SimpleNamespace(pairs=pairs), None, resumed=False)
     assert torch.equal(reference.table.chosen, fresh.chosen)
     stale.save(tmp_path / "ref_log_probs_train.pt", ids)
@@ -498,13 +518,45 @@ def test_hub_layouts_train_through_the_script(layout, tiny_checkpoint, pairs_dir
 
 def test_streamed_rows_hold_out_the_first_and_train_on_the_next(pairs_dir, tmp_path):
     """--streaming (here from a directory of parquet files): the first --eval_size rows are held
-    out, the next --max_train_samples trained on, images decoded in the rows."""
+    out, the next --max_train_samples trained on. The pairs hold each image as its encoded bytes
+    (20k decoded RLAIF-V images would be ~18 GB per rank), decoded to the same pixels when used
+    and keyed by their bytes in the validation cache."""
+    from PIL import Image
+
+    from recipe.hub import EncodedImage
+    from recipe.records import load_image
+    from recipe.validation_cache import example_key
+
     source = tmp_path / "parquet"
     source.mkdir()
-    hub_rows(pairs_dir, "rlaif_v").to_parquet(str(source / "train.parquet"))
+    hub = hub_rows(pairs_dir, "rlaif_v")
+    hub.to_parquet(str(source / "train.parquet"))
     args = rlaif_v.RlaifVArguments(dataset_name_or_path=str(source), streaming=True, eval_size=2, max_train_samples=3)
     train, eval_ = rlaif_v.load_data(args, None)
     rows = [json.loads(line) for line in (pairs_dir / "train.jsonl").read_text().splitlines()[:5]]
     assert [p.rejected for p in eval_] == [r["rejected"] for r in rows[:2]]
     assert [p.rejected for p in train] == [r["rejected"] for r in rows[2:5]]
-    assert train[0].conversation.images[0].size == (64, 64)
+    image = train[0].conversation.images[0]
+    assert isinstance(image, EncodedImage) and not isinstance(image, Image.Image)
+    assert str(image) == "image of train row 0"
+    assert load_image(image).tobytes() == hub[2]["image"].tobytes()
+    assert load_image(eval_[1].conversation.images[0]).tobytes() == hub[1]["image"].tobytes()
+    again, _ = rlaif_v.load_data(args, None)
+    assert example_key(train[0].conversation) is not None
+    assert [example_key(p.conversation) for p in again] == [example_key(p.conversation) for p in train]
+
+
+def test_streamed_trl_rows_hold_their_images_encoded(pairs_dir, tmp_path):
+    from recipe.hub import EncodedImage
+    from recipe.records import load_image
+
+    source = tmp_path / "parquet"
+    source.mkdir()
+    hub = hub_rows(pairs_dir, "trl", n=3)
+    hub.to_parquet(str(source / "train.parquet"))
+    args = rlaif_v.RlaifVArguments(dataset_name_or_path=str(source), dataset_layout="trl", streaming=True,
+                                   eval_size=1, max_train_samples=2)
+    train, _ = rlaif_v.load_data(args, None)
+    image = train[1].conversation.images[0]
+    assert isinstance(image, EncodedImage) and str(image) == "images[0] of train row 1"
+    assert load_image(image).tobytes() == hub[2]["images"][0].tobytes()
