@@ -167,10 +167,10 @@ class RecipeTrainer(Trainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """The task's generation metric (--eval_strategy steps|epoch), not a loss."""
-        value = self.task_eval(self.model, f"eval_step{self.state.global_step}")
+        """The task's metric (--eval_strategy steps|epoch), not a loss. The evaluator logs it (and,
+        for a preference run, every metric it computes) through this trainer."""
+        value = self.task_eval(self.model, f"eval_step{self.state.global_step}", self)
         metrics = {f"{metric_key_prefix}_{self.task_eval.metric}": value}
-        self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 

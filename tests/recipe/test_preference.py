@@ -54,7 +54,8 @@ def lora_run(tiny_checkpoint, pairs_dir, tmp_path_factory):
     try:
         results = run(rlaif_v.TASK, flags(tiny_checkpoint, pairs_dir, out, "--use_lora", "--deepspeed", "none",
                                           "--max_steps", 16, "--batch_size", 8, "--batch_size_per_gpu", 4,
-                                          "--learning_rate", "2e-3", "--report_to", "tensorboard"))
+                                          "--learning_rate", "2e-3", "--report_to", "tensorboard",
+                                          "--eval_strategy", "steps", "--eval_steps", 8))
     finally:
         torch.set_num_threads(threads)
     return out, results
@@ -84,14 +85,20 @@ def test_training_logs_trl_metric_names_to_tensorboard(lora_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out, _ = lora_run
-    tags = set()
+    scalars: dict[str, list] = {}
     for run_dir in {p.parent for p in (out / "runs").rglob("events.out.tfevents.*")}:
         events = EventAccumulator(str(run_dir))
         events.Reload()
-        tags |= set(events.Tags()["scalars"])
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(events.Scalars(tag))
     for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                  "logps/rejected"):
-        assert f"train/{name}" in tags and f"eval/{name}" in tags, (name, sorted(tags))
+        assert f"train/{name}" in scalars, (name, sorted(scalars))
+        # before (step 0), --eval_strategy steps (8 and the last, 16), after (16): each logged once
+        assert sorted(e.step for e in scalars[f"eval/{name}"]) == [0, 8, 16, 16], name
+    during = read_json(out / "eval_step8.json")
+    assert [e.value for e in scalars["eval/rewards/margins"] if e.step == 8] == [
+        pytest.approx(during["rewards/margins"])]
 
 
 # -- the reference per mode ----------------------------------------------------------------------
