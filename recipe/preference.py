@@ -20,7 +20,8 @@ supplies:
   rewards/margins, rewards/chosen, rewards/rejected, logps/chosen, logps/rejected) in
   eval_before.json / eval_after.json and through the Trainer's loggers (tensorboard). The
   reference log-probs of the held-out pairs are computed once, before the first step (the model is
-  still the reference then), and stored (ref_log_probs_eval.pt) for resumed runs. `--eval_only`
+  still the reference then; the evaluation before training takes them as its own), and stored
+  (ref_log_probs_eval.pt) for resumed runs. `--eval_only`
   measures against the run's starting point: `--ref_model PATH`, or for a LoRA output its base
   (adapters disabled); eval_after.json names it ("reference").
 """
@@ -404,6 +405,9 @@ class PairEvaluator:
         self.eval_only, self.ref_model = data_args.eval_only, getattr(data_args, "ref_model", None)
         self.model_args, self.training_args = model_args, training_args
         self.reference_name: str | None = None
+        # A fresh run's starting model and its log-probs (the reference): the evaluation before the
+        # first step measures that very model, and takes them instead of a second pass.
+        self._start: tuple[Any, LogProbs] | None = None
         # --metric: the generation metric, the chosen answer as the reference (as TaskEvaluator, unsaved).
         self.generation_metric = getattr(data_args, "metric", None)
         if self.generation_metric:
@@ -434,6 +438,7 @@ class PairEvaluator:
                             "new --output_dir", everywhere=True)
         else:
             self.reference = self._log_probs(model, "reference log-probs (evaluation)")
+            self._start = (model, self.reference)
             if PartialState().is_main_process:
                 self.reference.save(path, ids)
         self.seconds += time.perf_counter() - start
@@ -470,13 +475,23 @@ class PairEvaluator:
                         self.generation_metric, None, device=self.device, synced_gpus=is_deepspeed_zero3_enabled(),
                         **self.generation_kwargs)
 
+    def _starting_log_probs(self, model, trainer) -> LogProbs | None:
+        """The reference's log-probs when `model` is provably the one they came from: the first
+        evaluation after a fresh start's prepare_reference, of the same model, before any step
+        (the evaluation before training; policy and reference are one model then, whatever the
+        reference mode). Any later evaluation computes its own."""
+        start, self._start = self._start, None
+        if start is None or start[0] is not model or trainer is None or trainer.state.global_step != 0:
+            return None
+        return start[1]
+
     def __call__(self, model, name: str, trainer=None) -> float:
         if self.reference is None and self.eval_only:
             self.prepare_eval_only_reference(model)
         if self.reference is None:
             raise RuntimeError("PairEvaluator.prepare_reference must run before the first evaluation")
         start = time.perf_counter()
-        policy = self._log_probs(model, name)
+        policy = self._starting_log_probs(model, trainer) or self._log_probs(model, name)
         ref = self.reference
         loss, per_pair = self.dpo_loss(policy.chosen, policy.rejected, ref.chosen, ref.rejected,
                                        policy.chosen_tokens, policy.rejected_tokens,

@@ -46,11 +46,19 @@ def read_json(path):
     return json.loads(path.read_text())
 
 
+LORA_PASSES: list[str] = []  # lora_run's log-prob passes over a whole dataset, by description
+
+
 @pytest.fixture(scope="module")
 def lora_run(tiny_checkpoint, pairs_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "out"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    log_probs = preference.dataset_log_probs
+    LORA_PASSES.clear()
+    patch = pytest.MonkeyPatch()
+    patch.setattr(preference, "dataset_log_probs",
+                  lambda *args, **kwargs: LORA_PASSES.append(kwargs["desc"]) or log_probs(*args, **kwargs))
     try:
         results = run(rlaif_v.TASK, flags(tiny_checkpoint, pairs_dir, out, "--use_lora", "--deepspeed", "none",
                                           "--max_steps", 16, "--batch_size", 8, "--batch_size_per_gpu", 4,
@@ -58,6 +66,7 @@ def lora_run(tiny_checkpoint, pairs_dir, tmp_path_factory):
                                           "--eval_strategy", "steps", "--eval_steps", 8))
     finally:
         torch.set_num_threads(threads)
+        patch.undo()
     return out, results
 
 
@@ -66,6 +75,11 @@ def test_lora_dpo_raises_held_out_reward_accuracy(lora_run):
     before, after = read_json(out / "eval_before.json"), read_json(out / "eval_after.json")
     assert results["eval_before"] == before["rewards/accuracies"] == 0.0  # the policy is the reference
     assert before["rewards/margins"] == 0.0
+    # the model before training is the reference: eval_before takes the reference pass's log-probs
+    assert LORA_PASSES == ["reference log-probs (evaluation)", "eval_step8", "eval_step16", "eval_after"]
+    reference = torch.load(out / "ref_log_probs_eval.pt", weights_only=True)
+    assert before["logps/chosen"] == pytest.approx(float(reference["chosen"].mean()))
+    assert [p["logps/rejected"] for p in before["pairs"]] == pytest.approx(reference["rejected"].tolist())
     assert results["eval_after"] == after["rewards/accuracies"] >= 0.75
     assert after["rewards/margins"] > 0 and after["rewards/chosen"] > after["rewards/rejected"]
     assert after["num_examples"] == len(after["pairs"]) == 18
@@ -427,7 +441,7 @@ def test_held_out_rpo_loss_weights_the_nll_per_chosen_token_as_training_does(tmp
     evaluator.output_dir, evaluator.pairs, evaluator.seconds = tmp_path, [SimpleNamespace(id="a"),
                                                                           SimpleNamespace(id="b")], 0.0
     evaluator.reference, evaluator.reference_name, evaluator.eval_only = policy, None, False
-    evaluator.generation_metric = None
+    evaluator.generation_metric, evaluator._start = None, None
     evaluator.dpo_loss = DPOLoss(rpo_alpha=1.0)
     evaluator._log_probs = lambda model, desc: policy
     evaluator(None, "eval_x")
