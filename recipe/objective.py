@@ -37,6 +37,9 @@ class Objective:
     # The Trainer subclass whose compute_loss is the objective's loss.
     trainer_class: type[RecipeTrainer] = RecipeTrainer
 
+    def check(self, task, data_args) -> None:
+        """Refuses, in one line, a task (and flags) this objective cannot run, before anything loads."""
+
     def validate(self, runner, records: Sequence, *, what: str, max_length: int | None, training: bool = False,
                  **common) -> Sequence:
         """The records that can be used, checked (and measured: each gets its token counts) once.

@@ -386,9 +386,18 @@ class PairEvaluator:
     """TRL's DPO metrics on the held-out pairs, for any model and moment of the run (the
     interface of recipe.supervised.TaskEvaluator): each call writes `<name>.json` (the metrics and the
     per-pair log-probs and rewards), logs one line and, given a trainer, logs `eval_<metric>`
-    for each metric through it (tensorboard, the training curves)."""
+    for each metric through it (tensorboard, the training curves). It returns the task's metric
+    (one of `metrics(data_args)`: Preference.check refuses any other)."""
 
-    metric = "rewards/accuracies"
+    @staticmethod
+    def metrics(data_args) -> tuple[str, ...]:
+        """The metrics it computes: TRL's, and the generation metric of --metric if given."""
+        generation = getattr(data_args, "metric", None)
+        return METRIC_NAMES + ((generation.partition(":")[2] or generation,) if generation else ())
+
+    @property
+    def metric(self) -> str:
+        return self.task.metric
 
     def __init__(self, task, processor, pairs, model_args, data_args, training_args):
         self.task, self.processor, self.pairs = task, processor, list(pairs)
@@ -545,6 +554,11 @@ class Preference(Objective):
     name = "preference"
     data_noun = unit = "pairs"
     trainer_class = PreferenceTrainer
+
+    def check(self, task, data_args) -> None:
+        if task.metric not in PairEvaluator.metrics(data_args):
+            raise ValueError(f"task {task.name!r}: metric {task.metric!r} is not one the preference objective "
+                             f"computes ({', '.join(PairEvaluator.metrics(data_args))})")
 
     def validate(self, runner, records, cache_dir=None, **kwargs):
         # (no validation cache for pairs: recipe.validation_cache keys single conversations)

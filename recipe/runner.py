@@ -95,6 +95,7 @@ class Runner:
     def __init__(self, task, model_args, data_args, training_args):
         self.task = task
         self.objective = objective_of(task)
+        self.objective.check(task, data_args)
         self.model_args, self.data_args, self.training_args = model_args, data_args, training_args
         self.processor = None
         self.train_data: Sequence | None = None

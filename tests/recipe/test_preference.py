@@ -6,6 +6,7 @@ reference log-probs are precomputed and reused, a stopped run resumes exactly, b
 before training with one line. --adapter continues an SFT adapter against its frozen twin;
 --eval_only measures against the run's starting point; --metric adds a generation metric."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -442,11 +443,37 @@ def test_held_out_rpo_loss_weights_the_nll_per_chosen_token_as_training_does(tmp
                                                                           SimpleNamespace(id="b")], 0.0
     evaluator.reference, evaluator.reference_name, evaluator.eval_only = policy, None, False
     evaluator.generation_metric, evaluator._start = None, None
+    evaluator.task = SimpleNamespace(metric="rewards/accuracies")
     evaluator.dpo_loss = DPOLoss(rpo_alpha=1.0)
     evaluator._log_probs = lambda model, desc: policy
     evaluator(None, "eval_x")
     # policy == reference: the DPO part is log(2); the NLL is 32 nats over 11 tokens
     assert read_json(tmp_path / "eval_x.json")["loss"] == pytest.approx(math.log(2) + 32 / 11)
+
+
+def test_the_evaluator_returns_the_tasks_metric_and_another_is_refused(tiny_checkpoint, pairs_dir, tmp_path):
+    """The task's metric (the model card's, --metric_for_best_model's) is the one PairEvaluator
+    returns; a metric it does not compute stops the run before anything loads."""
+    reference = LogProbs(torch.tensor([-2.0, -3.0]), torch.tensor([-2.0, -3.0]), torch.tensor([1, 1]),
+                         torch.tensor([1, 1]))
+    policy = LogProbs(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -5.0]), torch.tensor([1, 1]),
+                      torch.tensor([1, 1]))
+    evaluator = PairEvaluator.__new__(PairEvaluator)
+    evaluator.output_dir, evaluator.pairs, evaluator.seconds = tmp_path, [SimpleNamespace(id="a"),
+                                                                          SimpleNamespace(id="b")], 0.0
+    evaluator.reference, evaluator.reference_name, evaluator.eval_only = reference, None, False
+    evaluator.generation_metric, evaluator._start = None, None
+    evaluator.task = SimpleNamespace(metric="rewards/margins")
+    evaluator.dpo_loss = DPOLoss(beta=0.5)
+    evaluator._log_probs = lambda model, desc: policy
+    assert evaluator(None, "eval_x") == pytest.approx(0.5 * (1 + 2) / 2)  # beta x the mean margin
+    assert read_json(tmp_path / "eval_x.json")["metric"] == "rewards/margins"
+    task = dataclasses.replace(rlaif_v.TASK, metric="accuracy")
+    with pytest.raises(ValueError, match=r"^task 'rlaif_v': metric 'accuracy' is not one the preference objective "
+                                         r"computes \(rewards/chosen, .*logps/rejected\)$"):
+        run(task, flags(tiny_checkpoint, pairs_dir, tmp_path / "out", "--use_lora", "--max_steps", 1))
+    # --metric adds the generation metric
+    assert PairEvaluator.metrics(SimpleNamespace(metric="squad:f1"))[-1] == "f1"
 
 # -- bad input -----------------------------------------------------------------------------------
 
