@@ -26,7 +26,26 @@ from phi3v.processing_phi3v import end_token_ids
 from .data import Collator, ConversationDataset
 from .records import Conversation, scored_turns
 
-__all__ = ["generate_predictions", "evaluate"]
+__all__ = ["generate_predictions", "evaluate", "autocast_dtype", "to_device", "generation_kwargs"]
+
+
+def autocast_dtype(training_args) -> torch.dtype | None:
+    """The dtype the run computes in under --bf16/--fp16 (None: fp32), for forwards outside the
+    Trainer (evaluation, reference passes)."""
+    return torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
+
+
+def to_device(model, device) -> None:
+    """Puts `model` on the evaluation device (a model evaluated before the Trainer placed it), unless
+    it is 4-bit: bitsandbytes placed it when loading and refuses `.to`."""
+    if not getattr(model, "is_loaded_in_4bit", False) and next(model.parameters()).device != device:
+        model.to(device)
+
+
+def generation_kwargs(data_args, training_args) -> dict:
+    """generate_predictions' settings from the run's flags (the evaluators' answers)."""
+    return dict(batch_size=data_args.eval_batch_size, max_new_tokens=data_args.max_new_tokens,
+                autocast_dtype=autocast_dtype(training_args), disable_tqdm=training_args.disable_tqdm)
 
 
 def generate_predictions(

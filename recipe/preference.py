@@ -50,7 +50,7 @@ from phi3v.modeling_phi3v import Phi3VModel
 
 from .dpo import METRIC_NAMES, DPOLoss
 from .errors import DataError
-from .evaluate import evaluate
+from .evaluate import autocast_dtype, evaluate, generation_kwargs, to_device
 from .metrics import score_function
 from .model import REFERENCE_ADAPTER, load_model
 from .objective import Objective
@@ -178,10 +178,6 @@ def dataset_log_probs(model, dataset: PairDataset, collator, batch_size: int, de
                     torch.tensor(columns[2], dtype=torch.long), torch.tensor(columns[3], dtype=torch.long))
 
 
-def _autocast_dtype(training_args):
-    return torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
-
-
 def _loader_kwargs(training_args, device) -> dict:
     """`dataset_log_probs`' DataLoader settings, the Trainer's for its own loaders: workers,
     prefetching and timeout, pinned memory (on a GPU only: on a CPU it only warns)."""
@@ -235,7 +231,7 @@ class Reference:
                 raise DataError(f"resuming with --precompute_ref_log_probs needs {path}, written when the run "
                                 "started; it is gone: start over in a new --output_dir", everywhere=True)
             self.table = dataset_log_probs(model, train_dataset, collator, self.batch_size,
-                                           trainer.args.device, _autocast_dtype(trainer.args),
+                                           trainer.args.device, autocast_dtype(trainer.args),
                                            desc="reference log-probs", progress=not trainer.args.disable_tqdm,
                                            loader_kwargs=_loader_kwargs(trainer.args, trainer.args.device))
             if trainer.is_world_process_zero():
@@ -263,7 +259,7 @@ class Reference:
             reference = engine.module
             _lockstep(reference, True)
         else:
-            dtype = _autocast_dtype(args) or torch.float32
+            dtype = autocast_dtype(args) or torch.float32
             reference.to(device=args.device, dtype=dtype)
         return reference
 
@@ -405,7 +401,7 @@ class PairEvaluator:
         self.output_dir = Path(training_args.output_dir)
         self.batch_size = data_args.eval_batch_size
         self.device = training_args.device
-        self.autocast_dtype = _autocast_dtype(training_args)
+        self.autocast_dtype = autocast_dtype(training_args)
         self.progress = not training_args.disable_tqdm
         self.dpo_loss = DPOLoss.from_flags(data_args)
         self.reference: LogProbs | None = None
@@ -422,12 +418,10 @@ class PairEvaluator:
         if self.generation_metric:
             self.score = score_function(self.generation_metric)
             self.generation_metric = self.generation_metric.partition(":")[2] or self.generation_metric
-            self.generation_kwargs = dict(batch_size=data_args.eval_batch_size, max_new_tokens=data_args.max_new_tokens,
-                                          autocast_dtype=self.autocast_dtype, disable_tqdm=training_args.disable_tqdm)
+            self.generation_kwargs = generation_kwargs(data_args, training_args)
 
     def _log_probs(self, model, desc: str) -> LogProbs:
-        if not getattr(model, "is_loaded_in_4bit", False) and next(model.parameters()).device != self.device:
-            model.to(self.device)
+        to_device(model, self.device)
         return dataset_log_probs(model, self.dataset, _collator(self.processor, model), self.batch_size, self.device,
                                  self.autocast_dtype, desc=desc, progress=self.progress,
                                  loader_kwargs=_loader_kwargs(self.training_args, self.device))

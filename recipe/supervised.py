@@ -8,12 +8,11 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from transformers import Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .data import Collator, ConversationDataset
-from .evaluate import evaluate
+from .evaluate import evaluate, generation_kwargs, to_device
 from .objective import Objective
 from .validation import validate
 
@@ -35,13 +34,7 @@ class TaskEvaluator:
         self.output_dir = Path(training_args.output_dir)
         self.device = training_args.device
         self.seconds = 0.0  # spent evaluating (the throughput figures leave it out of training time)
-        self.kwargs = dict(
-            batch_size=data_args.eval_batch_size,
-            max_new_tokens=data_args.max_new_tokens,
-            eval_turns=data_args.eval_turns,
-            autocast_dtype=torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None),
-            disable_tqdm=training_args.disable_tqdm,
-        )
+        self.kwargs = dict(generation_kwargs(data_args, training_args), eval_turns=data_args.eval_turns)
 
     @property
     def metric(self) -> str:
@@ -49,8 +42,7 @@ class TaskEvaluator:
 
     def __call__(self, model, name: str, trainer: Trainer | None = None) -> float:
         start = time.perf_counter()
-        if not getattr(model, "is_loaded_in_4bit", False) and next(model.parameters()).device != self.device:
-            model.to(self.device)
+        to_device(model, self.device)
         out = evaluate(model, self.processor, self.conversations, self.task.score, self.metric,
                        self.output_dir / f"{name}.json", device=self.device, synced_gpus=is_deepspeed_zero3_enabled(),
                        **self.kwargs)
