@@ -69,6 +69,16 @@ class Objective:
         """Extra arguments of `trainer_class` (its loss's settings, ...)."""
         return {}
 
+    def card_method(self, data_args) -> str | None:
+        """The objective as the model card's method line names it, with its flags (None: supervised
+        finetuning, which the line does not name)."""
+        return None
+
+    def card_before(self, metric: str) -> str | None:
+        """What the model card says of `metric` before finetuning when its value is fixed by the
+        objective rather than measured (None: nothing)."""
+        return None
+
     def callbacks(self, runner) -> list[TrainerCallback]:
         """Callbacks that run when training begins, before the evaluation before training (the
         trainer is runner.trainer by then)."""

@@ -587,3 +587,12 @@ class Preference(Objective):
 
     def callbacks(self, runner) -> list[TrainerCallback]:
         return [_ReferenceAtTrainBegin(runner)]
+
+    def card_method(self, data_args) -> str:
+        extra = "".join(f", --{name} {getattr(data_args, name)}" for name, unset in
+                        (("label_smoothing", 0.0), ("rpo_alpha", None)) if getattr(data_args, name) != unset)
+        return f"DPO (--loss_type {data_args.loss_type}, --beta {data_args.beta}{extra})"
+
+    def card_before(self, metric: str) -> str | None:
+        # Before the first step the policy is the reference: every reward is 0.
+        return "(the reference: 0 by construction)" if metric.startswith("rewards/") else None

@@ -270,8 +270,11 @@ def method(model_args) -> str:
     return "full finetuning" + (" with a frozen vision tower" if model_args.freeze_vision_model else "")
 
 
-def model_card(task, results: dict, model_args, data_args, training_args) -> str:
-    """The hub's model-card format (YAML header + markdown), from this run's own numbers."""
+def model_card(task, results: dict, model_args, data_args, training_args, max_steps: int | None = None,
+               objective=None) -> str:
+    """The hub's model-card format (YAML header + markdown), from this run's own numbers.
+    `max_steps`: the run's planned steps (a --warmup_steps ratio is printed as the steps it made);
+    `objective`: the run's recipe.objective.Objective (its method and what it fixes before training)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     metric = task.metric
@@ -285,6 +288,9 @@ def model_card(task, results: dict, model_args, data_args, training_args) -> str
     )
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     t = training_args
+    warmup = t.get_warmup_steps(max_steps) if max_steps else t.warmup_steps
+    objective_method = objective.card_method(data_args) if objective is not None else None
+    before_note = objective.card_before(metric) if objective is not None and "eval_before" in results else None
     load = (
         "import phi3v\nfrom transformers import AutoModelForCausalLM, AutoProcessor\n"
         "model = AutoModelForCausalLM.from_pretrained(PATH)\nprocessor = AutoProcessor.from_pretrained(PATH)"
@@ -304,14 +310,14 @@ All numbers below are from this run.
 | | |
 |---|---|
 | base model | `{model_args.model_name_or_path}` |
-| method | {method(model_args)} |
+| method | {method(model_args)}{f", {objective_method}" if objective_method else ""} |
 | task metric | {metric} |
-| {metric} before finetuning | {fmt(results.get('eval_before'))} |
+| {metric} before finetuning | {fmt(results.get('eval_before'))}{f" {before_note}" if before_note else ""} |
 | {metric} after finetuning | {fmt(results.get('eval_after'))} |
 | {metric} of merged/ | {fmt(results.get('eval_merged'))} |
 | evaluation examples | {results.get('num_eval_examples', '-')} |
 | steps | {results.get('global_step', '-')} (global batch {t.batch_size}, {t.batch_size_per_gpu} per device, {world_size()} device(s)) |
-| learning rate | {t.learning_rate} ({getattr(t.lr_scheduler_type, "value", t.lr_scheduler_type)}, {t.warmup_steps} warmup steps), weight decay {t.weight_decay} |
+| learning rate | {t.learning_rate} ({getattr(t.lr_scheduler_type, "value", t.lr_scheduler_type)}, {warmup} warmup steps), weight decay {t.weight_decay} |
 | AdamW | betas ({t.adam_beta1}, {t.adam_beta2}), eps {t.adam_epsilon}, grad clip {t.max_grad_norm} |
 | precision | {'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}, num_crops {model_args.num_crops}, seed {t.seed} |
 | mean training loss | {fmt(results.get('train_loss'))} |
@@ -341,7 +347,8 @@ def write_report(run) -> None:
     model_args, data_args, training_args = run.model_args, run.data_args, run.training_args
     output_dir = Path(training_args.output_dir)
     plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png", title=task.name)
-    card = model_card(task, results, model_args, data_args, training_args)
+    card = model_card(task, results, model_args, data_args, training_args, max_steps=trainer.state.max_steps,
+                      objective=run.objective)
     (output_dir / "README.md").write_text(card, encoding="utf-8")
     if (output_dir / "merged").is_dir():
         (output_dir / "merged" / "README.md").write_text(card, encoding="utf-8")

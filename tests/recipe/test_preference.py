@@ -91,8 +91,12 @@ def test_lora_dpo_raises_held_out_reward_accuracy(lora_run):
     assert 16 * 6 < throughput["pairs"] <= 16 * 8 and throughput["pairs_per_s"] > 0  # (epoch ends: smaller batches)
     assert throughput["images"] < throughput["pairs"]  # each image once per pair; text-only pairs have none
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_curves.png").is_file()
-    # the model card and the release's eos are the SFT recipes'
-    assert "rewards/accuracies" in (out / "README.md").read_text()
+    # the model card and the release's eos are the SFT recipes'; the card names DPO and its flags, and
+    # the reward before training as the reference's (0 by construction)
+    card = (out / "README.md").read_text()
+    assert "| method | LoRA (r=" in card and "), DPO (--loss_type sigmoid, --beta 0.1) |" in card
+    assert "| rewards/accuracies before finetuning | 0.0000 (the reference: 0 by construction) |" in card
+    assert "| rewards/accuracies after finetuning |" in card and "(linear, 0 warmup steps)" in card
     assert read_json(out / "adapter_config.json")["base_model_name_or_path"]
 
 
@@ -114,6 +118,25 @@ def test_training_logs_trl_metric_names_to_tensorboard(lora_run):
     during = read_json(out / "eval_step8.json")
     assert [e.value for e in scalars["eval/rewards/margins"] if e.step == 8] == [
         pytest.approx(during["rewards/margins"])]
+
+
+def test_model_card_names_the_dpo_flags_and_the_warmup_steps_of_a_ratio(tiny_checkpoint, pairs_dir, tmp_path):
+    """rlaif_v's default --warmup_steps 0.1 is a ratio: the card prints the steps it made."""
+    from recipe.flag_parser import build_training_args
+    from recipe.report import model_card
+    from recipe.task import task_flags
+
+    argv = flags(tiny_checkpoint, pairs_dir, tmp_path / "out", "--use_lora", "--loss_type", "robust", "--beta", 0.2,
+                 "--label_smoothing", 0.1)
+    at = argv.index("--warmup_steps")
+    parsed = task_flags(rlaif_v.TASK, argv[:at] + argv[at + 2:])
+    training_args = build_training_args(parsed)
+    assert training_args.warmup_steps == 0.1
+    card = model_card(rlaif_v.TASK, {"global_step": 25}, parsed.model, parsed.data, training_args, max_steps=25,
+                      objective=preference.Preference())
+    assert "(linear, 3 warmup steps)" in card  # ceil(0.1 x 25)
+    assert "), DPO (--loss_type robust, --beta 0.2, --label_smoothing 0.1) |" in card
+    assert "| rewards/accuracies before finetuning | - |" in card  # (no evaluation before: nothing to say)
 
 
 # -- the reference per mode ----------------------------------------------------------------------
