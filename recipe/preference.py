@@ -454,6 +454,13 @@ class PairEvaluator:
             # (a LoRA output as --ref_model loads as base + adapter through transformers' PEFT integration)
             reference = load_model(replace(self.model_args, model_name_or_path=self.ref_model, use_lora=False),
                                    self.training_args).eval()
+            reference.requires_grad_(False)
+            dtype = autocast_dtype(self.training_args)
+            if dtype is not None and not is_deepspeed_zero3_enabled() and not getattr(reference, "is_loaded_in_4bit",
+                                                                                       False):
+                # Forwards only: the compute dtype, as training's frozen copy (Reference._load_copy), not
+                # the fp32 weights load_model gives a model the optimiser would step.
+                reference.to(dtype=dtype)
             self.reference = self._log_probs(reference, "reference log-probs (--ref_model)")
             self.reference_name = self.ref_model
             del reference

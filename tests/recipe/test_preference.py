@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 import finetune_hf_trainer_rlaif_v as rlaif_v
 from phi3v.modeling_phi3v import Phi3VForCausalLM, Phi3VImageEmbedding
 from phi3v.processing_phi3v import Phi3VProcessor
+from recipe.args import ModelArguments
 from recipe.dpo import DPOLoss
 from recipe.errors import cli
 from recipe.pairs import PairCollator, PairDataset, pair_log_probs
@@ -354,6 +355,22 @@ def test_eval_only_measures_rewards_against_the_runs_starting_point(lora_run, ti
     assert flipped["reference"] == str(out)
     for a, b in zip(flipped["pairs"], own["pairs"]):
         assert a["rewards/margins"] == pytest.approx(-b["rewards/margins"], abs=1e-5)
+
+
+def test_eval_only_ref_model_runs_in_the_compute_dtype(tiny_checkpoint, monkeypatch):
+    """--ref_model only runs forwards: with --bf16 it runs in bf16 (as training's frozen copy), not
+    in the fp32 load_model gives a full model the optimiser would step."""
+    loaded, seen = [], []
+    monkeypatch.setattr(preference, "load_model", lambda model_args, training_args: loaded.append(
+        Phi3VForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)) or loaded[-1])
+    evaluator = PairEvaluator.__new__(PairEvaluator)
+    evaluator.seconds, evaluator.ref_model = 0.0, str(tiny_checkpoint)
+    evaluator.model_args = ModelArguments(model_name_or_path="base", use_lora=True)
+    evaluator.training_args = SimpleNamespace(bf16=True, fp16=False)
+    evaluator._log_probs = lambda model, desc: seen.append({p.dtype for p in model.parameters()}) or "log-probs"
+    evaluator.prepare_eval_only_reference(None)
+    assert seen == [{torch.bfloat16}] and evaluator.reference == "log-probs"
+    assert not any(p.requires_grad for p in loaded[0].parameters())
 
 
 def test_generation_metric_of_the_prompts_against_the_chosen_answers(lora_run, pairs_dir, tmp_path):
