@@ -11,7 +11,8 @@ LoRA/QLoRA output directory (its base comes from adapter_config.json); `--adapte
 adapter on top of `--model`. Images become `<|image_1|>`, `<|image_2|>`, ... in the order given:
 a prompt without tags gets one `<|image_k|>` line per image in front of it; a prompt with its
 own tags must number them 1..N, in order. Greedy decoding, stopping at `<|end|>`. On a GPU when
-there is one, in bf16 there (the release's dtype) and fp32 on CPU; `--dtype` overrides.
+there is one, in bf16 there (the release's dtype; fp16 on a GPU older than Ampere, which has no
+bf16) and fp32 on CPU; `--dtype` overrides.
 
 `--jsonl FILE` answers every example of a data file in the recipes' layout (one JSON object a
 line: `{"id", "conversations": [{"images", "user", "assistant"}, ...]}`, image paths relative to
@@ -66,9 +67,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def default_dtype(device: str) -> torch.dtype:
-    """bf16 on a GPU (the release's dtype: half the memory, tensor cores), fp32 on CPU (where
-    bf16 matmuls are slow on most processors)."""
-    return torch.bfloat16 if device == "cuda" else torch.float32
+    """bf16 on a GPU that computes in it (compute capability 8+: the release's dtype, half the
+    memory, tensor cores), fp16 on an older GPU (V100, T4: torch emulates bf16 there, and
+    `is_bf16_supported()` says yes unless told to leave emulation out), fp32 on CPU (where bf16
+    matmuls are slow on most processors)."""
+    if device != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def load(model: str, adapter: str | None = None, dtype: torch.dtype | None = None, num_crops: int | None = None,
@@ -207,7 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_crops", type=int, help="max HD crops per image (default: the model's setting)")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="longest answer in tokens (default 128)")
     parser.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
-                        help="weights and compute dtype (default auto: bf16 on a GPU, fp32 on CPU)")
+                        help="weights and compute dtype (default auto: bf16 on a GPU, fp16 on one without "
+                             "bf16 (V100, T4), fp32 on CPU)")
     parser.add_argument("--bf16", action="store_true", help="the same as --dtype bf16")
     return parser
 

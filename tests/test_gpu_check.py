@@ -115,3 +115,19 @@ def test_a_deepspeed_check_does_not_turn_the_next_ones_into_deepspeed_runs(gpu_c
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     gpu_check._reset_libraries()
     assert "ACCELERATE_USE_DEEPSPEED" not in os.environ
+
+
+@pytest.mark.parametrize("major, precision", [(7, "fp16"), (8, "bf16"), (9, "bf16")])
+def test_a_gpu_without_bf16_trains_in_fp16(gpu_check, monkeypatch, major, precision):
+    """torch.cuda.is_bf16_supported() says yes on a V100 or T4 (compute capability 7: bf16 is
+    emulated there) unless emulation is left out; the README trains those in fp16."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    assert torch.cuda.is_bf16_supported()  # (the library's default counts the emulation)
+    assert gpu_check.training_precision("cuda") == precision
+    assert gpu_check.training_precision("cpu") == "bf16"

@@ -17,7 +17,7 @@ examples:
     qlora           --use_qlora (SKIPPED when bitsandbytes does not load)
     flash           FlashAttention-2 logits against SDPA's on the same padded batch (SKIPPED
                     when flash-attn does not import)
-    generate        phi3v.generate.load (bf16 by default on CUDA) and a greedy answer
+    generate        phi3v.generate.load (bf16 by default on CUDA, fp16 without bf16) and a greedy answer
 
 Then, on CUDA, the same at full depth (32 layers) for each mode whose memory estimate fits the
 GPU, while --time_budget lasts (the whole check stays under 8 minutes on an H100).
@@ -266,8 +266,8 @@ def flash_check(checkpoint: Path, conversations, device: str) -> dict:
 
 
 def generate_check(checkpoint: Path, conversations, device: str, max_new_tokens: int = 32) -> dict:
-    """The generate CLI's code path (default dtype: bf16 on CUDA, fp32 on CPU), then a timed
-    generation of exactly `max_new_tokens` tokens."""
+    """The generate CLI's code path (default dtype: bf16 on CUDA, fp16 on a GPU without bf16,
+    fp32 on CPU), then a timed generation of exactly `max_new_tokens` tokens."""
     from PIL import Image
 
     from phi3v.generate import answer, default_dtype, load
@@ -457,6 +457,15 @@ def environment(device: str) -> dict:
     return info
 
 
+def training_precision(device: str) -> str:
+    """bf16 as released; a GPU without it (V100, T4: compute capability < 8) trains in fp16, as
+    the README's commands do there. torch's is_bf16_supported() counts emulated bf16 as
+    supported unless told otherwise, which would pass --bf16 on those GPUs."""
+    if device == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    return "fp16"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
@@ -488,9 +497,7 @@ def main(argv=None) -> int:
         return 2
     start = time.perf_counter()
     args.num_crops = 2 if args.tiny else 16
-    # bf16 as released; a GPU without it (V100, T4) trains in fp16, as the recipe does there.
-    bf16 = args.device == "cpu" or torch.cuda.is_bf16_supported()
-    args.precision = "bf16" if bf16 else "fp16"
+    args.precision = training_precision(args.device)
     info = {**environment(args.device), "training precision": args.precision}
     print("gpu-check: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     json_path = Path(args.json).resolve()

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -129,14 +130,25 @@ def test_eval_only_on_the_lora_output_gives_the_runs_metric(workdir):
     assert [p["prediction"] for p in again["predictions"]] == [p["prediction"] for p in own["predictions"]]
 
 
+def fake_gpu(monkeypatch, major: int) -> None:
+    """torch.cuda answers as on a GPU of compute capability `major`.x where a bf16 tensor can be
+    made (emulated below 8), so torch's own is_bf16_supported runs its real checks."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+
+
 def test_default_dtype_is_bf16_on_cuda_and_fp32_on_cpu(workdir, monkeypatch):
     """phi3v.generate.load and the CLI: bf16 on a GPU (as released), fp32 on CPU; a flag overrides.
     The CUDA branch runs here with the device forced to the CPU, so only the placement differs."""
     from phi3v import generate
 
-    assert generate.default_dtype("cuda") is torch.bfloat16 and generate.default_dtype("cpu") is torch.float32
+    assert generate.default_dtype("cpu") is torch.float32
     assert load(str(workdir / "tiny"), device="cpu")[0].dtype is torch.float32
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake_gpu(monkeypatch, major=8)
+    assert generate.default_dtype("cuda") is torch.bfloat16
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)  # (no GPU to move to)
     assert load(str(workdir / "tiny"))[0].dtype is torch.bfloat16
     seen = []
@@ -150,6 +162,16 @@ def test_default_dtype_is_bf16_on_cuda_and_fp32_on_cpu(workdir, monkeypatch):
                             (["--dtype", "fp16"], torch.float16)):
         assert main(["--model", str(workdir / "tiny"), "--prompt", "x", *flags]) == 2
         assert seen.pop() is expected  # None: load picks by device
+
+
+def test_default_dtype_is_fp16_on_a_gpu_without_bf16(monkeypatch):
+    """A V100 or T4 (compute capability 7) emulates bf16, and torch.cuda.is_bf16_supported() says
+    yes by default; generation there runs in fp16."""
+    from phi3v import generate
+
+    fake_gpu(monkeypatch, major=7)
+    assert torch.cuda.is_bf16_supported()  # (the library's default counts the emulation)
+    assert generate.default_dtype("cuda") is torch.float16
 
 
 def test_fp16_on_cpu_and_disagreeing_flags_are_refused(workdir, capsys):
