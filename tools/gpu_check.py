@@ -74,8 +74,8 @@ class Skip(Exception):
 # -- what is checked on ----------------------------------------------------------------------
 
 
-def write_checkpoint(directory: Path, layers: int | None, tiny: bool, device: str) -> int:
-    """Random weights (bf16, as released) and the release's processor; returns the parameter count."""
+def write_checkpoint(directory: Path, layers: int | None, tiny: bool, device: str) -> None:
+    """Random weights (bf16, as released) and the release's processor."""
     from phi3v.configuration_phi3v import Phi3VConfig
     from phi3v.modeling_phi3v import Phi3VForCausalLM
     from phi3v.processing_phi3v import Phi3VProcessor
@@ -83,7 +83,7 @@ def write_checkpoint(directory: Path, layers: int | None, tiny: bool, device: st
 
     if tiny:
         save_tiny_checkpoint(directory, num_crops=2)
-        return sum(p.numel() for p in Phi3VForCausalLM.from_pretrained(directory).parameters())
+        return
     config = Phi3VConfig.from_pretrained(RELEASE)
     if layers is not None:
         config.num_hidden_layers = layers
@@ -92,10 +92,8 @@ def write_checkpoint(directory: Path, layers: int | None, tiny: bool, device: st
         model = Phi3VForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(directory)
     Phi3VProcessor.from_pretrained(RELEASE).save_pretrained(directory)
-    count = sum(p.numel() for p in model.parameters())
     del model
     _free()
-    return count
 
 
 def parameter_count(layers: int | None) -> int:
