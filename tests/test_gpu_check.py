@@ -131,3 +131,50 @@ def test_a_gpu_without_bf16_trains_in_fp16(gpu_check, monkeypatch, major, precis
     assert torch.cuda.is_bf16_supported()  # (the library's default counts the emulation)
     assert gpu_check.training_precision("cuda") == precision
     assert gpu_check.training_precision("cpu") == "bf16"
+
+
+@pytest.fixture
+def in_process(gpu_check, monkeypatch):
+    """main() in this process: its root-logger file handler and launcher environment undone after."""
+    import logging
+
+    monkeypatch.setattr(gpu_check, "_single_rank_environment", lambda: None)
+    handlers = logging.getLogger().handlers[:]
+    yield gpu_check
+    for handler in logging.getLogger().handlers[:]:
+        if handler not in handlers:
+            logging.getLogger().removeHandler(handler)
+    logging.getLogger().handlers[:] = handlers
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_fail_line(in_process, monkeypatch, capsys, tmp_path):
+    """Out of memory or a full disk while writing the random weights: a FAIL line, the checks on
+    it SKIPPED, and the JSON file written."""
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(in_process, "write_checkpoint", full_disk)
+    json_path = tmp_path / "gpu_check.json"
+    argv = ["--device", "cpu", "--tiny", "--checks", "lora,generate", "--json", str(json_path),
+            "--work_dir", str(tmp_path / "work")]
+    assert in_process.main(argv) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[:2] for line in lines[1:-1]] == [["FAIL", "checkpoint"], ["SKIPPED", "lora"],
+                                                           ["SKIPPED", "generate"]]
+    assert "No space left on device" in lines[1] and lines[-1].startswith("gpu-check: 0 passed, 1 failed, 2 skipped")
+    result = json.loads(json_path.read_text())
+    assert result["completed"] and [e["status"] for e in result["checks"]] == ["FAIL", "SKIPPED", "SKIPPED"]
+
+
+def test_the_json_file_is_written_when_the_run_stops_early(in_process, monkeypatch, capsys, tmp_path):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(in_process, "write_checkpoint", interrupted)  # (run_check lets Ctrl-C through)
+    json_path = tmp_path / "gpu_check.json"
+    with pytest.raises(KeyboardInterrupt):
+        in_process.main(["--device", "cpu", "--tiny", "--checks", "lora", "--json", str(json_path),
+                         "--work_dir", str(tmp_path / "work")])
+    result = json.loads(json_path.read_text())
+    assert result["completed"] is False and result["checks"] == []
+    assert "(stopped early)" in capsys.readouterr().out.strip().splitlines()[-1]

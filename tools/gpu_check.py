@@ -25,7 +25,10 @@ GPU, while --time_budget lasts (the whole check stays under 8 minutes on an H100
 One line per check: PASS / FAIL / SKIPPED with the reason, and for training images/s, real
 (non-padding) tokens/s, peak memory (torch.cuda.max_memory_allocated) and MFU (the runner's
 run_complete.json figures: recipe/report.py says what is counted). All of it also goes to
---json (default gpu_check.json). The libraries' own logs go to gpu_check.log next to it.
+--json (default gpu_check.json), also when the run stops early ("completed": false). A
+checkpoint that cannot be written (out of memory, a full disk) is a FAIL line of its own
+("checkpoint") and the checks at its depth SKIPPED. The libraries' own logs go to
+gpu_check.log next to it.
 Exit status 1 when a check FAILed, else 0; without CUDA (and without --device cpu) one line
 saying so, exit 0.
 """
@@ -385,13 +388,15 @@ def quiet(log):
             os.close(fd)
 
 
-def run_check(check: str, depth: str, log, function, *args) -> dict:
+def run_check(check: str, depth: str, log, function, *args, show_pass: bool = True) -> dict:
+    """`function(*args)` (a dict of figures, or None) as a check: its entry, and its line (a PASS
+    only when `show_pass`)."""
     entry = {"check": check, "depth": depth}
     start = time.perf_counter()
     _free()
     try:
         with quiet(log):
-            entry.update(function(*args))
+            entry.update(function(*args) or {})
         entry["status"] = "PASS"
     except Skip as why:
         entry.update(status="SKIPPED", reason=str(why))
@@ -405,6 +410,14 @@ def run_check(check: str, depth: str, log, function, *args) -> dict:
         _reset_libraries()
         _free()
     entry["seconds"] = time.perf_counter() - start
+    if show_pass or entry["status"] != "PASS":
+        print(describe(entry), flush=True)
+    return entry
+
+
+def skipped(check: str, depth: str, reason: str) -> dict:
+    """A check that does not start; its line."""
+    entry = {"check": check, "depth": depth, "status": "SKIPPED", "seconds": 0.0, "reason": reason}
     print(describe(entry), flush=True)
     return entry
 
@@ -427,19 +440,28 @@ def plan(checkpoint: Path, depth: str, checks, task, conversations, work: Path, 
             need = memory_estimate_gb(check, params)
             have = torch.cuda.get_device_properties(0).total_memory / GB
             if need > 0.95 * have:
-                entry = {"check": check, "depth": depth, "status": "SKIPPED", "seconds": 0.0,
-                         "reason": f"needs ~{need:.0f} GB, the GPU has {have:.0f} GB"}
-                print(describe(entry), flush=True)
-                entries.append(entry)
+                entries.append(skipped(check, depth, f"needs ~{need:.0f} GB, the GPU has {have:.0f} GB"))
                 continue
         if deadline is not None and time.perf_counter() > deadline:
-            entry = {"check": check, "depth": depth, "status": "SKIPPED", "seconds": 0.0,
-                     "reason": f"--time_budget {args.time_budget:.0f} s spent"}
-            print(describe(entry), flush=True)
-            entries.append(entry)
+            entries.append(skipped(check, depth, f"--time_budget {args.time_budget:.0f} s spent"))
             continue
         entries.append(run_check(check, depth, log, one_check, check, checkpoint, task, conversations, work, args))
     return entries
+
+
+def at_depth(layers: int | None, depth: str, checks, task, conversations, work: Path, args, log,
+             deadline: float | None, params: int | None) -> list[dict]:
+    """A checkpoint with `layers` decoder layers (None: the released 32), then the checks on it.
+    Writing it can fail (out of memory, a full disk): then a FAIL line, and its checks SKIPPED."""
+    directory = work / f"model_{depth.replace(' ', '_')}"
+    written = run_check("checkpoint", depth, log, write_checkpoint, directory, layers, args.tiny, args.device,
+                        show_pass=False)
+    try:
+        if written["status"] != "PASS":
+            return [written, *(skipped(c, depth, "no checkpoint (its FAIL line above)") for c in checks)]
+        return plan(directory, depth, checks, task, conversations, work, args, log, deadline, params)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)  # (a full-depth one is 8 GB)
 
 
 def environment(device: str) -> dict:
@@ -499,44 +521,49 @@ def main(argv=None) -> int:
     info = {**environment(args.device), "training precision": args.precision}
     print("gpu-check: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     json_path = Path(args.json).resolve()
-    with contextlib.ExitStack() as stack:
-        work = Path(args.work_dir) if args.work_dir else Path(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="gpu_check_")))
-        work.mkdir(parents=True, exist_ok=True)
-        log = stack.enter_context(open(json_path.with_suffix(".log"), "w", encoding="utf-8", buffering=1))
-        # The runner logs through the root logger (and the libraries print): into the log file.
-        logging.basicConfig(stream=log, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-        _single_rank_environment()
-        sizes = [(500, 400), (300, 200)] if args.tiny else [(1344, 1008), (672, 672), (1008, 1344)]
-        conversations = make_conversations(work / "images", 10, sizes, seed=0)
-        task = make_task(conversations[2:], conversations[:2])
-        entries = []
-        two = work / "model_2_layers"
-        with quiet(log):
-            write_checkpoint(two, 2, args.tiny, args.device)
-        depth = "tiny" if args.tiny else "2 layers"
-        entries += plan(two, depth, checks, task, conversations, work, args, log, None, None)
-        shutil.rmtree(two, ignore_errors=True)
-        if args.device == "cuda" and not args.tiny and args.full_depth == "auto":
-            deadline = start + args.time_budget
-            params = parameter_count(None)
-            have = torch.cuda.get_device_properties(0).total_memory / GB
-            fitting = [c for c in checks if memory_estimate_gb(c, params) <= 0.95 * have]
-            if fitting and time.perf_counter() < deadline:
-                full = work / "model_full_depth"
-                with quiet(log):
-                    write_checkpoint(full, None, False, args.device)
-                entries += plan(full, "32 layers", checks, task, conversations, work, args, log, deadline, params)
-    failed = [e for e in entries if e["status"] == "FAIL"]
+    entries = []
+    completed = False
+    try:
+        with contextlib.ExitStack() as stack:
+            work = Path(args.work_dir) if args.work_dir else Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="gpu_check_")))
+            work.mkdir(parents=True, exist_ok=True)
+            log = stack.enter_context(open(json_path.with_suffix(".log"), "w", encoding="utf-8", buffering=1))
+            # The runner logs through the root logger (and the libraries print): into the log file.
+            logging.basicConfig(stream=log, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+            _single_rank_environment()
+            sizes = [(500, 400), (300, 200)] if args.tiny else [(1344, 1008), (672, 672), (1008, 1344)]
+            conversations = make_conversations(work / "images", 10, sizes, seed=0)
+            task = make_task(conversations[2:], conversations[:2])
+            depth = "tiny" if args.tiny else "2 layers"
+            entries += at_depth(2, depth, checks, task, conversations, work, args, log, None, None)
+            if args.device == "cuda" and not args.tiny and args.full_depth == "auto":
+                deadline = start + args.time_budget
+                params = parameter_count(None)
+                have = torch.cuda.get_device_properties(0).total_memory / GB
+                fitting = [c for c in checks if memory_estimate_gb(c, params) <= 0.95 * have]
+                if fitting and time.perf_counter() < deadline:
+                    entries += at_depth(None, "32 layers", checks, task, conversations, work, args, log, deadline,
+                                        params)
+        completed = True
+    finally:  # the results so far reach the JSON file also when something above raises (or Ctrl-C)
+        summary = write_summary(json_path, info, args, entries, completed, time.perf_counter() - start)
+    return 1 if summary["failed"] else 0
+
+
+def write_summary(json_path: Path, info: dict, args, entries: list[dict], completed: bool, seconds: float) -> dict:
     summary = {"environment": info, "precision": args.precision, "steps": args.steps, "num_crops": args.num_crops,
-               "checks": entries,
-               "passed": sum(e["status"] == "PASS" for e in entries), "failed": len(failed),
+               "checks": entries, "completed": completed,
+               "passed": sum(e["status"] == "PASS" for e in entries),
+               "failed": sum(e["status"] == "FAIL" for e in entries),
                "skipped": sum(e["status"] == "SKIPPED" for e in entries),
-               "seconds": round(time.perf_counter() - start, 1)}
+               "seconds": round(seconds, 1)}
     json_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    stopped = "" if completed else " (stopped early)"
     print(f"gpu-check: {summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped in "
-          f"{summary['seconds']:.0f} s; results in {json_path} (logs in {json_path.with_suffix('.log')})")
-    return 1 if failed else 0
+          f"{summary['seconds']:.0f} s{stopped}; results in {json_path} (logs in {json_path.with_suffix('.log')})",
+          flush=True)
+    return summary
 
 
 if __name__ == "__main__":
