@@ -40,7 +40,7 @@ def test_plan_runs_on_cpu_with_the_tiny_model(tmp_path):
     lines = proc.stdout.strip().splitlines()
     result = json.loads(json_path.read_text())
     entries = {e["check"]: e for e in result["checks"]}
-    assert list(entries) == ["full_zero2", "frozen_vision", "lora", "qlora", "flash", "generate"]
+    assert list(entries) == ["full_zero2", "frozen_vision", "lora", "qlora", "flash_train", "flash", "generate"]
     # One line per check, in order, then the summary; nothing the libraries printed in between.
     assert lines[0].startswith("gpu-check: device cpu")
     assert [line.split()[:2] for line in lines[1:-1]] == [[e["status"], e["check"]] for e in result["checks"]]
@@ -52,7 +52,8 @@ def test_plan_runs_on_cpu_with_the_tiny_model(tmp_path):
         assert e["model_flops"] > 0 and e["mfu"] is None  # (MFU: CUDA only)
     # Fewer FLOPs per token where less trains: a frozen image side runs forward only.
     assert entries["frozen_vision"]["model_flops"] < entries["full_zero2"]["model_flops"]
-    assert entries["flash"]["status"] == "SKIPPED" and "CUDA" in entries["flash"]["reason"]
+    for name in ("flash_train", "flash"):  # (FlashAttention-2 needs CUDA)
+        assert entries[name]["status"] == "SKIPPED" and "CUDA" in entries[name]["reason"], entries[name]
     generate = entries["generate"]
     assert generate["status"] == "PASS" and generate["dtype"] == "torch.float32" and generate["new_tokens"] == 32
     assert (tmp_path / "gpu_check.log").stat().st_size > 0
@@ -106,6 +107,37 @@ def test_a_library_the_recipe_needs_is_a_fail_naming_it(gpu_check, monkeypatch):
     with pytest.raises(RuntimeError, match="the recipe needs matplotlib"):
         gpu_check.requirement("lora", "cpu")
     gpu_check.requirement("generate", "cpu")  # (generation does not need it)
+
+
+def test_flash_training_runs_as_the_readme_trains_where_flash_attn_runs(gpu_check, monkeypatch):
+    """The README's GPU commands train with --bf16 --use_flash_attention: one check does, with
+    --padding_free, where the flash comparison would run (SKIPPED with its reason otherwise)."""
+    import types
+    from types import SimpleNamespace
+
+    assert {"--use_flash_attention", "--padding_free"} <= set(gpu_check.MODE_FLAGS["flash_train"])
+    with pytest.raises(gpu_check.Skip, match="CUDA"):
+        gpu_check.requirement("flash_train", "cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    with pytest.raises(gpu_check.Skip, match="Ampere"):
+        gpu_check.requirement("flash_train", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    with pytest.raises(gpu_check.Skip, match="flash-attn does not import"):
+        gpu_check.requirement("flash_train", "cuda")
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    gpu_check.requirement("flash_train", "cuda")  # (runs: the recipe's own flag checks come next)
+    seen = {}
+
+    def run(task, flags):
+        seen["flags"] = flags
+        raise SystemExit("stop")
+
+    monkeypatch.setattr("recipe.task.run", run)
+    with pytest.raises(SystemExit):
+        gpu_check.train_check("flash_train", Path("ckpt"), None, Path("work"),
+                              SimpleNamespace(precision="bf16", steps=2, num_crops=4, tiny=False))
+    assert "--bf16" in seen["flags"] and "--use_flash_attention" in seen["flags"]
 
 
 def test_a_deepspeed_check_does_not_turn_the_next_ones_into_deepspeed_runs(gpu_check, monkeypatch):

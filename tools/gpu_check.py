@@ -15,6 +15,8 @@ examples:
     frozen_vision   --freeze_vision_model, without DeepSpeed (fp32 weights, bf16 autocast)
     lora            --use_lora
     qlora           --use_qlora (SKIPPED when bitsandbytes does not load)
+    flash_train     --use_lora --use_flash_attention --padding_free, as the README's GPU commands
+                    train (SKIPPED as flash is)
     flash           FlashAttention-2 logits against SDPA's on the same padded batch (SKIPPED
                     when flash-attn does not import)
     generate        phi3v.generate.load (bf16 by default on CUDA, fp16 without bf16) and a greedy answer
@@ -58,13 +60,15 @@ import torch  # noqa: E402
 
 RELEASE = ROOT / "tests" / "fixtures" / "release" / "phi-3.5-vision-instruct"
 ZERO2 = ROOT / "ds_configs" / "zero2.json"
-TRAINING = ("full_zero2", "frozen_vision", "lora", "qlora")
+TRAINING = ("full_zero2", "frozen_vision", "lora", "qlora", "flash_train")
 CHECKS = (*TRAINING, "flash", "generate")
 MODE_FLAGS = {
     "full_zero2": ["--deepspeed", str(ZERO2)],
     "frozen_vision": ["--freeze_vision_model", "--deepspeed", "none"],
     "lora": ["--use_lora"],
     "qlora": ["--use_qlora"],
+    # As the README's GPU commands train (--bf16 --use_flash_attention), and packed rows.
+    "flash_train": ["--use_lora", "--use_flash_attention", "--padding_free"],
 }
 GB = 2**30
 WORDS = "total amount date invoice name address page table form report number year value the of".split()
@@ -173,7 +177,7 @@ def requirement(check: str, device: str) -> None:
         _importable("deepspeed", "deepspeed does not import")
     elif check == "qlora":
         _importable("bitsandbytes", "bitsandbytes does not load")
-    elif check == "flash":
+    elif check in ("flash", "flash_train"):
         if device != "cuda":
             raise Skip("FlashAttention-2 runs on CUDA GPUs only")
         if torch.cuda.get_device_capability(0)[0] < 8:
@@ -304,7 +308,7 @@ def memory_estimate_gb(check: str, params: int) -> float:
     states as the mode holds them (ZeRO-2 on one GPU: bf16 weights and gradients + fp32
     masters and two moments = 16 bytes/parameter, and buffers), plus 10 GB of activations and
     workspace. At full depth (4.15B) full finetuning then needs a 141 GB H200, not an 80 GB H100."""
-    per_parameter = {"full_zero2": 18, "frozen_vision": 18, "lora": 2.2, "qlora": 0.9, "flash": 2, "generate": 2}
+    per_parameter = {"full_zero2": 18, "frozen_vision": 18, "lora": 2.2, "qlora": 0.9, "flash_train": 2.2, "flash": 2, "generate": 2}
     return params * per_parameter[check] / GB + 10
 
 
