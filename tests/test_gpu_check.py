@@ -88,8 +88,19 @@ def test_attention_comparison_on_a_padded_batch(gpu_check, tmp_path):
     assert not batch["attention_mask"].all()  # the text-only row is padded
     model = Phi3VForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa").eval()
     result = gpu_check.compare_attention(model, batch, "sdpa", "eager")
-    assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == model.config.vision_config._attn_implementation == "eager"
     assert result["logits_max_abs"] > 0 and result["relative_max_diff"] < 1e-4
+    # A backend that did not reach the vision model is a failure, not a comparison of the decoder alone.
+    switch = model.set_attn_implementation
+
+    def decoder_only(mode):
+        vision = model.config.vision_config._attn_implementation
+        switch(mode)
+        model.config.vision_config._attn_implementation = vision
+
+    model.set_attn_implementation = decoder_only
+    with pytest.raises(RuntimeError, match="left the decoder at 'sdpa' and the vision model at 'eager'"):
+        gpu_check.compare_attention(model, batch, "sdpa", "eager")
 
 
 def test_memory_estimate_leaves_full_depth_full_finetuning_to_big_gpus(gpu_check):

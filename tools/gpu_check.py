@@ -239,11 +239,17 @@ def compare_attention(model, batch, reference: str, other: str) -> dict:
     logits = {}
     for mode in (reference, other):
         verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
+        hf_logging.set_verbosity_error()  # "set the sub-config without finding the sub-model" notice
         try:
             model.set_attn_implementation(mode)
         finally:
             hf_logging.set_verbosity(verbosity)
+        # Both the decoder and CLIP must have switched, or the comparison compares less than it says
+        # (bench/attention.py's set_mode checks the same).
+        switched = (model.config._attn_implementation, model.config.vision_config._attn_implementation)
+        if switched != (mode, mode):
+            raise RuntimeError(f"set_attn_implementation({mode!r}) left the decoder at {switched[0]!r} and the "
+                               f"vision model at {switched[1]!r}")
         with torch.no_grad():
             out = model(**batch).logits.float()
         logits[mode] = out[batch["attention_mask"].bool()]
