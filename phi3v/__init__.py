@@ -14,7 +14,8 @@ import os
 import torch
 
 # DeepSpeed (imported by transformers when saving or loading, if installed) warns that it "set
-# the accelerator to CPU" on every machine without CUDA; say so up front instead.
+# the accelerator to CPU" on every machine without CUDA; say so up front instead. (The only place
+# that sets it: recipe.training_args imports this package before transformers for it.)
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

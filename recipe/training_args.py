@@ -8,20 +8,18 @@ from light dataclasses (recipe.args) first, and this is built only for a run tha
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-# DeepSpeed warns that it "set the accelerator to CPU" on machines without CUDA; say so up
-# front (before transformers or accelerate import it).
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Before transformers (and through it accelerate and DeepSpeed): importing the model package sets
+# DS_ACCELERATOR=cpu on a machine without CUDA, so DeepSpeed does not warn that it "set the
+# accelerator to CPU".
+import phi3v  # noqa: F401
+from transformers import TrainingArguments
 
-from transformers import TrainingArguments  # noqa: E402
-
-from .args import TrainingFlags  # noqa: E402
-from .launcher import world_size  # noqa: E402
+from .args import TrainingFlags
+from .launcher import world_size
 
 __all__ = ["RecipeTrainingArguments"]
 
