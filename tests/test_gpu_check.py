@@ -210,14 +210,19 @@ def test_a_checkpoint_that_cannot_be_written_is_a_fail_line(in_process, monkeypa
 
 
 def test_the_json_file_is_written_when_the_run_stops_early(in_process, monkeypatch, capsys, tmp_path):
-    def interrupted(*args):
-        raise KeyboardInterrupt
+    """Ctrl-C (which run_check lets through) during the second check: the first one's result is kept."""
+    def one_check(check, *args):
+        if check == "lora":
+            raise KeyboardInterrupt
+        return {"dtype": "torch.float32", "new_tokens_per_s": 1.0, "new_tokens": 32}
 
-    monkeypatch.setattr(in_process, "write_checkpoint", interrupted)  # (run_check lets Ctrl-C through)
+    monkeypatch.setattr(in_process, "write_checkpoint", lambda *args: None)
+    monkeypatch.setattr(in_process, "one_check", one_check)
     json_path = tmp_path / "gpu_check.json"
     with pytest.raises(KeyboardInterrupt):
-        in_process.main(["--device", "cpu", "--tiny", "--checks", "lora", "--json", str(json_path),
+        in_process.main(["--device", "cpu", "--tiny", "--checks", "generate,lora", "--json", str(json_path),
                          "--work_dir", str(tmp_path / "work")])
     result = json.loads(json_path.read_text())
-    assert result["completed"] is False and result["checks"] == []
+    assert result["completed"] is False and [(e["check"], e["status"]) for e in result["checks"]] == [
+        ("generate", "PASS")]
     assert "(stopped early)" in capsys.readouterr().out.strip().splitlines()[-1]

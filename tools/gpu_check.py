@@ -52,6 +52,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -314,7 +315,8 @@ def memory_estimate_gb(check: str, params: int) -> float:
     states as the mode holds them (ZeRO-2 on one GPU: bf16 weights and gradients + fp32
     masters and two moments = 16 bytes/parameter, and buffers), plus 10 GB of activations and
     workspace. At full depth (4.15B) full finetuning then needs a 141 GB H200, not an 80 GB H100."""
-    per_parameter = {"full_zero2": 18, "frozen_vision": 18, "lora": 2.2, "qlora": 0.9, "flash_train": 2.2, "flash": 2, "generate": 2}
+    per_parameter = {"full_zero2": 18, "frozen_vision": 18, "lora": 2.2, "qlora": 0.9, "flash_train": 2.2, "flash": 2,
+                     "generate": 2}
     return params * per_parameter[check] / GB + 10
 
 
@@ -443,24 +445,23 @@ def one_check(check: str, checkpoint: Path, task, conversations, work: Path, arg
 
 
 def plan(checkpoint: Path, depth: str, checks, task, conversations, work: Path, args, log, deadline: float | None,
-         params: int | None) -> list[dict]:
-    entries = []
+         params: int | None) -> Iterator[dict]:
+    """Each check's entry as it ends (a caller keeps those before an interruption)."""
     for check in checks:
         if params is not None and args.device == "cuda":
             need = memory_estimate_gb(check, params)
             have = torch.cuda.get_device_properties(0).total_memory / GB
             if need > 0.95 * have:
-                entries.append(skipped(check, depth, f"needs ~{need:.0f} GB, the GPU has {have:.0f} GB"))
+                yield skipped(check, depth, f"needs ~{need:.0f} GB, the GPU has {have:.0f} GB")
                 continue
         if deadline is not None and time.perf_counter() > deadline:
-            entries.append(skipped(check, depth, f"--time_budget {args.time_budget:.0f} s spent"))
+            yield skipped(check, depth, f"--time_budget {args.time_budget:.0f} s spent")
             continue
-        entries.append(run_check(check, depth, log, one_check, check, checkpoint, task, conversations, work, args))
-    return entries
+        yield run_check(check, depth, log, one_check, check, checkpoint, task, conversations, work, args)
 
 
 def at_depth(layers: int | None, depth: str, checks, task, conversations, work: Path, args, log,
-             deadline: float | None, params: int | None) -> list[dict]:
+             deadline: float | None, params: int | None) -> Iterator[dict]:
     """A checkpoint with `layers` decoder layers (None: the released 32), then the checks on it.
     Writing it can fail (out of memory, a full disk): then a FAIL line, and its checks SKIPPED."""
     directory = work / f"model_{depth.replace(' ', '_')}"
@@ -468,8 +469,11 @@ def at_depth(layers: int | None, depth: str, checks, task, conversations, work: 
                         show_pass=False)
     try:
         if written["status"] != "PASS":
-            return [written, *(skipped(c, depth, "no checkpoint (its FAIL line above)") for c in checks)]
-        return plan(directory, depth, checks, task, conversations, work, args, log, deadline, params)
+            yield written
+            for check in checks:
+                yield skipped(check, depth, "no checkpoint (its FAIL line above)")
+            return
+        yield from plan(directory, depth, checks, task, conversations, work, args, log, deadline, params)
     finally:
         shutil.rmtree(directory, ignore_errors=True)  # (a full-depth one is 8 GB)
 
@@ -546,15 +550,17 @@ def main(argv=None) -> int:
             conversations = make_conversations(work / "images", 10, sizes, seed=0)
             task = make_task(conversations[2:], conversations[:2])
             depth = "tiny" if args.tiny else "2 layers"
-            entries += at_depth(2, depth, checks, task, conversations, work, args, log, None, None)
+            for entry in at_depth(2, depth, checks, task, conversations, work, args, log, None, None):
+                entries.append(entry)
             if args.device == "cuda" and not args.tiny and args.full_depth == "auto":
                 deadline = start + args.time_budget
                 params = parameter_count(None)
                 have = torch.cuda.get_device_properties(0).total_memory / GB
                 fitting = [c for c in checks if memory_estimate_gb(c, params) <= 0.95 * have]
                 if fitting and time.perf_counter() < deadline:
-                    entries += at_depth(None, "32 layers", checks, task, conversations, work, args, log, deadline,
-                                        params)
+                    for entry in at_depth(None, "32 layers", checks, task, conversations, work, args, log, deadline,
+                                          params):
+                        entries.append(entry)
         completed = True
     finally:  # the results so far reach the JSON file also when something above raises (or Ctrl-C)
         summary = write_summary(json_path, info, args, entries, completed, time.perf_counter() - start)
