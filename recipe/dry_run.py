@@ -9,8 +9,9 @@ any machine: what only the GPU machine has, a launcher, a GPU, flash-attn, is no
   this --num_crops, the first batches' shapes, optimizer steps (as the Trainer counts them);
 - a rough memory estimate per GPU for the chosen mode, precision and ZeRO stage, for the
   largest micro-batch the data can make (its longest examples, its examples with the most
-  image crops, wherever they are in the file) and the model's size read from its config.json (the model is built on the `meta` device: shapes
-  only, no weights): weights, gradients, optimizer states, activations.
+  image crops, wherever they are in the file) and the model's size read from its config.json
+  (the model is built on the `meta` device: shapes only, no weights): weights, gradients,
+  optimizer states, activations.
 
 The memory figures are estimates (no fragmentation, no CUDA context, no DeepSpeed buffers;
 activations by the usual ~34 bytes per token and hidden unit per layer in half precision):
