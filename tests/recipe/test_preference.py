@@ -473,19 +473,26 @@ def test_a_fresh_start_ignores_reference_log_probs_left_in_the_output_dir(tmp_pa
     assert torch.equal(reference.table.chosen, stale.chosen)
 
 
+def bare_evaluator(tmp_path, reference: LogProbs, policy: LogProbs, metric: str, dpo_loss: DPOLoss) -> PairEvaluator:
+    """A PairEvaluator of two held-out pairs "a" and "b" without a model: `policy` stands for
+    every model's log-probs."""
+    evaluator = PairEvaluator.__new__(PairEvaluator)
+    evaluator.output_dir, evaluator.pairs, evaluator.seconds = tmp_path, [SimpleNamespace(id="a"),
+                                                                          SimpleNamespace(id="b")], 0.0
+    evaluator.reference, evaluator.reference_name, evaluator.eval_only = reference, None, False
+    evaluator.generation_metric, evaluator._start = None, None
+    evaluator.task = SimpleNamespace(metric=metric)
+    evaluator.dpo_loss = dpo_loss
+    evaluator._log_probs = lambda model, desc: policy
+    return evaluator
+
+
 def test_held_out_rpo_loss_weights_the_nll_per_chosen_token_as_training_does(tmp_path):
     """--rpo_alpha: the held-out loss adds the chosen answers' NLL per token over all pairs (as the
     training loss over a batch, pairs.pair_log_probs' chosen_nll), not a mean of per-pair means."""
     chosen, tokens = torch.tensor([-2.0, -30.0]), torch.tensor([1, 10])
     policy = LogProbs(chosen, torch.tensor([-5.0, -40.0]), tokens, torch.tensor([2, 10]))
-    evaluator = PairEvaluator.__new__(PairEvaluator)
-    evaluator.output_dir, evaluator.pairs, evaluator.seconds = tmp_path, [SimpleNamespace(id="a"),
-                                                                          SimpleNamespace(id="b")], 0.0
-    evaluator.reference, evaluator.reference_name, evaluator.eval_only = policy, None, False
-    evaluator.generation_metric, evaluator._start = None, None
-    evaluator.task = SimpleNamespace(metric="rewards/accuracies")
-    evaluator.dpo_loss = DPOLoss(rpo_alpha=1.0)
-    evaluator._log_probs = lambda model, desc: policy
+    evaluator = bare_evaluator(tmp_path, policy, policy, "rewards/accuracies", DPOLoss(rpo_alpha=1.0))
     evaluator(None, "eval_x")
     # policy == reference: the DPO part is log(2); the NLL is 32 nats over 11 tokens
     assert read_json(tmp_path / "eval_x.json")["loss"] == pytest.approx(math.log(2) + 32 / 11)
@@ -498,14 +505,7 @@ def test_the_evaluator_returns_the_tasks_metric_and_another_is_refused(tiny_chec
                          torch.tensor([1, 1]))
     policy = LogProbs(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -5.0]), torch.tensor([1, 1]),
                       torch.tensor([1, 1]))
-    evaluator = PairEvaluator.__new__(PairEvaluator)
-    evaluator.output_dir, evaluator.pairs, evaluator.seconds = tmp_path, [SimpleNamespace(id="a"),
-                                                                          SimpleNamespace(id="b")], 0.0
-    evaluator.reference, evaluator.reference_name, evaluator.eval_only = reference, None, False
-    evaluator.generation_metric, evaluator._start = None, None
-    evaluator.task = SimpleNamespace(metric="rewards/margins")
-    evaluator.dpo_loss = DPOLoss(beta=0.5)
-    evaluator._log_probs = lambda model, desc: policy
+    evaluator = bare_evaluator(tmp_path, reference, policy, "rewards/margins", DPOLoss(beta=0.5))
     assert evaluator(None, "eval_x") == pytest.approx(0.5 * (1 + 2) / 2)  # beta x the mean margin
     assert read_json(tmp_path / "eval_x.json")["metric"] == "rewards/margins"
     task = dataclasses.replace(rlaif_v.TASK, metric="accuracy")
