@@ -64,6 +64,11 @@ def task_flags(task: Task, argv: list[str] | None = None) -> Flags:
     late = (lambda data_args: {"metric_for_best_model": task.resolve(data_args).metric}) if task.from_flags else None
     flags = parse_flags(task.data_args_class, argv, {"metric_for_best_model": task.metric, **task.defaults},
                         late_defaults=late)
+    metric, chosen = task.resolve(flags.data).metric, flags.training.metric_for_best_model
+    if chosen not in (None, metric, f"eval_{metric}"):
+        # (the Trainer would look it up in the first evaluation's results, during training, and fail there)
+        raise FlagError(f"--metric_for_best_model {chosen}: evaluations during training report the task's metric, "
+                        f"{metric}; drop the flag (it defaults to {metric})")
     if flags.training.log_level != "passive":
         quiet_libraries(False)
     return flags

@@ -204,3 +204,17 @@ def test_best_model_needs_checkpoints_where_the_evaluations_are(extra, tmp_path)
             parse_flags(ucf.Ucf101Arguments, argv, ucf.TASK.defaults)
         with pytest.raises(ValueError, match="--load_best_model_at_end requires"):
             TrainingArguments(str(tmp_path), load_best_model_at_end=True, logging_steps=10, **transformers_args)
+
+
+def test_metric_for_best_model_names_the_tasks_metric(tmp_path):
+    """The evaluations during training report the task's metric only: another name would fail the
+    Trainer's lookup at the first of them, hours in; it is refused before anything loads."""
+    from recipe.task import task_flags
+
+    argv = ["--output_dir", str(tmp_path / "out"), "--use_lora"]
+    assert task_flags(ucf.TASK, argv).training.metric_for_best_model == ucf.TASK.metric
+    for same in (ucf.TASK.metric, f"eval_{ucf.TASK.metric}"):
+        assert task_flags(ucf.TASK, [*argv, "--metric_for_best_model", same]).training.metric_for_best_model == same
+    with pytest.raises(FlagError, match=rf"^--metric_for_best_model loss: evaluations during training report the "
+                                        rf"task's metric, {ucf.TASK.metric}; drop the flag"):
+        task_flags(ucf.TASK, [*argv, "--metric_for_best_model", "loss"])
